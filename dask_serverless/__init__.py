@@ -1,0 +1,13 @@
+"""Run ordinary Dask graphs on serverless workers that coordinate only through Redis.
+
+>>> import dask, dask_serverless
+>>> dask.compute(x, scheduler=dask_serverless.get)  # doctest: +SKIP
+"""
+
+from dask_serverless import config as _config  # noqa: F401  (registers the defaults)
+from dask_serverless.client import Scheduler, get
+from dask_serverless.graph import CycleError
+from dask_serverless.storage.serialize import RemoteError, UntrustedBlobError
+
+__all__ = ["CycleError", "RemoteError", "Scheduler", "UntrustedBlobError", "get"]
+__version__ = "0.1.0"

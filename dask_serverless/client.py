@@ -1,0 +1,239 @@
+"""The Scheduler: what runs in the user's process.
+
+A ``compute`` is one *run*. The Scheduler
+
+1. translates the dask graph into a DAG (bad input fails here, before anything is sent);
+2. pickles and signs the run record, so an unpicklable task also fails before dispatch;
+3. stores the record — from now on the run is alive — and starts reading the run's event
+   stream from its very beginning, so no event a worker appends can be missed;
+4. invokes one worker per root and from then on only listens (I-2): progress drives the
+   dask callbacks, an error event raises the task's own exception, ``finished`` means the
+   sink's worker stored the result and deleted every intermediate key;
+5. reads and deletes the result — or, when the run failed, timed out or was interrupted,
+   deletes every key the run may have written (the record first, which stops every worker
+   from writing again).
+"""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from dask.callbacks import local_callbacks
+from dask.local import nested_get
+
+from dask_serverless import config, events
+from dask_serverless.backends import create_backend
+from dask_serverless.backends.base import Backend
+from dask_serverless.graph import DAG, translate
+from dask_serverless.storage.embedded import EmbeddedRedis
+from dask_serverless.storage.redis import RunStore, connect, new_run_id
+from dask_serverless.storage.serialize import Signer, new_secret
+from dask_serverless.worker.runtime import RunRecord, invocation
+
+_POLL_MS = 1000
+
+
+class Scheduler:
+    """A dask scheduler that runs every task on serverless workers.
+
+    ``redis=None`` starts a private redis-server for this Scheduler (the embedded
+    default); a URL (``redis://``, ``rediss://``, ``unix://``) uses an existing server.
+    ``backend`` is ``"local"`` (a local process pool that behaves like a serverless
+    platform) or a Backend object. Unset arguments come from ``dask.config``'s
+    ``serverless.*`` settings. Use it as ``dask.compute(x, scheduler=sched)``, under
+    ``dask.config.set(scheduler=sched)``, or as a context manager; ``close()`` stops what
+    it started.
+    """
+
+    def __init__(
+        self,
+        redis: str | None = None,
+        backend: str | Backend | None = None,
+        *,
+        timeout: float | None = None,
+        run_ttl: int | None = None,
+        secret: bytes | str | None = None,
+        concurrency: int | None = None,
+        keep_alive: float | None = None,
+    ) -> None:
+        self._closed = False
+        self._embedded: EmbeddedRedis | None = None
+        self._backend: Backend | None = None
+        url = config.setting("redis", redis)
+        if url is None:
+            self._embedded = EmbeddedRedis(server=config.setting("embedded.server"))
+            url = self._embedded.url
+        try:
+            self._redis = connect(url)
+            self.timeout = config.setting("timeout", timeout)
+            self.run_ttl = int(config.setting("run-ttl", run_ttl))
+            shared = secret.encode() if isinstance(secret, str) else secret
+            self._secret = shared or config.secret_from_environment() or new_secret()
+            self._signer = Signer(self._secret)
+            options = dict(config.setting("local"))
+            options["concurrency"] = concurrency or options.get("concurrency")
+            options["keep-alive"] = config.setting("local.keep-alive", keep_alive)
+            self._backend = create_backend(
+                config.setting("backend", backend), url, self._secret, options
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def backend(self) -> Backend:
+        assert self._backend is not None
+        return self._backend
+
+    def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        return self.get(dsk, keys, **kwargs)
+
+    def get(
+        self,
+        dsk: Any,
+        keys: Any,
+        callbacks: Any = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Compute ``keys`` of ``dsk`` like ``dask.threaded.get``, on serverless workers.
+
+        Extra keyword arguments other schedulers take (``num_workers`` …) are ignored.
+        """
+        if self._closed:
+            raise RuntimeError("this Scheduler is closed")
+        run_id = new_run_id()
+        dag = translate(dsk, keys, run_token=run_id)
+        record = self._signer.dumps(RunRecord(run_id, dag), compress=True)
+        limit = self.timeout if timeout is None else timeout
+        store = RunStore(self._redis, run_id, self.run_ttl)
+        with local_callbacks(callbacks) as active:
+            progress = events.RunProgress(dag, callbacks=active)
+            if active:
+                progress.graph = events.callback_graph(dag)
+                progress.state = events.initial_state(dag)
+            started = []
+            succeeded = False
+            try:
+                for callback in active:
+                    if callback[0]:
+                        callback[0](progress.graph)
+                    started.append(callback)
+                for callback in active:
+                    if callback[1]:
+                        callback[1](progress.graph, progress.state)
+                values = self._run(store, dag, record, progress, limit)
+                succeeded = True
+            finally:
+                for callback in started:
+                    if callback[4]:
+                        callback[4](progress.graph, progress.state, not succeeded)
+        results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
+        return nested_get(keys, results)
+
+    def _run(
+        self,
+        store: RunStore,
+        dag: DAG,
+        record: bytes,
+        progress: events.RunProgress,
+        timeout: float | None,
+    ) -> Sequence[Any]:
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        store.create(record)
+        try:
+            self.backend.invoke(
+                [
+                    invocation(store.run_id, [root], store.ttl_s, secrets.token_hex(8))
+                    for root in dag.roots
+                ]
+            )
+            return self._wait(store, progress, deadline, timeout)
+        except BaseException:
+            store.purge(len(dag))
+            raise
+
+    def _wait(
+        self,
+        store: RunStore,
+        progress: events.RunProgress,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Sequence[Any]:
+        cursor = b"0-0"
+        while True:
+            block_ms = _POLL_MS
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"dask-serverless run {store.run_id} did not finish within "
+                        f"{timeout} s; it was cancelled and its keys deleted"
+                    )
+                block_ms = min(block_ms, int(remaining * 1000) + 1)
+            cursor, batches = store.read_events(cursor, block_ms)
+            for batch in batches:
+                progress.apply(events.decode(batch))
+            if progress.failed_index is not None:
+                raise self._remote_error(store)
+            if progress.finished:
+                blob = store.get_result()
+                store.delete([store.result_key, store.events_key])
+                if blob is None:
+                    raise RuntimeError(f"run {store.run_id} finished but its result is gone")
+                return self._signer.loads(blob, "run result")
+
+    def _remote_error(self, store: RunStore) -> BaseException:
+        blob = store.get_error()
+        if blob is None:
+            return RuntimeError(f"a task of run {store.run_id} failed but left no error")
+        exc = self._signer.loads(blob, "task error")
+        if not isinstance(exc, BaseException):
+            return RuntimeError(f"a task of run {store.run_id} failed: {exc!r}")
+        return exc
+
+    def close(self) -> None:
+        """Stop the backend's workers and the embedded Redis, if this Scheduler started them."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._backend is not None:
+            self._backend.close()
+        if hasattr(self, "_redis"):
+            self._redis.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _DefaultScheduler:
+    """Holds the process-wide Scheduler behind ``dask_serverless.get``, made on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scheduler: Scheduler | None = None
+
+    def get(self) -> Scheduler:
+        with self._lock:
+            if self._scheduler is None or self._scheduler._closed:
+                self._scheduler = Scheduler()
+                atexit.register(self._scheduler.close)
+            return self._scheduler
+
+
+_default = _DefaultScheduler()
+
+
+def get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """The embedded default: like ``dask.threaded.get``, on a process-wide Scheduler."""
+    return _default.get()(dsk, keys, **kwargs)

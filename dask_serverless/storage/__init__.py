@@ -1,0 +1,1 @@
+"""Everything that touches Redis or the bytes stored in it."""

@@ -1,0 +1,1 @@
+"""What runs inside a serverless worker. Imports nothing from the client."""

@@ -1,0 +1,102 @@
+"""The one entry point every backend calls: ``handler(event, context)``.
+
+A serverless instance is reused for many invocations, so what is costly to build — the
+Redis connection, the run records already loaded — lives in a ``WorkerEnvironment`` that
+the instance keeps between invocations (a warm start pays neither an import nor a
+connection). The backend that starts an instance installs its environment with
+``install``; this module-level slot is the only state a worker process keeps, and it holds
+no run's data beyond a small LRU of run records keyed by unguessable run ids.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections import OrderedDict
+from typing import Any
+
+import redis
+
+from dask_serverless import events
+from dask_serverless.storage.redis import RunStore
+from dask_serverless.storage.serialize import Signer
+from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
+
+RECORD_CACHE_SIZE = 8
+
+
+class WorkerEnvironment:
+    """What an instance keeps between invocations."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        secret: bytes,
+        invoker: Invoker,
+        worker_id: str | None = None,
+        logic: WorkerLogic | None = None,
+    ) -> None:
+        self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
+        self.signer = Signer(secret)
+        self.invoker = invoker
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.logic = logic or WorkerLogic()
+        self.records: OrderedDict[str, RunRecord] = OrderedDict()
+        self.invocations = 0
+
+    def cached_record(self, run_id: str) -> RunRecord | None:
+        record = self.records.get(run_id)
+        if record is not None:
+            self.records.move_to_end(run_id)
+        return record
+
+    def remember(self, record: RunRecord) -> None:
+        self.records[record.run_id] = record
+        while len(self.records) > RECORD_CACHE_SIZE:
+            self.records.popitem(last=False)
+
+
+_environment: WorkerEnvironment | None = None
+
+
+def install(environment: WorkerEnvironment) -> None:
+    """Called once by the backend in each new instance, before the first invocation."""
+    global _environment
+    _environment = environment
+
+
+def handler(event: dict, context: Any) -> dict:
+    """Run one invocation: claim it, load the run record, follow the branch."""
+    environment = _environment
+    if environment is None:
+        raise RuntimeError("no worker environment installed in this process")
+    environment.invocations += 1
+    started = time.monotonic()
+    run_id = event["run"]
+    store = RunStore(environment.redis, run_id, event["ttl"])
+    record = environment.cached_record(run_id)
+    begun = store.begin(event["id"], want_record=record is None)
+    if begun is None:
+        return {"status": "run-gone"}
+    claimed, blob = begun
+    if not claimed:
+        return {"status": "duplicate"}
+    if record is None:
+        try:
+            record = environment.signer.loads(blob or b"", "run record")
+        except Exception as exc:
+            store.fail(environment.signer.dumps_exception(exc), events.encode([events.error(-1)]))
+            return {"status": "bad-record"}
+        environment.remember(record)
+    branch = Branch(
+        record=record,
+        store=store,
+        signer=environment.signer,
+        invoker=environment.invoker,
+        worker_id=environment.worker_id,
+        new_invocation_id=lambda: secrets.token_hex(8),
+    )
+    run_branch(branch, event["tasks"], environment.logic)
+    return {"status": "done", "seconds": time.monotonic() - started}

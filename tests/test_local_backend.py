@@ -1,0 +1,57 @@
+"""The local pool behaves like a serverless platform."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import dask
+import pytest
+
+from dask_serverless import Scheduler
+from dask_serverless.backends.local import LocalBackend
+from dask_serverless.storage.serialize import new_secret
+from tests.tasks import sleep_then
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_concurrency_limit_caps_live_instances(redis_url):
+    with Scheduler(redis=redis_url, concurrency=3, timeout=120) as sched:
+        pids = dask.compute([dask.delayed(pid_after)(0.05) for _ in range(24)], scheduler=sched)[0]
+        assert 1 <= len(set(pids)) <= 3
+        assert sched.backend.live_instances() <= 3
+
+
+def test_high_concurrency_runs_io_bound_tasks_in_many_instances(redis_url):
+    with Scheduler(redis=redis_url, concurrency=16, timeout=120) as sched:
+        assert dask.compute([dask.delayed(sleep_then)(i, 0.01) for i in range(4)], scheduler=sched)[
+            0
+        ] == list(range(4))
+        pids = dask.compute([dask.delayed(pid_after)(0.5) for _ in range(16)], scheduler=sched)[0]
+        assert len(set(pids)) > 2
+
+
+def test_warm_instances_are_reused_and_idle_ones_reaped(redis_url):
+    secret = new_secret()
+    backend = LocalBackend(redis_url, secret, concurrency=1, keep_alive_s=0.5)
+    with Scheduler(redis=redis_url, backend=backend, secret=secret, timeout=60) as sched:
+        first = dask.compute(dask.delayed(os.getpid)(), scheduler=sched)[0]
+        second = dask.compute(dask.delayed(os.getpid)(), scheduler=sched)[0]
+        assert first == second
+        deadline = time.monotonic() + 10
+        while backend.live_instances() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert backend.live_instances() == 0
+        third = dask.compute(dask.delayed(os.getpid)(), scheduler=sched)[0]
+        assert third != first
+
+
+def test_closed_backend_refuses_invocations(redis_url):
+    backend = LocalBackend(redis_url, new_secret())
+    backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.invoke([{}])

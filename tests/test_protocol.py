@@ -1,0 +1,118 @@
+"""The Redis protocol's guarantees: idempotent fan-in, one claimer, signed blobs, TTLs."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import dask
+import pytest
+import redis
+
+from dask_serverless import Scheduler, UntrustedBlobError
+from dask_serverless.backends.local import LocalBackend
+from dask_serverless.storage.redis import RunStore, new_run_id, redact
+from dask_serverless.storage.serialize import Signer, new_secret
+from tests.tasks import inc, slow_inc, total
+
+
+@pytest.fixture
+def store(redis_client):
+    run = RunStore(redis_client, new_run_id(), ttl_s=60)
+    run.create(b"record")
+    yield run
+    run.purge(8)
+
+
+def test_a_parent_that_reports_twice_counts_once(store):
+    fan_in = [(5, 2)]
+    assert store.complete(1, None, fan_in, None) == []
+    assert store.complete(1, None, fan_in, None) == []
+    assert store.complete(2, None, fan_in, None) == [5]
+    assert store.complete(2, None, fan_in, None) == []
+
+
+def claims_of_racing_parents(store: RunStore, parents: int) -> int:
+    """How many of ``parents`` concurrent completions claim their common child."""
+    fan_in = [(parents + 1, parents)]
+    with ThreadPoolExecutor(parents) as pool:
+        claims = list(pool.map(lambda p: store.complete(p, None, fan_in, None), range(parents)))
+    return sum(len(claimed or []) for claimed in claims)
+
+
+def test_exactly_one_of_many_racing_parents_claims_the_child(redis_client):
+    for _ in range(20):
+        run = RunStore(redis_client, new_run_id(), ttl_s=60)
+        run.create(b"record")
+        assert claims_of_racing_parents(run, 16) == 1
+        run.purge(20)
+
+
+def test_writes_stop_once_the_run_is_gone(store, redis_client):
+    store.purge(8)
+    assert store.complete(1, b"value", [(3, 2)], b"[]") is None
+    assert store.begin("invocation", want_record=True) is None
+    assert redis_client.exists(store.output_key(1), store.inbox_key(3), store.events_key) == 0
+
+
+def test_duplicate_invocation_is_claimed_once(store):
+    assert store.begin("inv-1", want_record=True) == (True, b"record")
+    assert store.begin("inv-1", want_record=True) == (False, None)
+
+
+def test_every_run_key_has_a_ttl(store, redis_client):
+    store.complete(1, b"value", [(3, 2)], b"[]")
+    for key in (store.record_key, store.output_key(1), store.inbox_key(3), store.events_key):
+        assert 0 < redis_client.ttl(key) <= 60
+
+
+def test_signed_blobs_refuse_tampering_and_other_secrets():
+    signer = Signer(new_secret())
+    blob = signer.dumps({"a": [1, 2]}, compress=True)
+    assert signer.loads(blob) == {"a": [1, 2]}
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(UntrustedBlobError, match="signature"):
+        signer.loads(tampered)
+    with pytest.raises(UntrustedBlobError, match="signature"):
+        Signer(new_secret()).loads(blob)
+    with pytest.raises(UntrustedBlobError, match="not a signed blob"):
+        signer.loads(b"\x80\x04K\x01.")
+
+
+def test_redact_hides_passwords():
+    assert redact("redis://user:hunter2@host:6380/0") == "redis://user:***@host:6380/0"
+    assert redact("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
+
+
+def test_unreachable_redis_is_a_one_line_error_without_password():
+    with pytest.raises(
+        ConnectionError, match=r"cannot reach Redis at redis://:\*\*\*@127.0.0.1:1/"
+    ) as info:
+        Scheduler(redis="redis://:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in str(info.value)
+
+
+def test_every_invocation_delivered_twice_gives_the_right_result(redis_url, redis_client):
+    secret = new_secret()
+    backend = LocalBackend(redis_url, secret, concurrency=2, deliveries=2)
+    with Scheduler(redis=redis_url, backend=backend, secret=secret, timeout=120) as sched:
+        root = dask.delayed(inc)(0)
+        mids = [dask.delayed(slow_inc)(root) for _ in range(12)]
+        assert dask.compute(dask.delayed(total)(mids), scheduler=sched) == (24,)
+        chain = dask.delayed(inc)(0)
+        for _ in range(50):
+            chain = dask.delayed(inc)(chain)
+        assert dask.compute(chain, scheduler=sched) == (51,)
+
+
+def test_a_tampered_run_record_fails_the_run(redis_url, redis_client, monkeypatch):
+    with Scheduler(redis=redis_url, timeout=60) as sched:
+        original = redis.Redis.set
+
+        def tamper(self, name, value, *args, **kwargs):
+            if isinstance(name, str) and name.endswith(":record"):
+                value = value[:-1] + bytes([value[-1] ^ 1])
+            return original(self, name, value, *args, **kwargs)
+
+        monkeypatch.setattr(redis.Redis, "set", tamper)
+        with pytest.raises(UntrustedBlobError, match="run record"):
+            dask.compute(dask.delayed(inc)(1), scheduler=sched)
