@@ -3,16 +3,22 @@
 It behaves like AWS Lambda's asynchronous invocation model, so that what works here works
 there:
 
-* ``invoke`` is fire-and-forget: payloads go into the platform's queue and the caller
-  returns at once; workers invoke further workers the same way (through a request queue
-  that a dispatcher thread in the owning process serves, as Lambda's API would).
-* an *instance* is a process that handles one invocation at a time; after one it waits up
-  to ``keep_alive`` seconds for the next (a *warm* start) and is then reaped.
-* when invocations are queued and no instance is idle, a new instance is started (a *cold*
-  start) unless ``concurrency`` instances are already alive; otherwise the invocation waits
-  in the queue, as Lambda queues asynchronous invocations beyond its concurrency.
+* ``invoke`` is fire-and-forget: payloads join the platform's queue and the caller returns
+  at once. Workers invoke further workers the same way, by sending payloads to the
+  dispatcher (the platform's API) over their own pipe.
+* an *instance* is a process that handles one invocation at a time. The dispatcher hands a
+  queued invocation to an idle instance (a *warm* start) or, when none is idle and fewer
+  than ``concurrency`` instances live, starts a new one (a *cold* start); otherwise the
+  invocation waits in the queue, as Lambda queues asynchronous invocations beyond its
+  concurrency. An instance idle for ``keep_alive`` seconds is reaped.
 * ``deliveries=2`` delivers every invocation twice, as Lambda's at-least-once delivery may:
   the worker protocol must (and does) give the same result with nothing counted twice.
+
+Every instance talks to the dispatcher over a pipe of its own — never through a queue
+shared with other instances — so an instance killed at any moment (``SIGKILL``, out of
+memory) takes nothing down with it; the dispatcher sees its pipe close and forgets it.
+Recovering the invocation it was running is the worker protocol's business (leases), as on
+a real platform.
 
 New instances are forked from a ``multiprocessing`` fork server that has already imported
 the worker (and the scientific stack the client has loaded), so even a cold start imports
@@ -25,22 +31,29 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import secrets
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from dask_serverless.worker import handler
 
 # Modules worth importing once in the fork server when the client already uses them.
 _PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
-_RESCALE_INTERVAL_S = 0.1
+_TICK_S = 0.1
 _FUNCTION_NAME = "dask-serverless-local"
+
+# Messages on an instance's pipe (instance → dispatcher): ("ready",) after booting and
+# after every invocation, ("invoke", [payload, …]) to start more workers. Dispatcher →
+# instance: a payload dict, or None to stop.
+_READY = "ready"
+_INVOKE = "invoke"
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,6 @@ class InstanceSettings:
 
     redis_url: str
     secret: bytes
-    keep_alive_s: float
     invocation_timeout_ms: int
     memory_mb: int
 
@@ -68,46 +80,36 @@ class LocalContext:
         return max(0, int((self.deadline - time.monotonic()) * 1000))
 
 
-class QueueInvoker:
-    """A worker's way to invoke more workers: hand the payloads to the dispatcher."""
+class PipeInvoker:
+    """A worker's way to invoke more workers: send the payloads to the dispatcher."""
 
-    def __init__(self, requests: Any) -> None:
-        self._requests = requests
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
 
     def invoke(self, payloads: Sequence[dict]) -> None:
         if payloads:
-            self._requests.put(list(payloads))
+            self._connection.send((_INVOKE, list(payloads)))
 
 
-def instance_main(
-    settings: InstanceSettings, work: Any, requests: Any, idle: Any, taken: Any, booted: Any
-) -> None:
-    """The life of one instance: serve invocations until idle for ``keep_alive_s``."""
+def instance_main(settings: InstanceSettings, connection: Connection) -> None:
+    """The life of one instance: serve invocations until told to stop."""
     handler.install(
         handler.WorkerEnvironment(
             settings.redis_url,
             settings.secret,
-            QueueInvoker(requests),
+            PipeInvoker(connection),
             worker_id=f"local:{os.getpid()}",
         )
     )
-    with booted.get_lock():
-        booted.value += 1
     cold = True
     while True:
-        with idle.get_lock():
-            idle.value += 1
+        connection.send((_READY,))
         try:
-            payload = work.get(timeout=settings.keep_alive_s)
-        except queue.Empty:
-            payload = None
-        finally:
-            with idle.get_lock():
-                idle.value -= 1
+            payload = connection.recv()
+        except EOFError:
+            return
         if payload is None:
             return
-        with taken.get_lock():
-            taken.value += 1
         context = LocalContext(
             function_name=_FUNCTION_NAME,
             memory_limit_in_mb=settings.memory_mb,
@@ -121,6 +123,21 @@ def instance_main(
         except Exception:
             # What a platform does with a crashed invocation: log it and keep the instance.
             traceback.print_exc(file=sys.stderr)
+
+
+@dataclass
+class Instance:
+    """The dispatcher's view of one instance."""
+
+    process: Any
+    connection: Connection
+    booted: bool = False
+    payload: dict | None = None
+    idle_since: float = field(default_factory=time.monotonic)
+
+    @property
+    def idle(self) -> bool:
+        return self.booted and self.payload is None
 
 
 class LocalBackend:
@@ -139,111 +156,155 @@ class LocalBackend:
         deliveries: int = 1,
     ) -> None:
         self.concurrency = int(concurrency or os.cpu_count() or 1)
-        self.deliveries = int(deliveries)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.deliveries = int(deliveries)
+        self.keep_alive_s = float(keep_alive_s)
         self._settings = InstanceSettings(
-            redis_url, secret, float(keep_alive_s), int(invocation_timeout_ms), int(memory_mb)
+            redis_url, secret, int(invocation_timeout_ms), int(memory_mb)
         )
         self._mp = multiprocessing.get_context("forkserver")
         preload = ["dask_serverless.worker.handler"]
         preload += [name for name in _PRELOAD_IF_LOADED if name in sys.modules]
         self._mp.set_forkserver_preload(preload)
-        self._work = self._mp.Queue()
-        self._requests = self._mp.Queue()
-        self._idle = self._mp.Value("i", 0)
-        self._taken = self._mp.Value("q", 0)
-        self._booted = self._mp.Value("q", 0)
-        self._submitted = 0
-        self._instances: list[Any] = []
         self.cold_starts = 0
+        self.lost_instances = 0
+        self._queue: deque[dict] = deque()
+        self._instances: dict[Connection, Instance] = {}
         self._lock = threading.Lock()
+        self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
         self._closed = threading.Event()
         self._dispatcher = threading.Thread(
-            target=self._serve_requests, name="dask-serverless-local-dispatcher", daemon=True
+            target=self._dispatch_forever, name="dask-serverless-local-dispatcher", daemon=True
         )
         self._dispatcher.start()
+
+    # -- the platform's API ------------------------------------------------------------
 
     def invoke(self, payloads: Sequence[dict]) -> None:
         if self._closed.is_set():
             raise RuntimeError("the local backend is closed")
         with self._lock:
             self._enqueue(payloads)
+        self._wake_writer.send_bytes(b"!")
 
     def live_instances(self) -> int:
         with self._lock:
-            self._instances = [p for p in self._instances if p.is_alive()]
             return len(self._instances)
 
-    def _serve_requests(self) -> None:
-        while not self._closed.is_set():
-            try:
-                batch = self._requests.get(timeout=_RESCALE_INTERVAL_S)
-            except queue.Empty:
-                with self._lock:
-                    self._scale()
-                continue
-            except (EOFError, OSError):
-                return
-            if batch is None:
-                return
-            with self._lock:
-                self._enqueue(batch)
+    def instance_pids(self) -> list[int]:
+        """Process ids of the live instances (fault-injection tests kill some)."""
+        with self._lock:
+            return [instance.process.pid for instance in self._instances.values()]
+
+    # -- the dispatcher thread ---------------------------------------------------------
 
     def _enqueue(self, payloads: Sequence[dict]) -> None:
-        """Queue payloads (each ``deliveries`` times, as an at-least-once platform may)."""
         for payload in payloads:
-            for _ in range(self.deliveries):
-                self._work.put(payload)
-        self._submitted += len(payloads) * self.deliveries
-        self._scale()
+            self._queue.extend([payload] * self.deliveries)
 
-    def _scale(self) -> None:
-        """Start instances for queued invocations no idle instance will take (lock held)."""
-        if self._closed.is_set():
+    def _dispatch_forever(self) -> None:
+        while not self._closed.is_set():
+            with self._lock:
+                connections = [self._wake_reader, *self._instances]
+            for connection in wait(connections, timeout=_TICK_S):
+                if connection is self._wake_reader:
+                    self._wake_reader.recv_bytes()
+                else:
+                    self._receive(connection)  # type: ignore[arg-type]
+            with self._lock:
+                if not self._closed.is_set():
+                    self._assign()
+                    self._reap()
+
+    def _receive(self, connection: Connection) -> None:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            self._forget(connection)
             return
-        backlog = self._submitted - self._taken.value
-        if backlog <= self._idle.value:
-            return
-        self._instances = [p for p in self._instances if p.is_alive()]
-        booting = min(self.cold_starts - self._booted.value, len(self._instances))
-        wanted = backlog - self._idle.value - booting
-        for _ in range(min(wanted, self.concurrency - len(self._instances))):
-            process = self._mp.Process(
-                target=instance_main,
-                args=(
-                    self._settings,
-                    self._work,
-                    self._requests,
-                    self._idle,
-                    self._taken,
-                    self._booted,
-                ),
-                name="dask-serverless-instance",
-                daemon=True,
-            )
-            process.start()
-            self._instances.append(process)
-            self.cold_starts += 1
+        with self._lock:
+            instance = self._instances.get(connection)
+            if instance is None:
+                return
+            if message[0] == _INVOKE:
+                self._enqueue(message[1])
+            elif message[0] == _READY:
+                instance.booted = True
+                instance.payload = None
+                instance.idle_since = time.monotonic()
+
+    def _forget(self, connection: Connection) -> None:
+        """An instance died (killed, out of memory): drop it; leases recover its work."""
+        with self._lock:
+            instance = self._instances.pop(connection, None)
+        connection.close()
+        if instance is not None:
+            instance.process.join(timeout=1)
+            if instance.payload is not None:
+                self.lost_instances += 1
+
+    def _assign(self) -> None:
+        """Hand queued invocations to idle instances; start instances for the rest."""
+        idle = [i for i in self._instances.values() if i.idle]
+        while self._queue and idle:
+            instance = idle.pop()
+            instance.payload = self._queue.popleft()
+            try:
+                instance.connection.send(instance.payload)
+            except (BrokenPipeError, OSError):
+                self._queue.appendleft(instance.payload)
+                instance.payload = None
+        booting = sum(1 for i in self._instances.values() if not i.booted)
+        room = self.concurrency - len(self._instances)
+        for _ in range(min(len(self._queue) - booting, room)):
+            self._start_instance()
+
+    def _start_instance(self) -> None:
+        parent_end, child_end = self._mp.Pipe(duplex=True)
+        process = self._mp.Process(
+            target=instance_main,
+            args=(self._settings, child_end),
+            name="dask-serverless-instance",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        self._instances[parent_end] = Instance(process, parent_end)
+        self.cold_starts += 1
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for connection, instance in list(self._instances.items()):
+            if instance.idle and now - instance.idle_since > self.keep_alive_s:
+                del self._instances[connection]
+                self._stop(instance)
+
+    @staticmethod
+    def _stop(instance: Instance) -> None:
+        try:
+            instance.connection.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        instance.connection.close()
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
-        self._requests.put(None)
+        self._wake_writer.send_bytes(b"!")
         self._dispatcher.join(timeout=5)
         with self._lock:
-            instances = list(self._instances)
+            instances = list(self._instances.values())
             self._instances.clear()
-        for _ in instances:
-            self._work.put(None)
+            self._queue.clear()
+        for instance in instances:
+            self._stop(instance)
         deadline = time.monotonic() + 5
-        for process in instances:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for process in instances:
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for channel in (self._work, self._requests):
-            channel.cancel_join_thread()
-            channel.close()
+        for instance in instances:
+            instance.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if instance.process.is_alive():
+                instance.process.kill()
+                instance.process.join()
+        self._wake_reader.close()
+        self._wake_writer.close()
