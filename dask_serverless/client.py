@@ -8,7 +8,9 @@ A ``compute`` is one *run*. The Scheduler
    stream from its very beginning, so no event a worker appends can be missed;
 4. invokes one worker per root and from then on only listens (I-2): progress drives the
    dask callbacks, an error event raises the task's own exception, ``finished`` means the
-   sink's worker stored the result and deleted every intermediate key;
+   sink's worker stored the result and deleted every intermediate key. While it waits it
+   also *watches*: an invocation whose lease lapsed (its worker died) is re-invoked from
+   its restart point, and a Redis that lost the run (restarted) is a clear error;
 5. reads and deletes the result — or, when the run failed, timed out or was interrupted,
    deletes every key the run may have written (the record first, which stops every worker
    from writing again).
@@ -23,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
@@ -36,6 +39,11 @@ from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.runtime import RunRecord, invocation
 
 _POLL_MS = 1000
+_REDIS_RETRIES = 6
+
+
+class RedisUnavailableError(ConnectionError):
+    """Redis went away during a run, or came back without the run's state."""
 
 
 class Scheduler:
@@ -60,6 +68,10 @@ class Scheduler:
         secret: bytes | str | None = None,
         concurrency: int | None = None,
         keep_alive: float | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        lease_timeout: float | None = None,
+        max_output_bytes: int | None = None,
     ) -> None:
         self._closed = False
         self._embedded: EmbeddedRedis | None = None
@@ -72,6 +84,11 @@ class Scheduler:
             self._redis = connect(url)
             self.timeout = config.setting("timeout", timeout)
             self.run_ttl = int(config.setting("run-ttl", run_ttl))
+            self.retries = int(config.setting("retries", retries))
+            self.retry_backoff = float(config.setting("retry-backoff", retry_backoff))
+            self.lease_ms = int(float(config.setting("lease-timeout", lease_timeout)) * 1000)
+            self.max_output_bytes = int(config.setting("max-output-bytes", max_output_bytes))
+            self.recovered_invocations = 0
             shared = secret.encode() if isinstance(secret, str) else secret
             self._secret = shared or config.secret_from_environment() or new_secret()
             self._signer = Signer(self._secret)
@@ -109,7 +126,15 @@ class Scheduler:
             raise RuntimeError("this Scheduler is closed")
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id)
-        record = self._signer.dumps(RunRecord(run_id, dag), compress=True)
+        record = self._sign_record(
+            RunRecord(
+                run_id,
+                dag,
+                retries=self.retries,
+                retry_backoff_s=self.retry_backoff,
+                max_output_bytes=self.max_output_bytes,
+            )
+        )
         limit = self.timeout if timeout is None else timeout
         store = RunStore(self._redis, run_id, self.run_ttl)
         with local_callbacks(callbacks) as active:
@@ -136,6 +161,29 @@ class Scheduler:
         results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
         return nested_get(keys, results)
 
+    def _sign_record(self, record: RunRecord) -> bytes:
+        """The signed run record; a task that cannot be pickled is named in the error."""
+        try:
+            return self._signer.dumps(record, compress=True)
+        except Exception as error:
+            dag = record.dag
+            for index in range(dag.sink):
+                try:
+                    self._signer.dumps(dag.nodes[index])
+                except Exception as node_error:
+                    raise TypeError(
+                        f"task {dag.keys[index]!r} cannot be pickled for the workers: {node_error}"
+                    ) from node_error
+            raise TypeError(f"the run cannot be pickled for the workers: {error}") from error
+
+    def _invoke(self, store: RunStore, starts: Sequence[Sequence[int]]) -> None:
+        self.backend.invoke(
+            [
+                invocation(store.run_id, tasks, store.ttl_s, secrets.token_hex(8), self.lease_ms)
+                for tasks in starts
+            ]
+        )
+
     def _run(
         self,
         store: RunStore,
@@ -147,12 +195,7 @@ class Scheduler:
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         store.create(record)
         try:
-            self.backend.invoke(
-                [
-                    invocation(store.run_id, [root], store.ttl_s, secrets.token_hex(8))
-                    for root in dag.roots
-                ]
-            )
+            self._invoke(store, [[root] for root in dag.roots])
             return self._wait(store, progress, deadline, timeout)
         except BaseException:
             store.purge(len(dag))
@@ -166,6 +209,8 @@ class Scheduler:
         timeout: float | None,
     ) -> Sequence[Any]:
         cursor = b"0-0"
+        next_watch = time.monotonic() + self.lease_ms / 2000
+        sealed = False
         while True:
             block_ms = _POLL_MS
             if deadline is not None:
@@ -176,7 +221,7 @@ class Scheduler:
                         f"{timeout} s; it was cancelled and its keys deleted"
                     )
                 block_ms = min(block_ms, int(remaining * 1000) + 1)
-            cursor, batches = store.read_events(cursor, block_ms)
+            cursor, batches = self._read_events(store, cursor, block_ms)
             for batch in batches:
                 progress.apply(events.decode(batch))
             if progress.failed_index is not None:
@@ -187,6 +232,45 @@ class Scheduler:
                 if blob is None:
                     raise RuntimeError(f"run {store.run_id} finished but its result is gone")
                 return self._signer.loads(blob, "run result")
+            if time.monotonic() >= next_watch:
+                was_sealed, sealed = sealed, self._watch(store)
+                if was_sealed and sealed:
+                    blob = store.get_result()
+                    store.purge(len(progress.dag))
+                    if blob is not None:
+                        return self._signer.loads(blob, "run result")
+                next_watch = time.monotonic() + self.lease_ms / 2000
+
+    def _read_events(self, store: RunStore, cursor: bytes, block_ms: int) -> tuple[bytes, list]:
+        """Read events, riding out a short Redis outage; a lost run is a clear error."""
+        for attempt in range(_REDIS_RETRIES):
+            try:
+                return store.read_events(cursor, block_ms)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                if attempt == _REDIS_RETRIES - 1:
+                    raise RedisUnavailableError(
+                        f"lost the connection to Redis during run {store.run_id}: {error}"
+                    ) from None
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _watch(self, store: RunStore) -> bool:
+        """Re-invoke the work of workers whose lease lapsed; notice a Redis that lost us.
+
+        Returns whether the run is sealed (its result stored). A run found sealed twice in
+        a row lost its sink's worker between storing the result and announcing it.
+        """
+        lapsed = store.take_lapsed_leases()
+        if lapsed:
+            self.recovered_invocations += len(lapsed)
+            self._invoke(store, lapsed)
+        phase = store.phase()
+        if phase == "lost":
+            raise RedisUnavailableError(
+                f"Redis no longer holds run {store.run_id} (was the server restarted or "
+                "flushed?); the run cannot finish"
+            )
+        return phase == "sealed"
 
     def _remote_error(self, store: RunStore) -> BaseException:
         blob = store.get_error()

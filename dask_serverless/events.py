@@ -5,6 +5,7 @@ progress reporting) and append each batch as one stream entry. An event is a sho
 array:
 
 * ``["done", index, worker_id, start_unix_s, duration_s]`` — a task finished;
+* ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
 * ``["error", index]`` — a task failed; the signed exception is in the run's error key;
 * ``["finished"]`` — the sink ran: the result is stored and intermediates are deleted.
 
@@ -25,6 +26,7 @@ from typing import Any
 from dask_serverless.graph import DAG
 
 DONE = "done"
+RETRY = "retry"
 ERROR = "error"
 FINISHED = "finished"
 
@@ -41,6 +43,10 @@ def decode(batch: bytes) -> list[Event]:
 
 def done(index: int, worker_id: str, start: float, duration: float) -> Event:
     return [DONE, index, worker_id, round(start, 6), round(duration, 6)]
+
+
+def retry(index: int, attempt: int, error_repr: str) -> Event:
+    return [RETRY, index, attempt, error_repr]
 
 
 def error(index: int) -> Event:
@@ -89,12 +95,16 @@ class RunProgress:
     finished: bool = False
     failed_index: int | None = None
     task_events: list[Event] = field(default_factory=list)
+    retries: dict[int, int] = field(default_factory=dict)
 
     def apply(self, events: Iterable[Event]) -> None:
         for event in events:
             kind = event[0]
             if kind == DONE:
                 self._task_done(event)
+            elif kind == RETRY:
+                index = int(event[1])
+                self.retries[index] = max(self.retries.get(index, 0), int(event[2]))
             elif kind == ERROR and self.failed_index is None:
                 self.failed_index = int(event[1])
             elif kind == FINISHED:

@@ -46,6 +46,7 @@ class DAG:
     dependencies: tuple[tuple[int, ...], ...]
     dependents: tuple[tuple[int, ...], ...]
     index: dict[Key, int] = field(repr=False, compare=False)
+    annotations: dict[str, dict[int, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def sink(self) -> int:
@@ -63,6 +64,10 @@ class DAG:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def annotation(self, index: int, name: str, default: Any = None) -> Any:
+        """The ``dask.annotate(name=…)`` value of node ``index``, if it has one."""
+        return self.annotations.get(name, {}).get(index, default)
+
 
 def as_task_graph(dsk: Any) -> dict[Key, GraphNode]:
     """Any graph form dask hands a get function, as a dict of task-spec nodes."""
@@ -71,6 +76,23 @@ def as_task_graph(dsk: Any) -> dict[Key, GraphNode]:
             raise TypeError(f"expected a dask graph or collection, got {type(dsk).__name__}")
         dsk = dsk.__dask_graph__()
     return convert_legacy_graph(dsk)
+
+
+def graph_annotations(dsk: Any) -> dict[str, dict[Key, Any]]:
+    """``dask.annotate`` values by annotation name and key, from any graph form.
+
+    Expressions report them through ``__dask_annotations__``; a HighLevelGraph keeps them
+    on its layers; a plain dict has none.
+    """
+    if hasattr(dsk, "__dask_annotations__"):
+        return dict(dsk.__dask_annotations__())
+    found: dict[str, dict[Key, Any]] = {}
+    for layer in getattr(dsk, "layers", {}).values():
+        for name, value in (getattr(layer, "annotations", None) or {}).items():
+            found.setdefault(name, {}).update(
+                {key: value(key) if callable(value) else value for key in layer}
+            )
+    return found
 
 
 def requested_keys(keys: Any) -> list[Key]:
@@ -136,10 +158,15 @@ def translate(dsk: Any, keys: Any, run_token: str = "") -> DAG:
         for parent in deps:
             dependents[parent].append(child)
     index[sink_key] = len(order)
+    annotations = {
+        name: {index[key]: value for key, value in values.items() if key in needed}
+        for name, values in graph_annotations(dsk).items()
+    }
     return DAG(
         keys=(*order, sink_key),
         nodes=(*(needed[key] for key in order), None),
         dependencies=tuple(dependencies),
         dependents=tuple(tuple(children) for children in dependents),
         index=index,
+        annotations={name: values for name, values in annotations.items() if values},
     )

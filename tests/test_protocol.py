@@ -50,13 +50,13 @@ def test_exactly_one_of_many_racing_parents_claims_the_child(redis_client):
 def test_writes_stop_once_the_run_is_gone(store, redis_client):
     store.purge(8)
     assert store.complete(1, b"value", [(3, 2)], b"[]") is None
-    assert store.begin("invocation", want_record=True) is None
+    assert store.begin("invocation", [0], 1000, want_record=True) is None
     assert redis_client.exists(store.output_key(1), store.inbox_key(3), store.events_key) == 0
 
 
 def test_duplicate_invocation_is_claimed_once(store):
-    assert store.begin("inv-1", want_record=True) == (True, b"record")
-    assert store.begin("inv-1", want_record=True) == (False, None)
+    assert store.begin("inv-1", [0], 1000, want_record=True) == (True, b"record")
+    assert store.begin("inv-1", [0], 1000, want_record=True) == (False, None)
 
 
 def test_every_run_key_has_a_ttl(store, redis_client):

@@ -29,6 +29,7 @@ scheduler, a script that uses the local backend needs the usual
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import secrets
@@ -220,7 +221,7 @@ class LocalBackend:
     def _receive(self, connection: Connection) -> None:
         try:
             message = connection.recv()
-        except (EOFError, OSError):
+        except Exception:  # closed, or cut mid-message by a kill: the instance is gone
             self._forget(connection)
             return
         with self._lock:
@@ -282,10 +283,8 @@ class LocalBackend:
 
     @staticmethod
     def _stop(instance: Instance) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             instance.connection.send(None)
-        except (BrokenPipeError, OSError):
-            pass
         instance.connection.close()
 
     def close(self) -> None:

@@ -65,7 +65,9 @@ class EmbeddedRedis:
 
     ``tcp=False`` (the embedded default) listens only on a Unix socket; ``tcp=True`` on a
     free port of 127.0.0.1 (what the tests use, so they exercise the network path).
-    ``extra_args`` pass through to redis-server (e.g. ``["--requirepass", "…"]``).
+    ``password`` (with an optional ACL ``username`` limited to ``key_pattern``) turns on
+    AUTH; ``tls_cert``/``tls_key`` serve TLS only (``rediss://``, the certificate is also
+    the CA). ``url`` carries what a client needs to connect, credentials included.
     """
 
     def __init__(
@@ -73,44 +75,61 @@ class EmbeddedRedis:
         tcp: bool = False,
         server: str | None = None,
         extra_args: list[str] | None = None,
+        password: str | None = None,
+        username: str | None = None,
+        key_pattern: str = "*",
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.directory = tempfile.mkdtemp(prefix="dask-serverless-redis-")
         os.chmod(self.directory, 0o700)
         args = [
             find_redis_server(server),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self.directory,
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-            "--logfile",
-            os.path.join(self.directory, "redis.log"),
-        ]
-        if tcp:
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", os.path.join(self.directory, "redis.log"),
+        ]  # fmt: skip
+        credentials = ""
+        if password is not None and username is not None:
+            rule = ["on", f">{password}", f"~{key_pattern}", "&*", "+@all"]
+            args += ["--user", "default", "off", "--user", username, *rule]
+            credentials = f"{username}:{password}@"
+        elif password is not None:
+            args += ["--requirepass", password]
+            credentials = f":{password}@"
+        if tls_cert and tls_key:
+            self.port = free_port()
+            args += ["--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1"]
+            args += ["--tls-cert-file", tls_cert, "--tls-key-file", tls_key]
+            args += ["--tls-ca-cert-file", tls_cert, "--tls-auth-clients", "no"]
+            query = f"?ssl_ca_certs={tls_cert}&ssl_cert_reqs=required"
+            self.url = f"rediss://{credentials}127.0.0.1:{self.port}/0{query}"
+        elif tcp:
             self.port = free_port()
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
-            self.url = f"redis://127.0.0.1:{self.port}/0"
+            self.url = f"redis://{credentials}127.0.0.1:{self.port}/0"
         else:
             self.port = 0
             socket_path = os.path.join(self.directory, "redis.sock")
             args += ["--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700"]
-            self.url = f"unix://{socket_path}"
+            self.url = f"unix://{credentials}{socket_path}"
         args += extra_args or []
         self._args = args
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.process = self._launch()
         self._finalizer = weakref.finalize(self, _terminate, self.process, self.directory)
         self._wait_until_ready()
 
+    def _launch(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            self._args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT_S
-        client = redis.Redis.from_url(self.url, password=self._password())
+        client = redis.Redis.from_url(self.url)
         try:
             while True:
                 if self.process.poll() is not None:
@@ -128,11 +147,6 @@ class EmbeddedRedis:
         finally:
             client.close()
 
-    def _password(self) -> str | None:
-        if "--requirepass" in self._args:
-            return self._args[self._args.index("--requirepass") + 1]
-        return None
-
     def log_tail(self) -> str:
         try:
             with open(os.path.join(self.directory, "redis.log")) as log:
@@ -144,12 +158,7 @@ class EmbeddedRedis:
         """Kill the server and start it again on the same address (for fault tests)."""
         self.process.kill()
         self.process.wait()
-        self.process = subprocess.Popen(
-            self._args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        self.process = self._launch()
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _terminate, self.process, self.directory)
         self._wait_until_ready()

@@ -15,6 +15,9 @@ Keys of one run (``P = dsl:{<run-id>}:``):
 ``P d:<i>``   hash      fan-in inbox of node ``i``: one field per finished parent, plus
                         ``!`` once a worker has claimed the ready node
 ``P inv``     hash      invocation ids already started (drops duplicate deliveries)
+``P leases``  zset      running invocation id → lease expiry (Redis clock, ms); a worker
+                        renews its lease while it works, a lapsed lease means it died
+``P restart`` hash      running invocation id → JSON list of the nodes to restart it from
 ``P events``  stream    batched events for the client (progress, errors, finished)
 ``P error``   string    signed exception of the first task that failed
 ``P result``  string    signed values of the requested keys, read once by the client
@@ -27,6 +30,7 @@ keyspace (I-6).
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -37,8 +41,12 @@ import redis
 _DELETE_CHUNK = 5000
 
 # Publish a finished task: store its output, append events, count it once in every fan-in
-# child's inbox and claim the children it made ready. Returns the 1-based positions (among
-# the inboxes) of the children this caller won, or nil when the run is gone.
+# child's inbox and claim the children it made ready. The children this caller won become
+# its lease's restart point (they are only runnable by it now); ARGV[6] == '1' means the
+# caller has nothing else to do, so if it won nothing its lease is released. Returns the
+# 1-based positions of the won children among the inboxes, or nil when the run is gone.
+# KEYS: record, events, output, leases, restart, inbox…
+# ARGV: ttl, output|'', parent, events|'', invocation, release, (child, needed)…
 _COMPLETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local ttl = ARGV[1]
@@ -47,27 +55,73 @@ if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-local won = {}
-for i = 4, #KEYS do
+local won, children = {}, {}
+for i = 6, #KEYS do
   local inbox = KEYS[i]
+  local position = i - 5
   redis.call('HSETNX', inbox, ARGV[3], '1')
   redis.call('EXPIRE', inbox, ttl)
-  if redis.call('HLEN', inbox) >= tonumber(ARGV[i + 1])
+  if redis.call('HLEN', inbox) >= tonumber(ARGV[6 + 2 * position])
       and redis.call('HSETNX', inbox, '!', '1') == 1 then
-    won[#won + 1] = i - 3
+    won[#won + 1] = position
+    children[#children + 1] = tonumber(ARGV[5 + 2 * position])
   end
+end
+if #won > 0 then
+  redis.call('HSET', KEYS[5], ARGV[5], cjson.encode(children))
+elseif ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[4], ARGV[5])
+  redis.call('HDEL', KEYS[5], ARGV[5])
 end
 return won
 """
 
-# Start an invocation: nil if the run is gone, {0} for a duplicate delivery, else {1} and,
-# when asked, the run record.
+# Start an invocation: nil if the run is gone, {0} for a duplicate delivery, else take a
+# lease, note where to restart from, and return {1} and, when asked, the run record.
+# KEYS: record, inv, leases, restart. ARGV: invocation, ttl, want_record, lease_ms, tasks.
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then return {0} end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+local now = redis.call('TIME')
+local expiry = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[4])
+redis.call('ZADD', KEYS[3], expiry, ARGV[1])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
+for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
 if ARGV[3] == '1' then return {1, redis.call('GET', KEYS[1])} end
 return {1}
+"""
+
+# Keep a running invocation's lease; 0 tells the worker its run is gone (cancelled).
+_RENEW = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local now = redis.call('TIME')
+local expiry = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', expiry, ARGV[1])
+return 1
+"""
+
+# Hand back a lease: the invocation ended without leaving work only it could do.
+_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
+# Take every lapsed lease (its worker died) with its restart point, so that exactly one
+# watcher re-invokes it. Returns a flat list: id, tasks, id, tasks, …
+_LAPSED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local now = redis.call('TIME')
+local cutoff = now[1] * 1000 + math.floor(now[2] / 1000)
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
+local out = {}
+for _, id in ipairs(lapsed) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[3], id) or '[]'
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+end
+return out
 """
 
 # Record the first error of a run and tell the client.
@@ -141,8 +195,13 @@ class RunStore:
         self.result_key = self.prefix + "result"
         self.error_key = self.prefix + "error"
         self.invocations_key = self.prefix + "inv"
+        self.leases_key = self.prefix + "leases"
+        self.restart_key = self.prefix + "restart"
         self._complete = client.register_script(_COMPLETE)
         self._begin = client.register_script(_BEGIN)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._lapsed = client.register_script(_LAPSED)
         self._fail = client.register_script(_FAIL)
         self._seal = client.register_script(_SEAL)
         self._announce = client.register_script(_ANNOUNCE)
@@ -156,6 +215,7 @@ class RunStore:
     def run_keys(self, node_count: int) -> list[str]:
         """Every key this run may have written: outputs and inboxes of all its nodes."""
         keys = [self.events_key, self.result_key, self.error_key, self.invocations_key]
+        keys += [self.leases_key, self.restart_key]
         keys += [self.output_key(i) for i in range(node_count)]
         keys += [self.inbox_key(i) for i in range(node_count)]
         return keys
@@ -182,6 +242,14 @@ class RunStore:
     def get_error(self) -> bytes | None:
         return cast("bytes | None", self.client.get(self.error_key))
 
+    def phase(self) -> str:
+        """``"running"`` (record present), ``"sealed"`` (only the result), or ``"lost"``."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.record_key)
+            pipe.exists(self.result_key)
+            running, sealed = pipe.execute()
+        return "running" if running else "sealed" if sealed else "lost"
+
     def purge(self, node_count: int) -> None:
         """Delete every key of the run, the record first so that no worker writes again."""
         self.client.delete(self.record_key)
@@ -189,15 +257,41 @@ class RunStore:
 
     # -- worker side -------------------------------------------------------------------
 
-    def begin(self, invocation_id: str, want_record: bool) -> tuple[bool, bytes | None] | None:
-        """Claim an invocation: None if the run is gone, (False, None) for a duplicate."""
+    def begin(
+        self, invocation_id: str, tasks: Sequence[int], lease_ms: int, want_record: bool
+    ) -> tuple[bool, bytes | None] | None:
+        """Claim an invocation and take its lease.
+
+        None if the run is gone, ``(False, None)`` for a duplicate delivery, else
+        ``(True, record-or-None)``.
+        """
         reply = self._begin(
-            keys=[self.record_key, self.invocations_key],
-            args=[invocation_id, self.ttl_s, "1" if want_record else "0"],
+            keys=[self.record_key, self.invocations_key, self.leases_key, self.restart_key],
+            args=[
+                invocation_id,
+                self.ttl_s,
+                "1" if want_record else "0",
+                lease_ms,
+                json.dumps(list(tasks)),
+            ],
         )
         if reply is None:
             return None
         return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
+
+    def renew_lease(self, invocation_id: str, lease_ms: int) -> bool:
+        """Extend a running invocation's lease; False when the run is gone."""
+        return bool(
+            self._renew(keys=[self.record_key, self.leases_key], args=[invocation_id, lease_ms])
+        )
+
+    def release_lease(self, invocation_id: str) -> None:
+        self._release(keys=[self.leases_key, self.restart_key], args=[invocation_id])
+
+    def take_lapsed_leases(self) -> list[list[int]]:
+        """Restart points of invocations whose worker stopped renewing its lease."""
+        reply = self._lapsed(keys=[self.record_key, self.leases_key, self.restart_key])
+        return [json.loads(reply[i + 1]) for i in range(0, len(reply), 2)]
 
     def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
         if not indices:
@@ -210,16 +304,33 @@ class RunStore:
         output: bytes | None,
         fan_in: Sequence[tuple[int, int]],
         events: bytes | None,
+        invocation_id: str = "",
+        last_step: bool = False,
     ) -> list[int] | None:
         """Publish node ``index``; returns the fan-in children this caller claimed.
 
-        ``fan_in`` holds ``(child, dependency_count)`` pairs. ``None`` means the run was
-        finished or purged meanwhile and the caller should stop.
+        ``fan_in`` holds ``(child, dependency_count)`` pairs. ``last_step`` says the caller
+        has nothing else to run unless it wins a child: its lease is then released.
+        ``None`` means the run was finished or purged meanwhile and the caller should stop.
         """
-        keys = [self.record_key, self.events_key, self.output_key(index)]
+        keys = [
+            self.record_key,
+            self.events_key,
+            self.output_key(index),
+            self.leases_key,
+            self.restart_key,
+        ]
         keys += [self.inbox_key(child) for child, _ in fan_in]
-        args: list[Any] = [self.ttl_s, output or b"", index, events or b""]
-        args += [count for _, count in fan_in]
+        args: list[Any] = [
+            self.ttl_s,
+            output or b"",
+            index,
+            events or b"",
+            invocation_id,
+            "1" if last_step else "0",
+        ]
+        for child, count in fan_in:
+            args += [child, count]
         won = self._complete(keys=keys, args=args)
         if won is None:
             return None

@@ -1,11 +1,12 @@
 """The one entry point every backend calls: ``handler(event, context)``.
 
 A serverless instance is reused for many invocations, so what is costly to build — the
-Redis connection, the run records already loaded — lives in a ``WorkerEnvironment`` that
-the instance keeps between invocations (a warm start pays neither an import nor a
-connection). The backend that starts an instance installs its environment with
-``install``; this module-level slot is the only state a worker process keeps, and it holds
-no run's data beyond a small LRU of run records keyed by unguessable run ids.
+Redis connection, the run records already loaded, the lease-renewing heartbeat thread —
+lives in a ``WorkerEnvironment`` that the instance keeps between invocations (a warm start
+pays neither an import nor a connection). The backend that starts an instance installs its
+environment with ``install``; this module-level slot is the only state a worker process
+keeps, and it holds no run's data beyond a small LRU of run records keyed by unguessable
+run ids.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -25,6 +27,54 @@ from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
 
 RECORD_CACHE_SIZE = 8
+
+
+class Heartbeat:
+    """Renews the lease of the invocation this instance is running, in the background.
+
+    One daemon thread per instance, started on first use. It renews every third of the
+    lease so that one missed beat does not lapse it, and remembers when Redis says the
+    run is gone so the branch loop stops before its next task.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._lease: tuple[RunStore, str, int] | None = None
+        self._gone_run: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def hold(self, store: RunStore, invocation_id: str, lease_ms: int) -> None:
+        with self._lock:
+            self._lease = (store, invocation_id, lease_ms)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._beat, name="dask-serverless-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._lease = None
+
+    def run_gone(self, run_id: str) -> bool:
+        return self._gone_run == run_id
+
+    def _beat(self) -> None:
+        while True:
+            with self._lock:
+                lease = self._lease
+            interval = (lease[2] if lease else 3000) / 3000
+            self._wake.wait(interval)
+            if lease is None:
+                continue
+            store, invocation_id, lease_ms = lease
+            try:
+                alive = store.renew_lease(invocation_id, lease_ms)
+            except redis.RedisError:
+                continue
+            if not alive:
+                self._gone_run = store.run_id
 
 
 class WorkerEnvironment:
@@ -44,6 +94,7 @@ class WorkerEnvironment:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.logic = logic or WorkerLogic()
         self.records: OrderedDict[str, RunRecord] = OrderedDict()
+        self.heartbeat = Heartbeat()
         self.invocations = 0
 
     def cached_record(self, run_id: str) -> RunRecord | None:
@@ -77,7 +128,8 @@ def handler(event: dict, context: Any) -> dict:
     run_id = event["run"]
     store = RunStore(environment.redis, run_id, event["ttl"])
     record = environment.cached_record(run_id)
-    begun = store.begin(event["id"], want_record=record is None)
+    lease_ms = int(event.get("lease", 5000))
+    begun = store.begin(event["id"], event["tasks"], lease_ms, want_record=record is None)
     if begun is None:
         return {"status": "run-gone"}
     claimed, blob = begun
@@ -97,6 +149,13 @@ def handler(event: dict, context: Any) -> dict:
         invoker=environment.invoker,
         worker_id=environment.worker_id,
         new_invocation_id=lambda: secrets.token_hex(8),
+        invocation_id=event["id"],
+        lease_ms=lease_ms,
+        cancelled=lambda: environment.heartbeat.run_gone(run_id),
     )
-    run_branch(branch, event["tasks"], environment.logic)
+    environment.heartbeat.hold(store, event["id"], lease_ms)
+    try:
+        run_branch(branch, event["tasks"], environment.logic)
+    finally:
+        environment.heartbeat.drop()
     return {"status": "done", "seconds": time.monotonic() - started}

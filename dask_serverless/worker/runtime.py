@@ -18,17 +18,31 @@ that), or at the sink: the worker that reaches it stores the result, deletes eve
 intermediate key of the run and announces ``finished``.
 
 A chain therefore runs in one worker with no Redis round trip per task; events are flushed
-at most every ``EVENT_FLUSH_S`` seconds (which is also how soon a chain notices a cancelled
-run). ``WorkerLogic`` holds the four stages as methods so a planner's optimisation can
-override one stage without forking the loop.
+at most every ``EVENT_FLUSH_S`` seconds. ``WorkerLogic`` holds the four stages as methods so
+a planner's optimisation can override one stage without forking the loop.
+
+Faults:
+
+* a task that raises is retried in place, ``retries`` times (the run's default or the
+  task's ``dask.annotate(retries=…)``) with exponential backoff; each retry is an event;
+* the invocation holds a *lease* in Redis that the instance renews in the background
+  while it works (see ``handler.Heartbeat``). If the instance dies, the lease lapses and
+  the client re-invokes the lease's *restart point*: the invocation's start nodes, moved
+  forward atomically whenever the worker wins a fan-in child (the only work nobody else
+  can claim any more). Re-executed work is harmless because every fan-in counts a parent
+  once and every child is claimed once (I-3);
+* the renewal also tells the worker when its run is gone (cancelled, failed elsewhere, or
+  timed out): it stops before starting another task.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import redis
 
 from dask_serverless import events
 from dask_serverless.graph import DAG
@@ -44,6 +58,9 @@ class RunRecord:
 
     run_id: str
     dag: DAG
+    retries: int = 0
+    retry_backoff_s: float = 0.1
+    max_output_bytes: int = 512 * 2**20
 
 
 class Invoker(Protocol):
@@ -52,9 +69,17 @@ class Invoker(Protocol):
     def invoke(self, payloads: Sequence[dict]) -> None: ...
 
 
-def invocation(run_id: str, tasks: Sequence[int], ttl_s: int, invocation_id: str) -> dict:
+def invocation(
+    run_id: str, tasks: Sequence[int], ttl_s: int, invocation_id: str, lease_ms: int
+) -> dict:
     """The payload of one invocation: plain JSON, no secret, no Redis address (I-5)."""
-    return {"run": run_id, "id": invocation_id, "tasks": list(tasks), "ttl": ttl_s}
+    return {
+        "run": run_id,
+        "id": invocation_id,
+        "tasks": list(tasks),
+        "ttl": ttl_s,
+        "lease": lease_ms,
+    }
 
 
 class MissingOutputError(RuntimeError):
@@ -63,6 +88,10 @@ class MissingOutputError(RuntimeError):
 
 class RunGone(Exception):
     """The run was finished, failed or cancelled meanwhile: stop quietly."""
+
+
+class OutputTooLargeError(ValueError):
+    """A task's output is over ``serverless.max-output-bytes`` and cannot be stored."""
 
 
 @dataclass
@@ -75,6 +104,10 @@ class Branch:
     invoker: Invoker
     worker_id: str
     new_invocation_id: Any
+    invocation_id: str = ""
+    lease_ms: int = 5000
+    cancelled: Callable[[], bool] = field(default=lambda: False)
+    lease_held: bool = True
     values: dict[int, Any] = field(default_factory=dict)
     pending_events: list[events.Event] = field(default_factory=list)
     last_flush: float = field(default_factory=time.monotonic)
@@ -104,7 +137,13 @@ class Branch:
         if not children:
             return
         payloads = [
-            invocation(self.record.run_id, [child], self.store.ttl_s, self.new_invocation_id())
+            invocation(
+                self.record.run_id,
+                [child],
+                self.store.ttl_s,
+                self.new_invocation_id(),
+                self.lease_ms,
+            )
             for child in children
         ]
         self.invoker.invoke(payloads)
@@ -144,8 +183,12 @@ class WorkerLogic:
         assert node is not None
         return node({dag.keys[p]: value for p, value in inputs.items()})
 
-    def publish(self, branch: Branch, index: int, value: Any) -> list[int]:
-        """Store the output if needed, count it in fan-in inboxes; return ready children."""
+    def publish(self, branch: Branch, index: int, value: Any, last_step: bool) -> list[int]:
+        """Store the output if needed, count it in fan-in inboxes; return ready children.
+
+        ``last_step``: nothing else is queued in this invocation, so unless this node
+        makes a child ready here, the invocation's lease can be handed back now.
+        """
         dag = branch.dag
         children = dag.dependents[index]
         ready = [c for c in children if len(dag.dependencies[c]) == 1]
@@ -155,9 +198,19 @@ class WorkerLogic:
             branch.flush_if_due()
             return ready
         blob = branch.signer.dumps(value) if leaves else None
-        won = branch.store.complete(index, blob, fan_in, branch.take_events())
+        if blob is not None and len(blob) > branch.record.max_output_bytes:
+            raise OutputTooLargeError(
+                f"output of {dag.keys[index]!r} is {len(blob)} bytes, over the limit of "
+                f"{branch.record.max_output_bytes} bytes (serverless.max-output-bytes)"
+            )
+        releasing = last_step and not ready
+        won = branch.store.complete(
+            index, blob, fan_in, branch.take_events(), branch.invocation_id, releasing
+        )
         if won is None:
             raise RunGone()
+        if releasing and not won:
+            branch.lease_held = False
         return ready + won
 
     def split(self, branch: Branch, index: int, ready: list[int]) -> tuple[list[int], list[int]]:
@@ -171,6 +224,8 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
     stack = list(starts)
     try:
         while stack:
+            if branch.cancelled():
+                raise RunGone()
             index = stack.pop()
             started = time.time()
             try:
@@ -178,24 +233,44 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
                 if index == dag.sink:
                     finish_run(branch, inputs)
                     return
-                value = logic.execute(branch, index, inputs)
-            except RunGone:
+                value = execute_with_retries(branch, logic, index, inputs)
+                branch.pending_events.append(
+                    events.done(index, branch.worker_id, started, time.time() - started)
+                )
+                ready = logic.publish(branch, index, value, last_step=not stack)
+            except (RunGone, redis.RedisError):
                 raise
             except Exception as exc:
                 fail_run(branch, index, exc)
                 return
-            branch.pending_events.append(
-                events.done(index, branch.worker_id, started, time.time() - started)
-            )
-            ready = logic.publish(branch, index, value)
             here, elsewhere = logic.split(branch, index, ready)
             branch.invoke(elsewhere)
             if here:
                 branch.values[index] = value
             stack.extend(here)
         branch.flush()
+        if branch.lease_held:
+            branch.store.release_lease(branch.invocation_id)
     except RunGone:
         return
+
+
+def execute_with_retries(
+    branch: Branch, logic: WorkerLogic, index: int, inputs: dict[int, Any]
+) -> Any:
+    """Run the task, retrying it in place with exponential backoff while retries remain."""
+    record = branch.record
+    retries = int(branch.dag.annotation(index, "retries", record.retries) or 0)
+    attempt = 0
+    while True:
+        try:
+            return logic.execute(branch, index, inputs)
+        except Exception as exc:
+            if attempt >= retries or branch.cancelled():
+                raise
+            attempt += 1
+            branch.pending_events.append(events.retry(index, attempt, repr(exc)[:200]))
+            time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
 
 
 def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
