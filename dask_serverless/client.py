@@ -52,10 +52,12 @@ class Scheduler:
     ``redis=None`` starts a private redis-server for this Scheduler (the embedded
     default); a URL (``redis://``, ``rediss://``, ``unix://``) uses an existing server.
     ``backend`` is ``"local"`` (a local process pool that behaves like a serverless
-    platform) or a Backend object. Unset arguments come from ``dask.config``'s
-    ``serverless.*`` settings. Use it as ``dask.compute(x, scheduler=sched)``, under
-    ``dask.config.set(scheduler=sched)``, or as a context manager; ``close()`` stops what
-    it started.
+    platform), ``"lambda"`` (AWS Lambda functions deployed by ``dask-serverless lambda
+    deploy``; ``lambda_function`` names them, ``lambda_endpoint_url`` and
+    ``lambda_region`` say where their API is) or a Backend object. Unset arguments come
+    from ``dask.config``'s ``serverless.*`` settings. Use it as
+    ``dask.compute(x, scheduler=sched)``, under ``dask.config.set(scheduler=sched)``, or as
+    a context manager; ``close()`` stops what it started.
     """
 
     def __init__(
@@ -72,6 +74,9 @@ class Scheduler:
         retry_backoff: float | None = None,
         lease_timeout: float | None = None,
         max_output_bytes: int | None = None,
+        lambda_function: str | None = None,
+        lambda_endpoint_url: str | None = None,
+        lambda_region: str | None = None,
     ) -> None:
         self._closed = False
         self._embedded: EmbeddedRedis | None = None
@@ -89,12 +94,18 @@ class Scheduler:
             self.lease_ms = int(float(config.setting("lease-timeout", lease_timeout)) * 1000)
             self.max_output_bytes = int(config.setting("max-output-bytes", max_output_bytes))
             self.recovered_invocations = 0
+            self.last_retries: dict[Any, int] = {}
             shared = secret.encode() if isinstance(secret, str) else secret
             self._secret = shared or config.secret_from_environment() or new_secret()
             self._signer = Signer(self._secret)
             options = dict(config.setting("local"))
             options["concurrency"] = concurrency or options.get("concurrency")
             options["keep-alive"] = config.setting("local.keep-alive", keep_alive)
+            options["lambda"] = {
+                "function": lambda_function,
+                "endpoint-url": lambda_endpoint_url,
+                "region": lambda_region,
+            }
             self._backend = create_backend(
                 config.setting("backend", backend), url, self._secret, options
             )
@@ -155,6 +166,7 @@ class Scheduler:
                 values = self._run(store, dag, record, progress, limit)
                 succeeded = True
             finally:
+                self.last_retries = {dag.keys[i]: n for i, n in progress.retries.items()}
                 for callback in started:
                     if callback[4]:
                         callback[4](progress.graph, progress.state, not succeeded)

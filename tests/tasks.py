@@ -40,3 +40,34 @@ class Unpicklable(Exception):
 
 def raise_unpicklable(x):
     raise Unpicklable(f"unpicklable on {x}")
+
+
+def fail_first(x, counter_path, failures):
+    """Raise on the first ``failures`` calls (counted in a file), then return ``x``."""
+    with open(counter_path, "a+") as counter:
+        counter.seek(0)
+        calls = len(counter.read())
+        counter.write("x")
+    if calls < failures:
+        raise ConnectionResetError(f"flaky call {calls + 1}")
+    return x
+
+
+def sleep_inc(x, seconds=0.05):
+    time.sleep(seconds)
+    return x + 1
+
+
+def add_all(*values):
+    return sum(values)
+
+
+def big_bytes(size):
+    return b"x" * size
+
+
+def log_and_sleep(x, log_path, seconds):
+    with open(log_path, "a") as log:
+        log.write(f"{x}\n")
+    time.sleep(seconds)
+    return x

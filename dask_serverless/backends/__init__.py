@@ -23,4 +23,8 @@ def create_backend(
             keep_alive_s=options["keep-alive"],
             invocation_timeout_ms=options["invocation-timeout-ms"],
         )
-    raise ValueError(f"unknown backend {backend!r}; available: 'local'")
+    if backend == "lambda":
+        from dask_serverless.backends.aws_lambda import LambdaBackend, LambdaSettings
+
+        return LambdaBackend(LambdaSettings.from_config(options.get("lambda")))
+    raise ValueError(f"unknown backend {backend!r}; available: 'local', 'lambda'")

@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -65,6 +65,9 @@ class InstanceSettings:
     secret: bytes
     invocation_timeout_ms: int
     memory_mb: int
+    # Builds the instance's environment instead of the default one (a picklable callable;
+    # the local Lambda endpoint's instances fan out through its HTTP API with it).
+    worker_environment: Callable[[], handler.WorkerEnvironment] | None = None
 
 
 @dataclass
@@ -94,14 +97,17 @@ class PipeInvoker:
 
 def instance_main(settings: InstanceSettings, connection: Connection) -> None:
     """The life of one instance: serve invocations until told to stop."""
-    handler.install(
-        handler.WorkerEnvironment(
-            settings.redis_url,
-            settings.secret,
-            PipeInvoker(connection),
-            worker_id=f"local:{os.getpid()}",
+    if settings.worker_environment is not None:
+        handler.install(settings.worker_environment())
+    else:
+        handler.install(
+            handler.WorkerEnvironment(
+                settings.redis_url,
+                settings.secret,
+                PipeInvoker(connection),
+                worker_id=f"local:{os.getpid()}",
+            )
         )
-    )
     cold = True
     while True:
         connection.send((_READY,))
@@ -155,6 +161,7 @@ class LocalBackend:
         invocation_timeout_ms: int = 900_000,
         memory_mb: int = 1769,
         deliveries: int = 1,
+        worker_environment: Callable[[], handler.WorkerEnvironment] | None = None,
     ) -> None:
         self.concurrency = int(concurrency or os.cpu_count() or 1)
         if self.concurrency < 1:
@@ -162,7 +169,7 @@ class LocalBackend:
         self.deliveries = int(deliveries)
         self.keep_alive_s = float(keep_alive_s)
         self._settings = InstanceSettings(
-            redis_url, secret, int(invocation_timeout_ms), int(memory_mb)
+            redis_url, secret, int(invocation_timeout_ms), int(memory_mb), worker_environment
         )
         self._mp = multiprocessing.get_context("forkserver")
         preload = ["dask_serverless.worker.handler"]
@@ -236,14 +243,20 @@ class LocalBackend:
                 instance.idle_since = time.monotonic()
 
     def _forget(self, connection: Connection) -> None:
-        """An instance died (killed, out of memory): drop it; leases recover its work."""
+        """An instance died (killed, out of memory) — drop it and retry its invocation.
+
+        Like Lambda's retry of a failed asynchronous invocation: the same payload is
+        delivered again. If the dead worker had already started it, the redelivery is a
+        duplicate the worker protocol drops, and the invocation's lease recovers its work.
+        """
         with self._lock:
             instance = self._instances.pop(connection, None)
+            if instance is not None and instance.payload is not None:
+                self.lost_instances += 1
+                self._queue.appendleft(instance.payload)
         connection.close()
         if instance is not None:
             instance.process.join(timeout=1)
-            if instance.payload is not None:
-                self.lost_instances += 1
 
     def _assign(self) -> None:
         """Hand queued invocations to idle instances; start instances for the rest."""

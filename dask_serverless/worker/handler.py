@@ -6,7 +6,8 @@ lives in a ``WorkerEnvironment`` that the instance keeps between invocations (a 
 pays neither an import nor a connection). The backend that starts an instance installs its
 environment with ``install``; this module-level slot is the only state a worker process
 keeps, and it holds no run's data beyond a small LRU of run records keyed by unguessable
-run ids.
+run ids. On AWS Lambda no backend starts the instance: the first invocation builds the
+environment from the function's environment variables (``_bootstrap``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import redis
 
 from dask_serverless import events
 from dask_serverless.storage.redis import RunStore
+from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
 
@@ -87,6 +89,8 @@ class WorkerEnvironment:
         invoker: Invoker,
         worker_id: str | None = None,
         logic: WorkerLogic | None = None,
+        large_outputs: LargeOutputStore | None = None,
+        handoff_margin_ms: int = 0,
     ) -> None:
         self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
         self.signer = Signer(secret)
@@ -96,6 +100,8 @@ class WorkerEnvironment:
         self.records: OrderedDict[str, RunRecord] = OrderedDict()
         self.heartbeat = Heartbeat()
         self.invocations = 0
+        self.large_outputs = large_outputs
+        self.handoff_margin_ms = int(handoff_margin_ms)
 
     def cached_record(self, run_id: str) -> RunRecord | None:
         record = self.records.get(run_id)
@@ -118,11 +124,20 @@ def install(environment: WorkerEnvironment) -> None:
     _environment = environment
 
 
+def _bootstrap() -> WorkerEnvironment:
+    """No backend installed an environment: this is an AWS Lambda instance's first call."""
+    from dask_serverless.backends.aws_lambda import worker_environment
+
+    environment = worker_environment(os.environ)
+    install(environment)
+    return environment
+
+
 def handler(event: dict, context: Any) -> dict:
     """Run one invocation: claim it, load the run record, follow the branch."""
     environment = _environment
     if environment is None:
-        raise RuntimeError("no worker environment installed in this process")
+        environment = _bootstrap()
     environment.invocations += 1
     started = time.monotonic()
     run_id = event["run"]
@@ -152,6 +167,9 @@ def handler(event: dict, context: Any) -> dict:
         invocation_id=event["id"],
         lease_ms=lease_ms,
         cancelled=lambda: environment.heartbeat.run_gone(run_id),
+        large_outputs=environment.large_outputs,
+        time_left_ms=getattr(context, "get_remaining_time_in_millis", None),
+        handoff_margin_ms=environment.handoff_margin_ms,
     )
     environment.heartbeat.hold(store, event["id"], lease_ms)
     try:

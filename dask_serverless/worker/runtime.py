@@ -47,6 +47,7 @@ import redis
 from dask_serverless import events
 from dask_serverless.graph import DAG
 from dask_serverless.storage.redis import RunStore
+from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
 
 EVENT_FLUSH_S = 0.1
@@ -108,6 +109,9 @@ class Branch:
     lease_ms: int = 5000
     cancelled: Callable[[], bool] = field(default=lambda: False)
     lease_held: bool = True
+    large_outputs: LargeOutputStore | None = None
+    time_left_ms: Callable[[], int] | None = None
+    handoff_margin_ms: int = 0
     values: dict[int, Any] = field(default_factory=dict)
     pending_events: list[events.Event] = field(default_factory=list)
     last_flush: float = field(default_factory=time.monotonic)
@@ -148,6 +152,25 @@ class Branch:
         ]
         self.invoker.invoke(payloads)
 
+    # -- platform limits: large outputs, the invocation's time limit -------------------
+
+    def output_blob(self, index: int, value: Any) -> bytes:
+        """The signed output to store in Redis, or a pointer to where the store put it."""
+        blob = self.signer.dumps(value)
+        if self.large_outputs is None:
+            return blob
+        return self.large_outputs.offload(self.record.run_id, index, blob)
+
+    def input_blob(self, blob: bytes) -> bytes:
+        """The signed output a value read from Redis stands for."""
+        if self.large_outputs is None:
+            return blob
+        return self.large_outputs.resolve(self.record.run_id, blob)
+
+    def time_is_short(self) -> bool:
+        """Whether the platform's time limit is less than ``handoff_margin_ms`` away."""
+        return self.time_left_ms is not None and self.time_left_ms() < self.handoff_margin_ms
+
 
 def output_leaves_worker(dag: DAG, index: int) -> bool:
     """Whether node ``index``'s output may be read by another worker.
@@ -172,7 +195,9 @@ class WorkerLogic:
                 raise MissingOutputError(
                     f"output of {branch.dag.keys[parent]!r} is missing from Redis"
                 )
-            inputs[parent] = branch.signer.loads(blob, f"output of {branch.dag.keys[parent]!r}")
+            inputs[parent] = branch.signer.loads(
+                branch.input_blob(blob), f"output of {branch.dag.keys[parent]!r}"
+            )
         for parent in parents:
             branch.values.pop(parent, None)
         return inputs
@@ -197,7 +222,7 @@ class WorkerLogic:
         if not leaves and not fan_in:
             branch.flush_if_due()
             return ready
-        blob = branch.signer.dumps(value) if leaves else None
+        blob = branch.output_blob(index, value) if leaves else None
         if blob is not None and len(blob) > branch.record.max_output_bytes:
             raise OutputTooLargeError(
                 f"output of {dag.keys[index]!r} is {len(blob)} bytes, over the limit of "
@@ -216,6 +241,15 @@ class WorkerLogic:
     def split(self, branch: Branch, index: int, ready: list[int]) -> tuple[list[int], list[int]]:
         """(children to continue with here, children to hand to new workers)."""
         return ready[:1], ready[1:]
+
+    def hand_off_due(self, branch: Branch) -> bool:
+        """Whether to hand the rest of the branch to a fresh invocation now.
+
+        Asked after every task that leaves work here. By default: when the platform's time
+        limit is near, so the worker is not killed mid-task (AWS Lambda stops an invocation
+        at its timeout, 15 minutes at most).
+        """
+        return branch.time_is_short()
 
 
 def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
@@ -248,6 +282,9 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
             if here:
                 branch.values[index] = value
             stack.extend(here)
+            if stack and logic.hand_off_due(branch):
+                hand_off(branch, stack)
+                stack.clear()
         branch.flush()
         if branch.lease_held:
             branch.store.release_lease(branch.invocation_id)
@@ -273,6 +310,21 @@ def execute_with_retries(
             time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
 
 
+def hand_off(branch: Branch, stack: Sequence[int]) -> None:
+    """Store the held outputs the rest of the branch needs; invoke fresh workers for it.
+
+    The tasks on ``stack`` are already claimed by this invocation, so handing them on is
+    safe: the new invocations read their inputs from Redis like any other worker.
+    """
+    unstored = [i for i in branch.values if not output_leaves_worker(branch.dag, i)]
+    for index in unstored:
+        blob = branch.output_blob(index, branch.values[index])
+        if branch.store.complete(index, blob, (), None) is None:
+            raise RunGone()
+    branch.values.clear()
+    branch.invoke(stack)
+
+
 def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
     """Record ``exc`` as the run's error (first one wins) and tell the client."""
     branch.pending_events.append(events.error(index))
@@ -294,3 +346,5 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
     batch = branch.take_events()
     assert batch is not None
     store.announce(batch)
+    if branch.large_outputs is not None:
+        branch.large_outputs.delete_run(branch.record.run_id)

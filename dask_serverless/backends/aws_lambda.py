@@ -1,0 +1,292 @@
+"""AWS Lambda: invoke workers through boto3, and start a worker inside a Lambda instance.
+
+Two halves that must agree on names and settings live here.
+
+**Invoking** (the client's roots and every worker's fan-out): ``LambdaBackend.invoke``
+sends ``InvocationType="Event"`` requests — Lambda queues them and answers 202 at once,
+the same fire-and-forget model as the local pool. A fan-out of many children is sent from
+a thread pool over one boto3 client whose connection pool is as large as that pool, and
+whose retry mode (``adaptive`` by default) retries throttled calls (HTTP 429,
+``TooManyRequestsException``) with backoff. A payload is small JSON (the run record is
+fetched from Redis by key); one over ``max-payload-bytes`` is refused before anything is
+sent, because Lambda would refuse it anyway (``RequestTooLargeException``).
+
+**Functions.** One Lambda function per memory size, named ``<function>-<MB>``
+(``dsl-worker-1769``). A payload that carries ``"memory": MB`` goes to the smallest
+deployed size that is at least that; a payload without it to ``default-memory``. Separate
+functions rather than aliases of one function: an alias points at a published version, so
+every change would mean publishing and re-pointing one version per size, while separate
+functions are updated independently and show their own metrics, logs and concurrency.
+
+**Starting a worker.** On Lambda no backend calls ``handler.install``: the first time
+``handler`` runs in an instance it builds its ``WorkerEnvironment`` with
+``worker_environment(os.environ)`` — the Redis URL and the HMAC secret from environment
+variables or Secrets Manager (never from the payload, I-5), a ``LambdaBackend`` as the
+invoker for fan-out, an S3 store for large outputs when a bucket is configured, and the
+margin before the time limit at which a worker hands its branch to a fresh invocation.
+``dask-serverless lambda deploy`` (``lambda_deploy``) sets exactly these variables, and the
+local endpoint (``lambda_endpoint``) passes the same mapping to its instances.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from dask_serverless import config
+from dask_serverless.storage.s3 import S3OutputStore
+from dask_serverless.worker.handler import WorkerEnvironment
+
+# Environment variables of a deployed worker function (set by `lambda deploy`).
+ENV_REDIS_URL = "DASK_SERVERLESS_REDIS_URL"
+ENV_REDIS_URL_ARN = "DASK_SERVERLESS_REDIS_URL_SECRET_ARN"
+ENV_SECRET = config.SECRET_ENV
+ENV_SECRET_ARN = "DASK_SERVERLESS_SECRET_ARN"
+ENV_FUNCTION = "DASK_SERVERLESS_LAMBDA_FUNCTION"
+ENV_MEMORY_SIZES = "DASK_SERVERLESS_LAMBDA_MEMORY_SIZES"
+ENV_DEFAULT_MEMORY = "DASK_SERVERLESS_LAMBDA_DEFAULT_MEMORY"
+ENV_S3_BUCKET = "DASK_SERVERLESS_S3_BUCKET"
+ENV_S3_THRESHOLD = "DASK_SERVERLESS_S3_THRESHOLD_BYTES"
+ENV_HANDOFF_MARGIN = "DASK_SERVERLESS_HANDOFF_MARGIN_MS"
+
+HANDLER = "dask_serverless.worker.handler.handler"
+DEFAULT_S3_THRESHOLD = 1024 * 1024
+_FUNCTION_NAME = re.compile(r"^(?P<base>[A-Za-z0-9_-]+)-(?P<memory>[0-9]+)$")
+
+
+class PayloadTooLargeError(ValueError):
+    """An invocation payload is over the configured asynchronous payload limit."""
+
+
+def function_name(base: str, memory_mb: int) -> str:
+    """The name of the worker function of memory size ``memory_mb``."""
+    return f"{base}-{int(memory_mb)}"
+
+
+def parse_function_name(name: str) -> tuple[str, int] | None:
+    """``(base, memory_mb)`` of a name that follows the deploy naming, else None.
+
+    Accepts a function ARN too (``arn:aws:lambda:…:function:dsl-worker-1769``).
+    """
+    if name.startswith("arn:"):
+        parts = name.split(":")
+        name = parts[6] if len(parts) > 6 else ""
+    match = _FUNCTION_NAME.match(name)
+    if match is None:
+        return None
+    return match["base"], int(match["memory"])
+
+
+@dataclass(frozen=True)
+class LambdaSettings:
+    """How to reach the worker functions; see ``serverless.lambda`` in serverless.yaml."""
+
+    function: str
+    memory_sizes: tuple[int, ...] = (512, 1024, 1769, 3008)
+    default_memory: int = 1769
+    region: str | None = None
+    endpoint_url: str | None = None
+    max_payload_bytes: int = 1024 * 1024
+    invoke_threads: int = 32
+    max_pool_connections: int = 64
+    retry_mode: str = "adaptive"
+    max_attempts: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.function or parse_function_name(function_name(self.function, 1)) is None:
+            raise ValueError(
+                f"invalid Lambda function base name {self.function!r}: use letters, digits, "
+                "'-' and '_' (the functions are named <name>-<memory MB>)"
+            )
+        if not self.memory_sizes:
+            raise ValueError("memory_sizes must name at least one memory size")
+        if self.default_memory not in self.memory_sizes:
+            raise ValueError(
+                f"default memory {self.default_memory} MB is not one of the deployed sizes "
+                f"{list(self.memory_sizes)}"
+            )
+
+    @classmethod
+    def from_config(cls, overrides: Mapping[str, Any] | None = None) -> LambdaSettings:
+        """Settings from ``overrides`` (keys as in serverless.yaml), else dask.config."""
+        overrides = overrides or {}
+
+        def get(name: str) -> Any:
+            return config.setting(f"lambda.{name}", overrides.get(name))
+
+        function = get("function")
+        if not function:
+            raise ValueError(
+                "the lambda backend needs the deployed function's name: "
+                "Scheduler(lambda_function=...) or the serverless.lambda.function setting "
+                "(the --name given to `dask-serverless lambda deploy`)"
+            )
+        return cls(
+            function=str(function),
+            memory_sizes=tuple(sorted(int(m) for m in get("memory-sizes"))),
+            default_memory=int(get("default-memory")),
+            region=get("region"),
+            endpoint_url=get("endpoint-url"),
+            max_payload_bytes=int(get("max-payload-bytes")),
+            invoke_threads=int(get("invoke-threads")),
+            max_pool_connections=int(get("max-pool-connections")),
+            retry_mode=str(get("retry-mode")),
+            max_attempts=int(get("max-attempts")),
+        )
+
+    @classmethod
+    def from_environment(cls, variables: Mapping[str, str]) -> LambdaSettings:
+        """A worker's settings: names and sizes from the variables deploy set."""
+        sizes = variables.get(ENV_MEMORY_SIZES)
+        return cls.from_config(
+            {
+                "function": variables.get(ENV_FUNCTION),
+                "memory-sizes": [int(m) for m in sizes.split(",")] if sizes else None,
+                "default-memory": variables.get(ENV_DEFAULT_MEMORY),
+                "region": variables.get("AWS_REGION") or variables.get("AWS_DEFAULT_REGION"),
+                "endpoint-url": variables.get("AWS_ENDPOINT_URL_LAMBDA"),
+            }
+        )
+
+    def function_for(self, memory_mb: int | None) -> str:
+        """The function for an invocation asking for ``memory_mb`` (None: the default).
+
+        The smallest deployed size that is at least ``memory_mb``: an invocation never gets
+        less memory than its plan asked for.
+        """
+        if memory_mb is None:
+            return function_name(self.function, self.default_memory)
+        for size in sorted(self.memory_sizes):
+            if size >= int(memory_mb):
+                return function_name(self.function, size)
+        raise ValueError(
+            f"an invocation asks for {memory_mb} MB, more than the largest deployed "
+            f"function ({max(self.memory_sizes)} MB); deploy that size with "
+            "`dask-serverless lambda deploy --memory …`"
+        )
+
+
+def lambda_client(settings: LambdaSettings, session: Any = None, read_timeout: int = 60) -> Any:
+    """A boto3 Lambda client tuned for many concurrent ``Invoke`` calls."""
+    session = session or boto3.session.Session()
+    tuned = Config(
+        max_pool_connections=settings.max_pool_connections,
+        retries={"mode": settings.retry_mode, "max_attempts": settings.max_attempts},
+        connect_timeout=10,
+        read_timeout=read_timeout,
+    )
+    return session.client(
+        "lambda", region_name=settings.region, endpoint_url=settings.endpoint_url, config=tuned
+    )
+
+
+class LambdaBackend:
+    """Fire-and-forget ``Invoke`` of the worker functions, for a client or a worker.
+
+    Thread-safe. ``invoke`` returns when Lambda accepted every payload (HTTP 202) and
+    raises the first error otherwise (after boto3's retries); it checks every payload's
+    size and function before it sends any.
+    """
+
+    name = "lambda"
+
+    def __init__(self, settings: LambdaSettings, client: Any = None) -> None:
+        self.settings = settings
+        self._client = client if client is not None else lambda_client(settings)
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.invoke_threads, thread_name_prefix="dask-serverless-invoke"
+        )
+        self._closed = False
+
+    def invoke(self, payloads: Sequence[dict]) -> None:
+        if self._closed:
+            raise RuntimeError("the lambda backend is closed")
+        requests = [self._request(payload) for payload in payloads]
+        if len(requests) == 1:
+            self._send(*requests[0])
+            return
+        for _ in self._pool.map(lambda request: self._send(*request), requests):
+            pass
+
+    def _request(self, payload: dict) -> tuple[str, bytes]:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        if len(body) > self.settings.max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"an invocation payload of {len(body)} bytes is over the asynchronous "
+                f"payload limit of {self.settings.max_payload_bytes} bytes "
+                "(serverless.lambda.max-payload-bytes)"
+            )
+        return self.settings.function_for(payload.get("memory")), body
+
+    def _send(self, function: str, body: bytes) -> None:
+        response = self._client.invoke(FunctionName=function, InvocationType="Event", Payload=body)
+        if response.get("StatusCode") != 202:
+            raise RuntimeError(
+                f"Lambda did not accept an invocation of {function}: "
+                f"HTTP {response.get('StatusCode')}"
+            )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+
+def _setting_or_secret(session: Any, variables: Mapping[str, str], name: str, arn: str) -> str:
+    value = variables.get(name)
+    if value:
+        return value
+    secret_arn = variables.get(arn)
+    if secret_arn:
+        client = session.client(
+            "secretsmanager", endpoint_url=variables.get("AWS_ENDPOINT_URL_SECRETS_MANAGER")
+        )
+        return str(client.get_secret_value(SecretId=secret_arn)["SecretString"])
+    raise RuntimeError(
+        f"no worker environment installed in this process, and neither {name} nor {arn} "
+        "is set (deploy the function with `dask-serverless lambda deploy`)"
+    )
+
+
+def worker_environment(variables: Mapping[str, str]) -> WorkerEnvironment:
+    """The ``WorkerEnvironment`` of a Lambda instance, from its environment ``variables``.
+
+    Called once per instance (``os.environ`` on Lambda; the local endpoint passes its own
+    mapping). AWS credentials, region and endpoints come from the same mapping, so the
+    fan-out invoker uses the instance's execution role.
+    """
+    session = boto3.session.Session(
+        aws_access_key_id=variables.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=variables.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=variables.get("AWS_SESSION_TOKEN"),
+        region_name=variables.get("AWS_REGION") or variables.get("AWS_DEFAULT_REGION"),
+    )
+    redis_url = _setting_or_secret(session, variables, ENV_REDIS_URL, ENV_REDIS_URL_ARN)
+    secret = _setting_or_secret(session, variables, ENV_SECRET, ENV_SECRET_ARN)
+    settings = LambdaSettings.from_environment(variables)
+    invoker = LambdaBackend(settings, lambda_client(settings, session))
+    large_outputs = None
+    bucket = variables.get(ENV_S3_BUCKET)
+    if bucket:
+        s3 = session.client("s3", endpoint_url=variables.get("AWS_ENDPOINT_URL_S3"))
+        threshold = int(variables.get(ENV_S3_THRESHOLD) or DEFAULT_S3_THRESHOLD)
+        large_outputs = S3OutputStore(s3, bucket, threshold)
+    stream = variables.get("AWS_LAMBDA_LOG_STREAM_NAME")
+    worker_id = f"{variables.get('AWS_LAMBDA_FUNCTION_NAME')}:{stream}" if stream else None
+    return WorkerEnvironment(
+        redis_url,
+        secret.encode(),
+        invoker,
+        worker_id=worker_id,
+        large_outputs=large_outputs,
+        handoff_margin_ms=int(variables.get(ENV_HANDOFF_MARGIN) or 0),
+    )
