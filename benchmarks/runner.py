@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -52,9 +52,20 @@ class Report:
     schedulers: tuple[str, ...]
     startup_s: dict[str, float]
     workloads: tuple[Workload, ...]
+    tasks: dict[str, int]
     results: tuple[Result, ...]
-    notes: tuple[str, ...] = field(default=())
-    failures: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What benchmarking one workload produced."""
+
+    tasks: int
+    results: list[Result]
+    notes: list[str]
+    failures: list[str]
 
 
 def progress(message: str) -> None:
@@ -158,7 +169,7 @@ def warm_up(
 
 def benchmark_workload(
     workload: Workload, quick: bool, running: Sequence[RunningScheduler], repeat: int
-) -> tuple[list[Result], list[str], list[str]]:
+) -> Outcome:
     """Warm up, then time ``repeat`` rounds in which every scheduler runs once."""
     tasks = count_tasks(workload.build(quick))
     healthy, notes, failures = warm_up(workload, quick, running)
@@ -180,7 +191,7 @@ def benchmark_workload(
     ]
     summary = ", ".join(f"{result.scheduler} {result.median_s:.3f}s" for result in results)
     progress(f"{workload.name} ({tasks} tasks): {summary or 'no results'}")
-    return results, notes, failures
+    return Outcome(tasks, results, notes, failures)
 
 
 def machine_info(quick: bool, repeat: int) -> dict[str, Any]:
@@ -207,16 +218,16 @@ def run(
     running, notes = start_all(scheduler_names)
     for note in notes:
         progress(note)
+    tasks: dict[str, int] = {}
     results: list[Result] = []
     failures: list[str] = []
     try:
         for workload in workloads:
-            workload_results, workload_notes, workload_failures = benchmark_workload(
-                workload, quick, running, repeat
-            )
-            results.extend(workload_results)
-            notes.extend(workload_notes)
-            failures.extend(workload_failures)
+            outcome = benchmark_workload(workload, quick, running, repeat)
+            tasks[workload.name] = outcome.tasks
+            results.extend(outcome.results)
+            notes.extend(outcome.notes)
+            failures.extend(outcome.failures)
     finally:
         notes.extend(close_all(running))
     if quick:
@@ -230,6 +241,7 @@ def run(
         schedulers=tuple(sched.name for sched in running),
         startup_s={sched.name: sched.startup_s for sched in running},
         workloads=tuple(workloads),
+        tasks=tasks,
         results=tuple(results),
         notes=tuple(notes),
         failures=tuple(failures),
@@ -249,20 +261,14 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def seconds(value: float | None) -> str:
-    """A time cell, or a dash when there is no measurement."""
-    return "—" if value is None else f"{value:.3f}"
+def seconds(result: Result | None) -> str:
+    """A median-time cell, or a dash when there is no measurement."""
+    return "—" if result is None else f"{result.median_s:.3f}"
 
 
 def lookup(report: Report) -> dict[tuple[str, str], Result]:
     """Results keyed by (workload, scheduler)."""
     return {(result.workload, result.scheduler): result for result in report.results}
-
-
-def workload_tasks(report: Report, workload: str) -> str:
-    """The task count of a workload (all schedulers compute the same graph)."""
-    counts = {result.tasks for result in report.results if result.workload == workload}
-    return str(counts.pop()) if counts else "—"
 
 
 def ratio(ours: Result | None, peer: Result | None) -> str:
@@ -283,17 +289,13 @@ def times_table(report: Report) -> str:
     rows = []
     for workload in report.workloads:
         name = workload.name
-        row = [name, workload_tasks(report, name)]
-        row += [seconds(_median(by_key.get((name, sched)))) for sched in report.schedulers]
+        row = [name, str(report.tasks[name])]
+        row += [seconds(by_key.get((name, sched))) for sched in report.schedulers]
         if with_ratios:
             ours = by_key.get((name, OURS))
             row += [ratio(ours, by_key.get((name, peer))) for peer in peers]
         rows.append(row)
     return format_table(headers, rows)
-
-
-def _median(result: Result | None) -> float | None:
-    return None if result is None else result.median_s
 
 
 def overhead_table(report: Report) -> str:
@@ -303,7 +305,7 @@ def overhead_table(report: Report) -> str:
     for workload in report.workloads:
         if not workload.per_task:
             continue
-        row = [workload.name, workload_tasks(report, workload.name)]
+        row = [workload.name, str(report.tasks[workload.name])]
         for sched in report.schedulers:
             result = by_key.get((workload.name, sched))
             row.append("—" if result is None else f"{result.median_s / result.tasks * 1e6:.0f}")

@@ -102,22 +102,23 @@ def delayed_add(a: Any, b: Any) -> Delayed:
 
 
 def noop_tree(quick: bool) -> Collections:
-    """5 000 no-op leaves summed by a binary tree: pure scheduler overhead (~10 000 tasks)."""
-    leaves = [dask.delayed(noop)(i) for i in range(5_000)]
+    """No-op leaves summed by a binary tree: pure scheduler overhead (~2 tasks per leaf)."""
+    n_leaves = 1_000 if quick else 5_000
+    leaves = [dask.delayed(noop)(i) for i in range(n_leaves)]
     return (tree_reduce(leaves, delayed_add),)
 
 
 def chain(quick: bool) -> Collections:
-    """1 000 tiny tasks, each depending on the previous: latency per dependent step."""
+    """Tiny tasks, each depending on the previous one: latency per dependent step."""
     value: Any = 0
-    for _ in range(1_000):
+    for _ in range(250 if quick else 1_000):
         value = dask.delayed(inc)(value)
     return (value,)
 
 
 def sleep_tree(quick: bool) -> Collections:
     """Leaves that sleep 10 ms each, tree-reduced: how well the scheduler overlaps waiting."""
-    n_leaves = 256 if quick else 1_024
+    n_leaves = 128 if quick else 1_024
     leaves = [dask.delayed(sleep_leaf)(i, 0.01) for i in range(n_leaves)]
     return (tree_reduce(leaves, delayed_add),)
 
@@ -134,7 +135,7 @@ def gemm(quick: bool) -> Collections:
 
 def tall_skinny(quick: bool) -> da.Array:
     """A seeded tall-and-skinny random matrix, the shape TSQR and SVD are built for."""
-    rows = 100_000 if quick else 200_000
+    rows = 50_000 if quick else 200_000
     return da.random.default_rng(1).random((rows, 100), chunks=(10_000, 100))
 
 
@@ -207,7 +208,7 @@ def make_users(partition: int, rows: int) -> pd.DataFrame:
 
 def groupby(quick: bool) -> Collections:
     """Aggregate events per category, and revenue per country after joining users."""
-    rows = 50_000 if quick else 200_000
+    rows = 20_000 if quick else 200_000
     events = dd.from_map(make_events, range(20), args=(rows,))
     users = dd.from_map(make_users, range(4), args=(2_500,))
     per_category = events.groupby("category").agg({"amount": "mean", "quantity": "sum"})
@@ -221,7 +222,7 @@ def groupby(quick: bool) -> Collections:
 
 def fixed_times(quick: bool) -> Collections:
     """Chains of 5, 4, 3, 2 and 1 fixed-duration tasks joined by one sink."""
-    seconds = 0.1 if quick else 0.5
+    seconds = 0.05 if quick else 0.5
     ends = []
     for length in (5, 4, 3, 2, 1):
         value: Any = None
@@ -375,15 +376,15 @@ def image_pipeline(quick: bool) -> Collections:
 
 
 WORKLOADS: tuple[Workload, ...] = (
-    Workload("noop-tree", noop_tree, per_task=True),
-    Workload("chain", chain, per_task=True),
-    Workload("sleep-tree", sleep_tree, quick_note="256 leaves instead of 1 024"),
+    Workload("noop-tree", noop_tree, per_task=True, quick_note="1 000 leaves instead of 5 000"),
+    Workload("chain", chain, per_task=True, quick_note="250 tasks instead of 1 000"),
+    Workload("sleep-tree", sleep_tree, quick_note="128 leaves instead of 1 024"),
     Workload("gemm", gemm, quick_note="2 000² instead of 4 000²"),
-    Workload("tsqr", tsqr, quick_note="100 000 × 100 instead of 200 000 × 100"),
-    Workload("svd", svd, quick_note="100 000 × 100 instead of 200 000 × 100"),
+    Workload("tsqr", tsqr, quick_note="50 000 × 100 instead of 200 000 × 100"),
+    Workload("svd", svd, quick_note="50 000 × 100 instead of 200 000 × 100"),
     Workload("wordcount", wordcount, quick_note="200 lines per partition instead of 500"),
-    Workload("groupby", groupby, quick_note="50 000 rows per partition instead of 200 000"),
-    Workload("fixed-times", fixed_times, quick_note="0.1 s tasks instead of 0.5 s"),
+    Workload("groupby", groupby, quick_note="20 000 rows per partition instead of 200 000"),
+    Workload("fixed-times", fixed_times, quick_note="0.05 s tasks instead of 0.5 s"),
     Workload("fanout-fanin", fanout_fanin),
     Workload("text-analysis", text_analysis),
     Workload("image-pipeline", image_pipeline, quick_note="1 024² image instead of 2 048²"),

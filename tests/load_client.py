@@ -57,9 +57,8 @@ def check(sched: Scheduler, seed: int) -> bool:
 
 def main() -> None:
     url, seed = sys.argv[1], int(sys.argv[2])
-    with Scheduler(redis=url, concurrency=2, timeout=300) as sched:
-        with ThreadPoolExecutor(10) as pool:
-            results = list(pool.map(lambda i: check(sched, seed * 100 + i), range(10)))
+    with Scheduler(redis=url, concurrency=2, timeout=300) as sched, ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda i: check(sched, seed * 100 + i), range(10)))
     print(f"ok {sum(results)}" if all(results) else f"failed {results}")
 
 

@@ -188,19 +188,21 @@ def test_scheduler_wide_retries_and_exhaustion(redis_url, tmp_path):
 
 
 def test_redis_restart_mid_run_is_a_clear_error(tmp_path):
-    with EmbeddedRedis(tcp=True) as server:
-        with Scheduler(redis=server.url, lease_timeout=LEASE_S, timeout=60) as sched:
-            slow = [dask.delayed(sleep_then)(i, 2.0) for i in range(2)]
-            restarter = threading.Timer(0.7, server.restart)
-            restarter.start()
-            started = time.monotonic()
-            with pytest.raises(RedisUnavailableError, match="restarted|connection"):
-                dask.compute(dask.delayed(total)(slow), scheduler=sched)
-            restarter.join()
-            assert time.monotonic() - started < 30
-            # the Scheduler reconnects and works again after the restart
-            assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
-            assert not run_keys(redis.Redis.from_url(server.url))
+    with (
+        EmbeddedRedis(tcp=True) as server,
+        Scheduler(redis=server.url, lease_timeout=LEASE_S, timeout=60) as sched,
+    ):
+        slow = [dask.delayed(sleep_then)(i, 2.0) for i in range(2)]
+        restarter = threading.Timer(0.7, server.restart)
+        restarter.start()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailableError, match="restarted|connection"):
+            dask.compute(dask.delayed(total)(slow), scheduler=sched)
+        restarter.join()
+        assert time.monotonic() - started < 30
+        # the Scheduler reconnects and works again after the restart
+        assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
+        assert not run_keys(redis.Redis.from_url(server.url))
 
 
 def test_tampered_output_blob_fails_the_run(scheduler, redis_client):
@@ -239,11 +241,13 @@ def test_password_protected_redis():
 
 
 def test_acl_user_limited_to_dsl_keys():
-    with EmbeddedRedis(tcp=True, username="dsl", password="pw-123", key_pattern="dsl:*") as server:
-        with Scheduler(redis=server.url, timeout=60) as sched:
-            work = dask.delayed(total)([dask.delayed(inc)(i) for i in range(10)])
-            assert dask.compute(work, scheduler=sched) == (55,)
-            assert not run_keys(redis.Redis.from_url(server.url))
+    with (
+        EmbeddedRedis(tcp=True, username="dsl", password="pw-123", key_pattern="dsl:*") as server,
+        Scheduler(redis=server.url, timeout=60) as sched,
+    ):
+        work = dask.delayed(total)([dask.delayed(inc)(i) for i in range(10)])
+        assert dask.compute(work, scheduler=sched) == (55,)
+        assert not run_keys(redis.Redis.from_url(server.url))
 
 
 @pytest.fixture
@@ -278,10 +282,15 @@ def test_tls_redis(tls_files):
             assert not run_keys(redis.Redis.from_url(server.url))
 
 
+def tasks_logged(path: str) -> int:
+    with open(path) as log:
+        return len(log.read().split())
+
+
 def test_keyboard_interrupt_cancels_the_run(scheduler, tmp_path):
     log = str(tmp_path / "ran")
     value = dask.delayed(log_and_sleep)(0, log, 0.2)
-    for i in range(1, 30):
+    for _i in range(1, 30):
         value = dask.delayed(log_and_sleep)(value, log, 0.2)
 
     class InterruptAfterTwoTasks(dask.callbacks.Callback):
@@ -297,9 +306,9 @@ def test_keyboard_interrupt_cancels_the_run(scheduler, tmp_path):
     with InterruptAfterTwoTasks(), pytest.raises(KeyboardInterrupt):
         dask.compute(value, scheduler=scheduler)
     time.sleep(1.0)
-    ran = len(open(log).read().split())
+    ran = tasks_logged(log)
     time.sleep(1.0)
-    assert len(open(log).read().split()) == ran < 30
+    assert tasks_logged(log) == ran < 30
 
 
 def test_output_over_the_limit_names_key_and_limit(redis_url):
