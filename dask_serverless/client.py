@@ -34,11 +34,12 @@ from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
 from dask_serverless.graph import DAG, translate
 from dask_serverless.storage.embedded import EmbeddedRedis
-from dask_serverless.storage.redis import RunStore, connect, new_run_id
+from dask_serverless.storage.redis import RunStore, Scripts, connect, new_run_id
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.runtime import RunRecord, invocation
 
 _POLL_MS = 1000
+_BATCH_PAUSE_S = 0.02
 _REDIS_RETRIES = 6
 
 
@@ -87,6 +88,7 @@ class Scheduler:
             url = self._embedded.url
         try:
             self._redis = connect(url)
+            self._scripts = Scripts(self._redis)
             self.timeout = config.setting("timeout", timeout)
             self.run_ttl = int(config.setting("run-ttl", run_ttl))
             self.retries = int(config.setting("retries", retries))
@@ -147,7 +149,7 @@ class Scheduler:
             )
         )
         limit = self.timeout if timeout is None else timeout
-        store = RunStore(self._redis, run_id, self.run_ttl)
+        store = RunStore(self._redis, run_id, self.run_ttl, self._scripts)
         with local_callbacks(callbacks) as active:
             progress = events.RunProgress(dag, callbacks=active)
             if active:
@@ -236,6 +238,10 @@ class Scheduler:
             cursor, batches = self._read_events(store, cursor, block_ms)
             for batch in batches:
                 progress.apply(events.decode(batch))
+            if batches and not progress.callbacks:
+                # Nobody watches progress: let events pile up a little rather than wake
+                # for each one and take CPU from the workers on a small machine.
+                time.sleep(_BATCH_PAUSE_S)
             if progress.failed_index is not None:
                 raise self._remote_error(store)
             if progress.finished:

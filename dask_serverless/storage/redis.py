@@ -182,10 +182,26 @@ def new_run_id() -> str:
     return secrets.token_hex(16)
 
 
+class Scripts:
+    """The Lua scripts, registered once per Redis client (registering hashes the source)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.complete = client.register_script(_COMPLETE)
+        self.begin = client.register_script(_BEGIN)
+        self.renew = client.register_script(_RENEW)
+        self.release = client.register_script(_RELEASE)
+        self.lapsed = client.register_script(_LAPSED)
+        self.fail = client.register_script(_FAIL)
+        self.seal = client.register_script(_SEAL)
+        self.announce = client.register_script(_ANNOUNCE)
+
+
 class RunStore:
     """All Redis reads and writes of one run, for the client and the workers alike."""
 
-    def __init__(self, client: redis.Redis, run_id: str, ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis, run_id: str, ttl_s: int, scripts: Scripts | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.ttl_s = int(ttl_s)
@@ -197,14 +213,15 @@ class RunStore:
         self.invocations_key = self.prefix + "inv"
         self.leases_key = self.prefix + "leases"
         self.restart_key = self.prefix + "restart"
-        self._complete = client.register_script(_COMPLETE)
-        self._begin = client.register_script(_BEGIN)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
-        self._lapsed = client.register_script(_LAPSED)
-        self._fail = client.register_script(_FAIL)
-        self._seal = client.register_script(_SEAL)
-        self._announce = client.register_script(_ANNOUNCE)
+        scripts = scripts or Scripts(client)
+        self._complete = scripts.complete
+        self._begin = scripts.begin
+        self._renew = scripts.renew
+        self._release = scripts.release
+        self._lapsed = scripts.lapsed
+        self._fail = scripts.fail
+        self._seal = scripts.seal
+        self._announce = scripts.announce
 
     def output_key(self, index: int) -> str:
         return f"{self.prefix}o:{index}"

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from dask_serverless import events
-from dask_serverless.storage.redis import RunStore
+from dask_serverless.storage.redis import RunStore, Scripts
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
@@ -93,6 +93,7 @@ class WorkerEnvironment:
         handoff_margin_ms: int = 0,
     ) -> None:
         self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
+        self.scripts = Scripts(self.redis)
         self.signer = Signer(secret)
         self.invoker = invoker
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -141,7 +142,7 @@ def handler(event: dict, context: Any) -> dict:
     environment.invocations += 1
     started = time.monotonic()
     run_id = event["run"]
-    store = RunStore(environment.redis, run_id, event["ttl"])
+    store = RunStore(environment.redis, run_id, event["ttl"], environment.scripts)
     record = environment.cached_record(run_id)
     lease_ms = int(event.get("lease", 5000))
     begun = store.begin(event["id"], event["tasks"], lease_ms, want_record=record is None)
