@@ -32,6 +32,7 @@ from dask.local import nested_get
 from dask_serverless import config, events
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
+from dask_serverless.bundling import bundle_roots
 from dask_serverless.graph import DAG, translate
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.redis import RunStore, Scripts, connect, new_run_id
@@ -39,6 +40,10 @@ from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.runtime import RunRecord, invocation
 
 _POLL_MS = 1000
+# Root bundles per concurrent worker: enough to balance uneven bundles, few enough that
+# each one amortises its invocation (see dask_serverless.bundling).
+_BUNDLES_PER_WORKER = 4
+_UNKNOWN_CONCURRENCY = 64
 _BATCH_PAUSE_S = 0.02
 _REDIS_RETRIES = 6
 
@@ -111,6 +116,8 @@ class Scheduler:
             self._backend = create_backend(
                 config.setting("backend", backend), url, self._secret, options
             )
+            workers = getattr(self._backend, "concurrency", None) or _UNKNOWN_CONCURRENCY
+            self.bundles = int(workers) * _BUNDLES_PER_WORKER
         except BaseException:
             self.close()
             raise
@@ -139,6 +146,7 @@ class Scheduler:
             raise RuntimeError("this Scheduler is closed")
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id)
+        bundling = bundle_roots(dag, self.bundles)
         record = self._sign_record(
             RunRecord(
                 run_id,
@@ -146,6 +154,7 @@ class Scheduler:
                 retries=self.retries,
                 retry_backoff_s=self.retry_backoff,
                 max_output_bytes=self.max_output_bytes,
+                internal=bundling.internal,
             )
         )
         limit = self.timeout if timeout is None else timeout
@@ -165,7 +174,7 @@ class Scheduler:
                 for callback in active:
                     if callback[1]:
                         callback[1](progress.graph, progress.state)
-                values = self._run(store, dag, record, progress, limit)
+                values = self._run(store, dag, record, bundling.starts, progress, limit)
                 succeeded = True
             finally:
                 self.last_retries = {dag.keys[i]: n for i, n in progress.retries.items()}
@@ -203,13 +212,14 @@ class Scheduler:
         store: RunStore,
         dag: DAG,
         record: bytes,
+        starts: Sequence[Sequence[int]],
         progress: events.RunProgress,
         timeout: float | None,
     ) -> Sequence[Any]:
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         store.create(record)
         try:
-            self._invoke(store, [[root] for root in dag.roots])
+            self._invoke(store, starts)
             return self._wait(store, progress, deadline, timeout)
         except BaseException:
             store.purge(len(dag))

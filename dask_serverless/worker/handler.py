@@ -171,6 +171,7 @@ def handler(event: dict, context: Any) -> dict:
         large_outputs=environment.large_outputs,
         time_left_ms=getattr(context, "get_remaining_time_in_millis", None),
         handoff_margin_ms=environment.handoff_margin_ms,
+        done_before=event.get("done", ()),
     )
     environment.heartbeat.hold(store, event["id"], lease_ms)
     try:

@@ -62,6 +62,9 @@ class RunRecord:
     retries: int = 0
     retry_backoff_s: float = 0.1
     max_output_bytes: int = 512 * 2**20
+    # Nodes of a bundle whose dependencies all run in the same invocation: counted in the
+    # worker's memory, never in Redis (see ``dask_serverless.bundling``).
+    internal: frozenset[int] = frozenset()
 
 
 class Invoker(Protocol):
@@ -71,16 +74,28 @@ class Invoker(Protocol):
 
 
 def invocation(
-    run_id: str, tasks: Sequence[int], ttl_s: int, invocation_id: str, lease_ms: int
+    run_id: str,
+    tasks: Sequence[int],
+    ttl_s: int,
+    invocation_id: str,
+    lease_ms: int,
+    done: Sequence[int] = (),
 ) -> dict:
-    """The payload of one invocation: plain JSON, no secret, no Redis address (I-5)."""
-    return {
+    """The payload of one invocation: plain JSON, no secret, no Redis address (I-5).
+
+    ``done`` lists bundle nodes an earlier invocation already completed (and stored), when
+    a bundle is handed on half-way.
+    """
+    payload = {
         "run": run_id,
         "id": invocation_id,
         "tasks": list(tasks),
         "ttl": ttl_s,
         "lease": lease_ms,
     }
+    if done:
+        payload["done"] = list(done)
+    return payload
 
 
 class MissingOutputError(RuntimeError):
@@ -112,13 +127,41 @@ class Branch:
     large_outputs: LargeOutputStore | None = None
     time_left_ms: Callable[[], int] | None = None
     handoff_margin_ms: int = 0
+    done_before: Sequence[int] = ()
     values: dict[int, Any] = field(default_factory=dict)
+    uses: dict[int, int] = field(default_factory=dict)
+    unstored: set[int] = field(default_factory=set)
+    remaining: dict[int, int] = field(default_factory=dict)
+    completed: list[int] = field(default_factory=list)
     pending_events: list[events.Event] = field(default_factory=list)
     last_flush: float = field(default_factory=time.monotonic)
 
     @property
     def dag(self) -> DAG:
         return self.record.dag
+
+    def count_local(self, child: int) -> bool:
+        """Count one finished parent of an internal ``child``; True when it is ready."""
+        remaining = self.remaining.get(child)
+        if remaining is None:
+            parents = self.dag.dependencies[child]
+            remaining = len(parents) - len(set(parents).intersection(self.done_before))
+        remaining -= 1
+        self.remaining[child] = remaining
+        return remaining == 0
+
+    def hold(self, index: int, value: Any, consumers: int) -> None:
+        """Keep ``value`` in memory for ``consumers`` more tasks of this invocation."""
+        if consumers:
+            self.values[index] = value
+            self.uses[index] = consumers
+
+    def take_held(self, index: int) -> Any:
+        value = self.values[index]
+        self.uses[index] -= 1
+        if self.uses[index] <= 0:
+            del self.values[index], self.uses[index]
+        return value
 
     def take_events(self) -> bytes | None:
         if not self.pending_events:
@@ -172,14 +215,21 @@ class Branch:
         return self.time_left_ms is not None and self.time_left_ms() < self.handoff_margin_ms
 
 
-def output_leaves_worker(dag: DAG, index: int) -> bool:
+def output_leaves_worker(dag: DAG, index: int, internal: frozenset[int] = frozenset()) -> bool:
     """Whether node ``index``'s output may be read by another worker.
 
-    Only a node with exactly one dependent that has no other dependency is sure to be
-    consumed where it was computed.
+    Internal children of a bundle always run here, and so does the first child that has
+    ``index`` as its only dependency (``WorkerLogic.split`` continues with it). Any other
+    child — a fan-in child, a second single-dependency child — may run elsewhere.
     """
-    children = dag.dependents[index]
-    return not (len(children) == 1 and len(dag.dependencies[children[0]]) == 1)
+    external_single = 0
+    for child in dag.dependents[index]:
+        if child in internal:
+            continue
+        if len(dag.dependencies[child]) > 1:
+            return True
+        external_single += 1
+    return external_single > 1
 
 
 class WorkerLogic:
@@ -188,7 +238,7 @@ class WorkerLogic:
     def gather(self, branch: Branch, index: int) -> dict[int, Any]:
         """Inputs of ``index`` by parent index: held values first, then one MGET."""
         parents = branch.dag.dependencies[index]
-        inputs = {p: branch.values[p] for p in parents if p in branch.values}
+        inputs = {p: branch.take_held(p) for p in parents if p in branch.values}
         remote = [p for p in parents if p not in inputs]
         for parent, blob in zip(remote, branch.store.fetch_outputs(remote), strict=True):
             if blob is None:
@@ -198,8 +248,6 @@ class WorkerLogic:
             inputs[parent] = branch.signer.loads(
                 branch.input_blob(blob), f"output of {branch.dag.keys[parent]!r}"
             )
-        for parent in parents:
-            branch.values.pop(parent, None)
         return inputs
 
     def execute(self, branch: Branch, index: int, inputs: dict[int, Any]) -> Any:
@@ -214,11 +262,21 @@ class WorkerLogic:
         ``last_step``: nothing else is queued in this invocation, so unless this node
         makes a child ready here, the invocation's lease can be handed back now.
         """
-        dag = branch.dag
-        children = dag.dependents[index]
-        ready = [c for c in children if len(dag.dependencies[c]) == 1]
-        fan_in = [(c, len(dag.dependencies[c])) for c in children if len(dag.dependencies[c]) > 1]
-        leaves = output_leaves_worker(dag, index)
+        dag, internal = branch.dag, branch.record.internal
+        ready: list[int] = []
+        fan_in: list[tuple[int, int]] = []
+        for child in dag.dependents[index]:
+            count = len(dag.dependencies[child])
+            if child in internal:
+                if branch.count_local(child):
+                    ready.append(child)
+            elif count == 1:
+                ready.append(child)
+            else:
+                fan_in.append((child, count))
+        leaves = output_leaves_worker(dag, index, internal)
+        if not leaves:
+            branch.unstored.add(index)
         if not leaves and not fan_in:
             branch.flush_if_due()
             return ready
@@ -239,8 +297,15 @@ class WorkerLogic:
         return ready + won
 
     def split(self, branch: Branch, index: int, ready: list[int]) -> tuple[list[int], list[int]]:
-        """(children to continue with here, children to hand to new workers)."""
-        return ready[:1], ready[1:]
+        """(children to continue with here, children to hand to new workers).
+
+        A bundle's internal children stay; of the others, the first continues here and
+        the rest go to new workers, concurrently.
+        """
+        internal = branch.record.internal
+        here = [c for c in ready if c in internal]
+        others = [c for c in ready if c not in internal]
+        return here + others[:1], others[1:]
 
     def hand_off_due(self, branch: Branch) -> bool:
         """Whether to hand the rest of the branch to a fresh invocation now.
@@ -278,9 +343,13 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
                 fail_run(branch, index, exc)
                 return
             here, elsewhere = logic.split(branch, index, ready)
+            if elsewhere and index in branch.unstored:
+                store_held(branch, index, value)
             branch.invoke(elsewhere)
-            if here:
-                branch.values[index] = value
+            internal = branch.record.internal
+            waiting_here = sum(1 for c in dag.dependents[index] if c in internal)
+            branch.hold(index, value, waiting_here + sum(1 for c in here if c not in internal))
+            branch.completed.append(index)
             stack.extend(here)
             if stack and logic.hand_off_due(branch):
                 hand_off(branch, stack)
@@ -316,13 +385,35 @@ def hand_off(branch: Branch, stack: Sequence[int]) -> None:
     The tasks on ``stack`` are already claimed by this invocation, so handing them on is
     safe: the new invocations read their inputs from Redis like any other worker.
     """
-    unstored = [i for i in branch.values if not output_leaves_worker(branch.dag, i)]
-    for index in unstored:
-        blob = branch.output_blob(index, branch.values[index])
-        if branch.store.complete(index, blob, (), None) is None:
-            raise RunGone()
+    for index in [i for i in branch.values if i in branch.unstored]:
+        store_held(branch, index, branch.values[index])
     branch.values.clear()
-    branch.invoke(stack)
+    branch.uses.clear()
+    if branch.record.internal:
+        # One invocation carries the rest of the bundle and what is already done of it,
+        # so that its internal nodes still count their parents right.
+        done = [*branch.done_before, *branch.completed]
+        branch.invoker.invoke(
+            [
+                invocation(
+                    branch.record.run_id,
+                    stack,
+                    branch.store.ttl_s,
+                    branch.new_invocation_id(),
+                    branch.lease_ms,
+                    done,
+                )
+            ]
+        )
+    else:
+        branch.invoke(stack)
+
+
+def store_held(branch: Branch, index: int, value: Any) -> None:
+    """Store an output that was meant to stay in this worker but now must leave it."""
+    if branch.store.complete(index, branch.output_blob(index, value), (), None) is None:
+        raise RunGone()
+    branch.unstored.discard(index)
 
 
 def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
