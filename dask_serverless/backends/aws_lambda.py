@@ -178,7 +178,7 @@ def lambda_client(settings: LambdaSettings, session: Any = None, read_timeout: i
     session = session or boto3.session.Session()
     tuned = Config(
         max_pool_connections=settings.max_pool_connections,
-        retries={"mode": settings.retry_mode, "max_attempts": settings.max_attempts},
+        retries={"mode": settings.retry_mode, "total_max_attempts": settings.max_attempts},
         connect_timeout=10,
         read_timeout=read_timeout,
     )

@@ -111,6 +111,7 @@ class LambdaEndpoint:
         self.throttled = 0
         self._lock = threading.Lock()
         self._requests = 0
+        self._throttle_base = 0
         self._throttle_first = 0
         self._throttle_every = 0
         self.set_throttling(throttle_first, throttle_every)
@@ -139,9 +140,11 @@ class LambdaEndpoint:
         self._server.serve_forever()
 
     def set_throttling(self, first: int = 0, every: int = 0) -> None:
-        """Answer 429 to the next ``first`` requests, and to every ``every``-th request."""
+        """From now on, answer 429 to the first ``first`` requests and to every
+        ``every``-th one; ``set_throttling()`` stops throttling."""
         with self._lock:
-            self._throttle_first = self._requests + int(first)
+            self._throttle_base = self._requests
+            self._throttle_first = int(first)
             self._throttle_every = int(every)
 
     def total_invocations(self) -> int:
@@ -152,7 +155,7 @@ class LambdaEndpoint:
     def should_throttle(self) -> bool:
         with self._lock:
             self._requests += 1
-            n = self._requests
+            n = self._requests - self._throttle_base
             throttle = n <= self._throttle_first or (
                 self._throttle_every > 0 and n % self._throttle_every == 0
             )

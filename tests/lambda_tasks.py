@@ -1,0 +1,20 @@
+"""Task functions for the AWS Lambda tests; importable, so workers unpickle them by name."""
+
+from __future__ import annotations
+
+
+def add(x, y):
+    return x + y
+
+
+def inc(x):
+    return x + 1
+
+
+def payload(size, seed):
+    """``size`` bytes: an output over the large-output threshold."""
+    return bytes([seed % 256]) * size
+
+
+def total_length(parts):
+    return sum(len(part) for part in parts)

