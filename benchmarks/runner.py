@@ -155,7 +155,9 @@ def warm_up(
     reference: tuple[str, Any] | None = None
     for sched in running:
         try:
-            value = dask.compute(*workload.build(quick), scheduler=sched.scheduler)
+            value = dask.compute(
+                *workload.build(quick), scheduler=sched.for_workload(workload.io_bound)
+            )
         except Exception as error:
             failures.append(f"{workload.name} on {sched.name}: {describe(error)}")
             continue
@@ -180,7 +182,9 @@ def benchmark_workload(
             if sched.name in broken:
                 continue
             try:
-                runs[sched.name].append(time_compute(workload, quick, sched.scheduler))
+                runs[sched.name].append(
+                    time_compute(workload, quick, sched.for_workload(workload.io_bound))
+                )
             except Exception as error:
                 broken.add(sched.name)
                 failures.append(f"{workload.name} on {sched.name}: {describe(error)}")

@@ -37,13 +37,16 @@ class Workload:
     """A named benchmark graph.
 
     ``per_task`` marks graphs whose tasks do (almost) nothing, so median / tasks is a
-    meaningful scheduler overhead per task. ``quick_note`` says how ``--quick`` scales the
-    graph down (empty when it does not).
+    meaningful scheduler overhead per task. ``io_bound`` marks graphs whose tasks mostly
+    wait: dask-serverless runs them with more concurrent instances than cores, the setting
+    a user chooses for such graphs. ``quick_note`` says how ``--quick`` scales the graph
+    down (empty when it does not).
     """
 
     name: str
     build: Callable[[bool], Collections]
     per_task: bool = False
+    io_bound: bool = False
     quick_note: str = ""
 
 
@@ -378,13 +381,13 @@ def image_pipeline(quick: bool) -> Collections:
 WORKLOADS: tuple[Workload, ...] = (
     Workload("noop-tree", noop_tree, per_task=True, quick_note="1 000 leaves instead of 5 000"),
     Workload("chain", chain, per_task=True, quick_note="250 tasks instead of 1 000"),
-    Workload("sleep-tree", sleep_tree, quick_note="128 leaves instead of 1 024"),
+    Workload("sleep-tree", sleep_tree, io_bound=True, quick_note="128 leaves instead of 1 024"),
     Workload("gemm", gemm, quick_note="2 000² instead of 4 000²"),
     Workload("tsqr", tsqr, quick_note="50 000 × 100 instead of 200 000 × 100"),
     Workload("svd", svd, quick_note="50 000 × 100 instead of 200 000 × 100"),
     Workload("wordcount", wordcount, quick_note="200 lines per partition instead of 500"),
     Workload("groupby", groupby, quick_note="20 000 rows per partition instead of 200 000"),
-    Workload("fixed-times", fixed_times, quick_note="0.05 s tasks instead of 0.5 s"),
+    Workload("fixed-times", fixed_times, io_bound=True, quick_note="0.05 s tasks instead of 0.5 s"),
     Workload("fanout-fanin", fanout_fanin),
     Workload("text-analysis", text_analysis),
     Workload("image-pipeline", image_pipeline, quick_note="1 024² image instead of 2 048²"),
