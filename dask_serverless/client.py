@@ -34,6 +34,8 @@ from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
 from dask_serverless.bundling import bundle_roots
 from dask_serverless.graph import DAG, translate
+from dask_serverless.planning import Plan, Planner, Planning
+from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.redis import RunStore, Scripts, connect, new_run_id
 from dask_serverless.storage.serialize import Signer, new_secret
@@ -83,6 +85,11 @@ class Scheduler:
         lambda_function: str | None = None,
         lambda_endpoint_url: str | None = None,
         lambda_region: str | None = None,
+        planner: str | Planner | None = None,
+        sla: str | None = None,
+        deadline: float | str | None = None,
+        memory_configs: Sequence[int] | None = None,
+        history: bool | None = None,
     ) -> None:
         self._closed = False
         self._embedded: EmbeddedRedis | None = None
@@ -100,6 +107,7 @@ class Scheduler:
             self.retry_backoff = float(config.setting("retry-backoff", retry_backoff))
             self.lease_ms = int(float(config.setting("lease-timeout", lease_timeout)) * 1000)
             self.max_output_bytes = int(config.setting("max-output-bytes", max_output_bytes))
+            self.cluster_output_bytes = int(config.setting("cluster-output-bytes"))
             self.recovered_invocations = 0
             self.last_retries: dict[Any, int] = {}
             shared = secret.encode() if isinstance(secret, str) else secret
@@ -118,6 +126,19 @@ class Scheduler:
             )
             workers = getattr(self._backend, "concurrency", None) or _UNKNOWN_CONCURRENCY
             self.bundles = int(workers) * _BUNDLES_PER_WORKER
+            # Planning (dask_serverless.planning): per-task memory from history, the SLA.
+            self._planning = Planning(
+                self._redis,
+                planner=config.setting("planning.planner", planner),
+                sla=config.setting("planning.sla", sla),
+                deadline=config.setting("planning.deadline", deadline),
+                memory_configs=config.setting("planning.memory-configs", memory_configs),
+                history=bool(config.setting("planning.history", history)),
+                history_samples=int(config.setting("planning.history-samples")),
+                history_ttl_s=int(config.setting("planning.history-ttl")),
+            )
+            self.last_run: RunReport | None = None
+            self._run_memory: dict[str, tuple[int | None, ...]] = {}
         except BaseException:
             self.close()
             raise
@@ -147,6 +168,7 @@ class Scheduler:
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id)
         bundling = bundle_roots(dag, self.bundles)
+        plan = self._planning.plan(dag)
         record = self._sign_record(
             RunRecord(
                 run_id,
@@ -155,8 +177,11 @@ class Scheduler:
                 retry_backoff_s=self.retry_backoff,
                 max_output_bytes=self.max_output_bytes,
                 internal=bundling.internal,
+                cluster_output_bytes=self.cluster_output_bytes,
+                memory=plan.worker_memory(),
             )
         )
+        self._run_memory[run_id] = plan.worker_memory()
         limit = self.timeout if timeout is None else timeout
         store = RunStore(self._redis, run_id, self.run_ttl, self._scripts)
         with local_callbacks(callbacks) as active:
@@ -174,15 +199,31 @@ class Scheduler:
                 for callback in active:
                     if callback[1]:
                         callback[1](progress.graph, progress.state)
+                run_started = time.time()
                 values = self._run(store, dag, record, bundling.starts, progress, limit)
+                makespan = time.time() - run_started
                 succeeded = True
             finally:
+                self._run_memory.pop(run_id, None)
                 self.last_retries = {dag.keys[i]: n for i, n in progress.retries.items()}
                 for callback in started:
                     if callback[4]:
                         callback[4](progress.graph, progress.state, not succeeded)
+        self.last_run = self._planning.finish(
+            run_id,
+            dag,
+            plan,
+            progress,
+            run_started,
+            makespan,
+            throttled=getattr(self.backend, "throttled", None),
+        )
         results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
         return nested_get(keys, results)
+
+    def plan(self, dsk: Any, keys: Any) -> Plan:
+        """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
+        return self._planning.plan(translate(dsk, keys))
 
     def _sign_record(self, record: RunRecord) -> bytes:
         """The signed run record; a task that cannot be pickled is named in the error."""
@@ -200,9 +241,17 @@ class Scheduler:
             raise TypeError(f"the run cannot be pickled for the workers: {error}") from error
 
     def _invoke(self, store: RunStore, starts: Sequence[Sequence[int]]) -> None:
+        memory = self._run_memory.get(store.run_id)
         self.backend.invoke(
             [
-                invocation(store.run_id, tasks, store.ttl_s, secrets.token_hex(8), self.lease_ms)
+                invocation(
+                    store.run_id,
+                    tasks,
+                    store.ttl_s,
+                    secrets.token_hex(8),
+                    self.lease_ms,
+                    memory_mb=_planned_memory(memory, tasks),
+                )
                 for tasks in starts
             ]
         )
@@ -233,6 +282,7 @@ class Scheduler:
         timeout: float | None,
     ) -> Sequence[Any]:
         cursor = b"0-0"
+        started = time.monotonic()
         next_watch = time.monotonic() + self.lease_ms / 2000
         sealed = False
         while True:
@@ -250,8 +300,9 @@ class Scheduler:
                 progress.apply(events.decode(batch))
             if batches and not progress.callbacks:
                 # Nobody watches progress: let events pile up a little rather than wake
-                # for each one and take CPU from the workers on a small machine.
-                time.sleep(_BATCH_PAUSE_S)
+                # for each one and take CPU from the workers on a small machine — but
+                # never long next to the run's age, so short runs stay short.
+                time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:
                 raise self._remote_error(store)
             if progress.finished:
@@ -326,6 +377,12 @@ class Scheduler:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _planned_memory(memory: Sequence[int | None] | None, tasks: Sequence[int]) -> int | None:
+    """The configuration an invocation starting with ``tasks`` needs (the largest)."""
+    sizes = [memory[t] or 0 for t in tasks] if memory is not None else []
+    return max(sizes, default=0) or None
 
 
 class _DefaultScheduler:

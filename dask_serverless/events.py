@@ -4,7 +4,11 @@ Workers batch events (a chain of tiny tasks must not pay a Redis round trip per 
 progress reporting) and append each batch as one stream entry. An event is a short JSON
 array:
 
-* ``["done", index, worker_id, start_unix_s, duration_s]`` — a task finished;
+* ``["done", index, worker_id, start_unix_s, duration_s, *metrics]`` — a task finished;
+  ``metrics`` (for the planner's history, see ``planning.history``) are memory MB, cold
+  start 0/1, input bytes, output bytes, download s, execution s, downloaded bytes;
+* ``["up", index, upload_s]`` — a task's output was stored (sent in a later batch);
+* ``["inv", worker_id, memory_mb, cold, startup_s]`` — an invocation started;
 * ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
 * ``["error", index]`` — a task failed; the signed exception is in the run's error key;
 * ``["finished"]`` — the sink ran: the result is stored and intermediates are deleted.
@@ -29,6 +33,8 @@ DONE = "done"
 RETRY = "retry"
 ERROR = "error"
 FINISHED = "finished"
+UPLOAD = "up"
+INVOCATION = "inv"
 
 Event = list
 
@@ -41,8 +47,10 @@ def decode(batch: bytes) -> list[Event]:
     return json.loads(batch)
 
 
-def done(index: int, worker_id: str, start: float, duration: float) -> Event:
-    return [DONE, index, worker_id, round(start, 6), round(duration, 6)]
+def done(
+    index: int, worker_id: str, start: float, duration: float, metrics: Sequence[Any] = ()
+) -> Event:
+    return [DONE, index, worker_id, round(start, 6), round(duration, 6), *metrics]
 
 
 def retry(index: int, attempt: int, error_repr: str) -> Event:
@@ -55,6 +63,16 @@ def error(index: int) -> Event:
 
 def finished() -> Event:
     return [FINISHED]
+
+
+def upload(index: int, seconds: float) -> Event:
+    return [UPLOAD, index, round(seconds, 6)]
+
+
+def invocation_started(
+    worker_id: str, memory_mb: int | None, cold: bool, startup_s: float
+) -> Event:
+    return [INVOCATION, worker_id, memory_mb or 0, int(cold), round(startup_s, 6)]
 
 
 Callbacks = Sequence[tuple[Callable | None, ...]]
@@ -96,6 +114,8 @@ class RunProgress:
     failed_index: int | None = None
     task_events: list[Event] = field(default_factory=list)
     retries: dict[int, int] = field(default_factory=dict)
+    uploads: dict[int, float] = field(default_factory=dict)
+    invocations: list[Event] = field(default_factory=list)
 
     def apply(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -109,6 +129,10 @@ class RunProgress:
                 self.failed_index = int(event[1])
             elif kind == FINISHED:
                 self.finished = True
+            elif kind == UPLOAD:
+                self.uploads[int(event[1])] = float(event[2])
+            elif kind == INVOCATION:
+                self.invocations.append(event)
 
     def _task_done(self, event: Event) -> None:
         index = int(event[1])

@@ -71,3 +71,11 @@ def log_and_sleep(x, log_path, seconds):
         log.write(f"{x}\n")
     time.sleep(seconds)
     return x
+
+
+def pid_with(value, seconds=0.0):
+    """This worker's process id, after waiting (so parallel instances get used)."""
+    import os
+
+    time.sleep(seconds)
+    return os.getpid()

@@ -11,7 +11,7 @@ import pytest
 from dask_serverless import Scheduler
 from dask_serverless.backends.local import LocalBackend
 from dask_serverless.storage.serialize import new_secret
-from tests.tasks import sleep_then
+from tests.tasks import big_bytes, pid_with, sleep_then
 
 
 def pid_after(seconds: float) -> int:
@@ -55,3 +55,27 @@ def test_closed_backend_refuses_invocations(redis_url):
     backend.close()
     with pytest.raises(RuntimeError, match="closed"):
         backend.invoke([{}])
+
+
+def test_consumers_of_a_large_output_run_where_it_is(redis_url):
+    """Task clustering: a big output is not shipped to many workers, its readers come to it."""
+    with (
+        dask.config.set({"serverless.cluster-output-bytes": 10_000}),
+        Scheduler(redis=redis_url, concurrency=4, timeout=60) as sched,
+    ):
+        big = dask.delayed(big_bytes)(100_000)
+        assert (
+            len(
+                set(
+                    dask.compute([dask.delayed(pid_with)(big) for _ in range(6)], scheduler=sched)[
+                        0
+                    ]
+                )
+            )
+            == 1
+        )
+        small = dask.delayed(big_bytes)(10)
+        pids = dask.compute(
+            [dask.delayed(pid_with)(small, 0.3) for _ in range(6)], scheduler=sched
+        )[0]
+        assert len(set(pids)) > 1

@@ -20,6 +20,15 @@ memory) takes nothing down with it; the dispatcher sees its pipe close and forge
 Recovering the invocation it was running is the worker protocol's business (leases), as on
 a real platform.
 
+Instances are per *configuration* (memory MB), as Lambda functions are per memory size:
+an invocation's payload may ask for ``"memory"``, and runs only in an instance of that
+configuration (the default configuration otherwise). Where Linux cgroups are writable each
+instance is held to its configuration — ``m / 1769`` CPUs and ``m`` MB, see
+``backends.resources`` — and an instance the kernel kills for exceeding its memory is
+reported as an out-of-memory failure of the task it was running. Elsewhere instances run
+unthrottled (``throttled`` is False) after one warning. At the concurrency limit an idle
+instance of another configuration makes room for one that is needed.
+
 New instances are forked from a ``multiprocessing`` fork server that has already imported
 the worker (and the scientific stack the client has loaded), so even a cold start imports
 nothing heavy and a warm one imports nothing at all. As with dask's ``processes``
@@ -37,12 +46,22 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from dask_serverless import events
+from dask_serverless.backends.resources import (
+    Cgroups,
+    InstanceGroup,
+    TaskOutOfMemoryError,
+    TaskSlot,
+)
+from dask_serverless.storage.redis import RunStore
+from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker import handler
 
 # Modules worth importing once in the fork server when the client already uses them.
@@ -68,6 +87,9 @@ class InstanceSettings:
     # Builds the instance's environment instead of the default one (a picklable callable;
     # the local Lambda endpoint's instances fan out through its HTTP API with it).
     worker_environment: Callable[[], handler.WorkerEnvironment] | None = None
+    # The instance's cgroup (its configuration's limits) and where it notes its task.
+    cgroup: InstanceGroup | None = None
+    task_slot: TaskSlot | None = None
 
 
 @dataclass
@@ -97,17 +119,20 @@ class PipeInvoker:
 
 def instance_main(settings: InstanceSettings, connection: Connection) -> None:
     """The life of one instance: serve invocations until told to stop."""
+    if settings.cgroup is not None:
+        settings.cgroup.enter()
     if settings.worker_environment is not None:
-        handler.install(settings.worker_environment())
+        environment = settings.worker_environment()
     else:
-        handler.install(
-            handler.WorkerEnvironment(
-                settings.redis_url,
-                settings.secret,
-                PipeInvoker(connection),
-                worker_id=f"local:{os.getpid()}",
-            )
+        environment = handler.WorkerEnvironment(
+            settings.redis_url,
+            settings.secret,
+            PipeInvoker(connection),
+            worker_id=f"local:{os.getpid()}",
         )
+    if settings.task_slot is not None:
+        environment.on_task = settings.task_slot.note
+    handler.install(environment)
     cold = True
     while True:
         connection.send((_READY,))
@@ -141,6 +166,11 @@ class Instance:
     booted: bool = False
     payload: dict | None = None
     idle_since: float = field(default_factory=time.monotonic)
+    memory_mb: int = 0
+    group: InstanceGroup | None = None
+    slot: TaskSlot | None = None
+    started_at: float = field(default_factory=time.time)
+    served: bool = False
 
     @property
     def idle(self) -> bool:
@@ -162,6 +192,7 @@ class LocalBackend:
         memory_mb: int = 1769,
         deliveries: int = 1,
         worker_environment: Callable[[], handler.WorkerEnvironment] | None = None,
+        enforce_resources: bool = True,
     ) -> None:
         self.concurrency = int(concurrency or os.cpu_count() or 1)
         if self.concurrency < 1:
@@ -177,7 +208,11 @@ class LocalBackend:
         self._mp.set_forkserver_preload(preload)
         self.cold_starts = 0
         self.lost_instances = 0
-        self._queue: deque[dict] = deque()
+        self.out_of_memory = 0
+        self._queue = InvocationQueue(int(memory_mb))
+        self._cgroups, self.throttled = self._resources(enforce_resources)
+        self._retired: list[Instance] = []
+        self._reporter: tuple[Any, Signer] | None = None
         self._instances: dict[Connection, Instance] = {}
         self._lock = threading.Lock()
         self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
@@ -248,7 +283,13 @@ class LocalBackend:
         Like Lambda's retry of a failed asynchronous invocation: the same payload is
         delivered again. If the dead worker had already started it, the redelivery is a
         duplicate the worker protocol drops, and the invocation's lease recovers its work.
+        An instance killed for exceeding its memory fails the task it was running instead.
         """
+        with self._lock:
+            dying = self._instances.get(connection)
+        if dying is not None and dying.payload is not None and dying.group is not None:
+            dying.process.join(timeout=1)
+            self._report_out_of_memory(dying)
         with self._lock:
             instance = self._instances.pop(connection, None)
             if instance is not None and instance.payload is not None:
@@ -257,34 +298,62 @@ class LocalBackend:
         connection.close()
         if instance is not None:
             instance.process.join(timeout=1)
+            self._release(instance)
 
     def _assign(self) -> None:
-        """Hand queued invocations to idle instances; start instances for the rest."""
-        idle = [i for i in self._instances.values() if i.idle]
-        while self._queue and idle:
-            instance = idle.pop()
-            instance.payload = self._queue.popleft()
+        """Hand queued invocations to idle instances of their configuration; start
+        instances for the rest, replacing idle ones of other configurations at the limit."""
+        for instance in [i for i in self._instances.values() if i.idle]:
+            payload = self._queue.popleft(instance.memory_mb)
+            if payload is None:
+                continue
+            # Start-up as Lambda reports it: from the instance's start (cold) or from the
+            # hand-over (warm), not the time spent queued behind the concurrency limit.
+            at = time.time() if instance.served else instance.started_at
+            payload = {**payload, "at": round(at, 6)}
+            instance.served = True
+            instance.payload = payload
             try:
-                instance.connection.send(instance.payload)
+                instance.connection.send(payload)
             except (BrokenPipeError, OSError):
-                self._queue.appendleft(instance.payload)
+                self._queue.appendleft(payload)
                 instance.payload = None
-        booting = sum(1 for i in self._instances.values() if not i.booted)
-        room = self.concurrency - len(self._instances)
-        for _ in range(min(len(self._queue) - booting, room)):
-            self._start_instance()
+        booting: dict[int, int] = {}
+        for instance in self._instances.values():
+            if not instance.booted:
+                booting[instance.memory_mb] = booting.get(instance.memory_mb, 0) + 1
+        for memory_mb, waiting in self._queue.counts().items():
+            for _ in range(waiting - booting.get(memory_mb, 0)):
+                if len(self._instances) >= self.concurrency and not self._evict_idle():
+                    return
+                self._start_instance(memory_mb)
 
-    def _start_instance(self) -> None:
+    def _evict_idle(self) -> bool:
+        """Stop one idle instance (its configuration has nothing queued) to make room."""
+        for connection, instance in self._instances.items():
+            if instance.idle:
+                del self._instances[connection]
+                self._stop(instance)
+                self._retired.append(instance)
+                return True
+        return False
+
+    def _start_instance(self, memory_mb: int) -> None:
+        group = self._cgroups.create(memory_mb) if self._cgroups is not None else None
+        slot = TaskSlot(self._mp) if group is not None else None
+        settings = replace(self._settings, memory_mb=memory_mb, cgroup=group, task_slot=slot)
         parent_end, child_end = self._mp.Pipe(duplex=True)
         process = self._mp.Process(
             target=instance_main,
-            args=(self._settings, child_end),
+            args=(settings, child_end),
             name="dask-serverless-instance",
             daemon=True,
         )
         process.start()
         child_end.close()
-        self._instances[parent_end] = Instance(process, parent_end)
+        self._instances[parent_end] = Instance(
+            process, parent_end, memory_mb=memory_mb, group=group, slot=slot
+        )
         self.cold_starts += 1
 
     def _reap(self) -> None:
@@ -293,6 +362,54 @@ class LocalBackend:
             if instance.idle and now - instance.idle_since > self.keep_alive_s:
                 del self._instances[connection]
                 self._stop(instance)
+                self._retired.append(instance)
+        for instance in [i for i in self._retired if not i.process.is_alive()]:
+            self._retired.remove(instance)
+            self._release(instance)
+
+    # -- configurations: cgroups, out-of-memory reports ---------------------------------
+
+    @staticmethod
+    def _resources(enforce: bool) -> tuple[Cgroups | None, bool]:
+        if not enforce:
+            return None, False
+        cgroups, reason = Cgroups.detect()
+        if cgroups is None:
+            warnings.warn(
+                f"dask-serverless local backend runs unthrottled: {reason}; memory "
+                "configurations get neither their CPU share nor their memory limit",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return cgroups, cgroups is not None
+
+    def _release(self, instance: Instance) -> None:
+        """Remove a finished instance's cgroup."""
+        if instance.group is not None and self._cgroups is not None:
+            instance.process.join(timeout=1)
+            self._cgroups.remove(instance.group)
+
+    def _report_out_of_memory(self, instance: Instance) -> None:
+        """If the kernel killed ``instance`` for its memory, fail the task it ran."""
+        assert instance.group is not None and instance.payload is not None
+        if instance.group.oom_kills() == 0 or instance.slot is None:
+            return
+        running = instance.slot.read()
+        if running is None or running[0] != instance.payload.get("run"):
+            return
+        run_id, ttl, index, key = running
+        self.out_of_memory += 1
+        if self._reporter is None:
+            import redis
+
+            client = redis.Redis.from_url(self._settings.redis_url)
+            self._reporter = (client, Signer(self._settings.secret))
+        client, signer = self._reporter
+        error = TaskOutOfMemoryError(key, instance.memory_mb)
+        with contextlib.suppress(Exception):
+            RunStore(client, run_id, ttl).fail(
+                signer.dumps_exception(error), events.encode([events.error(index)])
+            )
 
     @staticmethod
     def _stop(instance: Instance) -> None:
@@ -318,5 +435,45 @@ class LocalBackend:
             if instance.process.is_alive():
                 instance.process.kill()
                 instance.process.join()
+        for instance in [*instances, *self._retired]:
+            self._release(instance)
+        if self._cgroups is not None:
+            self._cgroups.close()
+        if self._reporter is not None:
+            self._reporter[0].close()
         self._wake_reader.close()
         self._wake_writer.close()
+
+
+class InvocationQueue:
+    """Queued invocation payloads: one FIFO per configuration (memory MB)."""
+
+    def __init__(self, default_memory_mb: int) -> None:
+        self.default_memory_mb = default_memory_mb
+        self._fifos: dict[int, deque[dict]] = {}
+
+    def memory_of(self, payload: dict) -> int:
+        return int(payload.get("memory") or self.default_memory_mb)
+
+    def _fifo(self, payload: dict) -> deque[dict]:
+        return self._fifos.setdefault(self.memory_of(payload), deque())
+
+    def extend(self, payloads: Sequence[dict]) -> None:
+        for payload in payloads:
+            self._fifo(payload).append(payload)
+
+    def appendleft(self, payload: dict) -> None:
+        self._fifo(payload).appendleft(payload)
+
+    def popleft(self, memory_mb: int) -> dict | None:
+        fifo = self._fifos.get(memory_mb)
+        return fifo.popleft() if fifo else None
+
+    def counts(self) -> dict[int, int]:
+        return {memory: len(fifo) for memory, fifo in self._fifos.items() if fifo}
+
+    def clear(self) -> None:
+        self._fifos.clear()
+
+    def __len__(self) -> int:
+        return sum(len(fifo) for fifo in self._fifos.values())

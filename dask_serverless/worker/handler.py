@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -26,9 +27,12 @@ from dask_serverless import events
 from dask_serverless.storage.redis import RunStore, Scripts
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
+from dask_serverless.worker.cache import OutputCache
 from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
 
 RECORD_CACHE_SIZE = 8
+# Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
+CACHE_BYTES = 256 * 2**20
 
 
 class Heartbeat:
@@ -91,6 +95,7 @@ class WorkerEnvironment:
         logic: WorkerLogic | None = None,
         large_outputs: LargeOutputStore | None = None,
         handoff_margin_ms: int = 0,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
         self.scripts = Scripts(self.redis)
@@ -103,6 +108,9 @@ class WorkerEnvironment:
         self.invocations = 0
         self.large_outputs = large_outputs
         self.handoff_margin_ms = int(handoff_margin_ms)
+        # Called before every task (the local backend notes the running task for OOM reports).
+        self.on_task: Callable[[Branch, int], None] | None = None
+        self.cache = OutputCache(cache_bytes)
 
     def cached_record(self, run_id: str) -> RunRecord | None:
         record = self.records.get(run_id)
@@ -134,6 +142,12 @@ def _bootstrap() -> WorkerEnvironment:
     return environment
 
 
+def _memory_of(context: Any) -> int | None:
+    """The invocation's configuration (MB), as Lambda's context (and the local one) tell."""
+    memory = getattr(context, "memory_limit_in_mb", None)
+    return int(memory) if memory else None
+
+
 def handler(event: dict, context: Any) -> dict:
     """Run one invocation: claim it, load the run record, follow the branch."""
     environment = _environment
@@ -141,6 +155,7 @@ def handler(event: dict, context: Any) -> dict:
         environment = _bootstrap()
     environment.invocations += 1
     started = time.monotonic()
+    startup_s = max(0.0, time.time() - float(event.get("at", time.time())))
     run_id = event["run"]
     store = RunStore(environment.redis, run_id, event["ttl"], environment.scripts)
     record = environment.cached_record(run_id)
@@ -172,6 +187,13 @@ def handler(event: dict, context: Any) -> dict:
         time_left_ms=getattr(context, "get_remaining_time_in_millis", None),
         handoff_margin_ms=environment.handoff_margin_ms,
         done_before=event.get("done", ()),
+        memory_mb=_memory_of(context),
+        cold=environment.invocations == 1,
+        on_task=environment.on_task,
+        cache=environment.cache,
+    )
+    branch.pending_events.append(
+        events.invocation_started(branch.worker_id, branch.memory_mb, branch.cold, startup_s)
     )
     environment.heartbeat.hold(store, event["id"], lease_ms)
     try:

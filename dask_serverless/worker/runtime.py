@@ -43,12 +43,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
+from dask.sizeof import sizeof
 
 from dask_serverless import events
 from dask_serverless.graph import DAG
 from dask_serverless.storage.redis import RunStore
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
+from dask_serverless.worker.cache import OutputCache
+from dask_serverless.worker.metrics import TaskMeter
 
 EVENT_FLUSH_S = 0.1
 
@@ -65,6 +68,15 @@ class RunRecord:
     # Nodes of a bundle whose dependencies all run in the same invocation: counted in the
     # worker's memory, never in Redis (see ``dask_serverless.bundling``).
     internal: frozenset[int] = frozenset()
+    # Outputs at least this large are not fanned out: their single-dependency children
+    # run in the worker that holds them (WUKONG's task clustering).
+    cluster_output_bytes: int = 2**20
+    # The configuration (memory MB) the plan gives each node, None for "any" (the sink);
+    # no plan: every node runs wherever it is ready (see ``dask_serverless.planning``).
+    memory: tuple[int | None, ...] | None = None
+
+    def memory_of(self, index: int) -> int | None:
+        return None if self.memory is None else self.memory[index]
 
 
 class Invoker(Protocol):
@@ -80,6 +92,7 @@ def invocation(
     invocation_id: str,
     lease_ms: int,
     done: Sequence[int] = (),
+    memory_mb: int | None = None,
 ) -> dict:
     """The payload of one invocation: plain JSON, no secret, no Redis address (I-5).
 
@@ -95,6 +108,10 @@ def invocation(
     }
     if done:
         payload["done"] = list(done)
+    # The planned configuration to run in, and when it was sent (start-up metrics).
+    if memory_mb:
+        payload["memory"] = int(memory_mb)
+    payload["at"] = round(time.time(), 6)
     return payload
 
 
@@ -128,7 +145,14 @@ class Branch:
     time_left_ms: Callable[[], int] | None = None
     handoff_margin_ms: int = 0
     done_before: Sequence[int] = ()
+    # This invocation's configuration and start, and a hook called before every task
+    # (the local backend notes the running task there, to report an out-of-memory kill).
+    memory_mb: int | None = None
+    cold: bool = False
+    on_task: Callable[[Branch, int], None] | None = None
+    cache: OutputCache | None = None
     values: dict[int, Any] = field(default_factory=dict)
+    clustered: set[int] = field(default_factory=set)
     uses: dict[int, int] = field(default_factory=dict)
     unstored: set[int] = field(default_factory=set)
     remaining: dict[int, int] = field(default_factory=dict)
@@ -190,10 +214,26 @@ class Branch:
                 self.store.ttl_s,
                 self.new_invocation_id(),
                 self.lease_ms,
+                memory_mb=self.record.memory_of(child),
             )
             for child in children
         ]
         self.invoker.invoke(payloads)
+
+    def cached(self, index: int) -> tuple[bool, Any]:
+        """An output this instance already holds from an earlier task of the run."""
+        if self.cache is None:
+            return False, None
+        return self.cache.get(self.record.run_id, index)
+
+    def remember(self, index: int, value: Any) -> None:
+        if self.cache is not None:
+            self.cache.put(self.record.run_id, index, value)
+
+    def fits(self, index: int) -> bool:
+        """Whether node ``index`` may run in this invocation's configuration."""
+        wanted = self.record.memory_of(index)
+        return wanted is None or self.memory_mb is None or wanted == self.memory_mb
 
     # -- platform limits: large outputs, the invocation's time limit -------------------
 
@@ -215,12 +255,14 @@ class Branch:
         return self.time_left_ms is not None and self.time_left_ms() < self.handoff_margin_ms
 
 
-def output_leaves_worker(dag: DAG, index: int, internal: frozenset[int] = frozenset()) -> bool:
+def output_leaves_worker(
+    dag: DAG, index: int, internal: frozenset[int] = frozenset(), clustered: bool = False
+) -> bool:
     """Whether node ``index``'s output may be read by another worker.
 
     Internal children of a bundle always run here, and so does the first child that has
-    ``index`` as its only dependency (``WorkerLogic.split`` continues with it). Any other
-    child — a fan-in child, a second single-dependency child — may run elsewhere.
+    ``index`` as its only dependency (``WorkerLogic.split`` continues with it) — or all of
+    them when the output is ``clustered``. A fan-in child may run elsewhere.
     """
     external_single = 0
     for child in dag.dependents[index]:
@@ -229,7 +271,7 @@ def output_leaves_worker(dag: DAG, index: int, internal: frozenset[int] = frozen
         if len(dag.dependencies[child]) > 1:
             return True
         external_single += 1
-    return external_single > 1
+    return external_single > 1 and not clustered
 
 
 class WorkerLogic:
@@ -239,7 +281,15 @@ class WorkerLogic:
         """Inputs of ``index`` by parent index: held values first, then one MGET."""
         parents = branch.dag.dependencies[index]
         inputs = {p: branch.take_held(p) for p in parents if p in branch.values}
-        remote = [p for p in parents if p not in inputs]
+        remote = []
+        for parent in parents:
+            if parent in inputs:
+                continue
+            found, value = branch.cached(parent)
+            if found:
+                inputs[parent] = value
+            else:
+                remote.append(parent)
         for parent, blob in zip(remote, branch.store.fetch_outputs(remote), strict=True):
             if blob is None:
                 raise MissingOutputError(
@@ -248,6 +298,7 @@ class WorkerLogic:
             inputs[parent] = branch.signer.loads(
                 branch.input_blob(blob), f"output of {branch.dag.keys[parent]!r}"
             )
+            branch.remember(parent, inputs[parent])
         return inputs
 
     def execute(self, branch: Branch, index: int, inputs: dict[int, Any]) -> Any:
@@ -274,13 +325,19 @@ class WorkerLogic:
                 ready.append(child)
             else:
                 fan_in.append((child, count))
-        leaves = output_leaves_worker(dag, index, internal)
+        external_single = sum(1 for c in ready if c not in internal)
+        clustered = external_single > 1 and self.keep_together(branch, index, value)
+        if clustered:
+            branch.clustered.add(index)
+        leaves = output_leaves_worker(dag, index, internal, clustered)
         if not leaves:
             branch.unstored.add(index)
         if not leaves and not fan_in:
             branch.flush_if_due()
             return ready
         blob = branch.output_blob(index, value) if leaves else None
+        if blob is not None:
+            branch.remember(index, value)
         if blob is not None and len(blob) > branch.record.max_output_bytes:
             raise OutputTooLargeError(
                 f"output of {dag.keys[index]!r} is {len(blob)} bytes, over the limit of "
@@ -305,7 +362,21 @@ class WorkerLogic:
         internal = branch.record.internal
         here = [c for c in ready if c in internal]
         others = [c for c in ready if c not in internal]
-        return here + others[:1], others[1:]
+        if index in branch.clustered:
+            return here + [c for c in others if branch.fits(c)], [
+                c for c in others if not branch.fits(c)
+            ]
+        # A child planned for another configuration goes to a worker of that configuration.
+        first = [c for c in others if branch.fits(c)][:1]
+        return here + first, [c for c in others if c not in first]
+
+    def keep_together(self, branch: Branch, index: int, value: Any) -> bool:
+        """Whether to run all of ``index``'s single-dependency children here.
+
+        WUKONG's task clustering: moving a large output to many workers costs more than
+        running its consumers where it already is.
+        """
+        return sizeof(value) >= branch.record.cluster_output_bytes
 
     def hand_off_due(self, branch: Branch) -> bool:
         """Whether to hand the rest of the branch to a fresh invocation now.
@@ -326,17 +397,17 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
             if branch.cancelled():
                 raise RunGone()
             index = stack.pop()
-            started = time.time()
+            meter = TaskMeter(branch, index)
             try:
                 inputs = logic.gather(branch, index)
+                meter.gathered()
                 if index == dag.sink:
                     finish_run(branch, inputs)
                     return
                 value = execute_with_retries(branch, logic, index, inputs)
-                branch.pending_events.append(
-                    events.done(index, branch.worker_id, started, time.time() - started)
-                )
+                branch.pending_events.append(meter.done(inputs, value))
                 ready = logic.publish(branch, index, value, last_step=not stack)
+                meter.published(index not in branch.unstored)
             except (RunGone, redis.RedisError):
                 raise
             except Exception as exc:

@@ -1,0 +1,220 @@
+"""Planning: from history to a plan before a run, from measurements to history after it.
+
+A Scheduler owns one ``Planning``. Before a run, ``plan(dag)`` loads the bounded history
+of the DAG's functions (one Redis round trip; see ``storage.history``), builds a
+``Predictor`` under the Scheduler's SLA, predicts every node at every configuration and
+asks the planner for a ``Plan``. Tasks annotated with ``dask.annotate(memory=MB)`` keep
+that configuration (rounded up to a configured size).
+
+Where annotations survive: ``dask.delayed`` graphs keep them. Array graphs keep them only
+without blockwise fusion — ``dask.config.set({"optimization.fuse.active": False})`` or
+``compute(..., optimize_graph=False)``; bag graphs only with ``optimize_graph=False``
+(their optimisation rebuilds the graph without layers); dask-expr dataframes ignore
+annotations altogether.
+
+After a successful run, ``finish`` turns the workers' metrics into history samples, appends
+them, and returns the ``RunReport`` that puts the plan next to what was measured.
+
+Nothing is shared between Schedulers: each has its own Planning, and every plan its own
+history snapshot and predictor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from dask_serverless.graph import DAG
+from dask_serverless.planning.critical_path import NodeCosts, Timeline
+from dask_serverless.planning.history import (
+    History,
+    InvocationMetrics,
+    TaskMetrics,
+    function_identities,
+    invocation_metrics,
+    run_samples,
+    task_metrics,
+)
+from dask_serverless.planning.planners import (
+    CriticalPathPlanner,
+    Plan,
+    PlanInputs,
+    Planner,
+    UniformPlanner,
+    WukongPlanner,
+    make_planner,
+)
+from dask_serverless.planning.predict import CpuModel, Predictor
+from dask_serverless.planning.sla import SLA, Deadline
+from dask_serverless.report import RunReport, TaskRecord, billed_gb_s
+from dask_serverless.storage.history import HistoryStore
+
+__all__ = [
+    "SLA",
+    "CpuModel",
+    "CriticalPathPlanner",
+    "Deadline",
+    "History",
+    "NodeCosts",
+    "Plan",
+    "PlanInputs",
+    "Planner",
+    "Planning",
+    "Predictor",
+    "Timeline",
+    "UniformPlanner",
+    "WukongPlanner",
+    "make_planner",
+    "pinned_memory",
+]
+
+DEFAULT_CONFIGS = (512, 1024, 1769, 3008)
+
+
+def parse_memory_configs(configs: Sequence[int] | None) -> tuple[int, ...]:
+    """The sorted, de-duplicated configurations; ValueError for an empty or bad list."""
+    values = tuple(sorted({int(m) for m in (configs or DEFAULT_CONFIGS)}))
+    if not values or values[0] <= 0:
+        raise ValueError(f"memory configurations must be positive MB, got {configs!r}")
+    return values
+
+
+def pinned_memory(dag: DAG, configs: Sequence[int]) -> dict[int, int]:
+    """Nodes annotated with ``memory=MB``, each rounded up to a configuration."""
+    pinned: dict[int, int] = {}
+    for index, value in dag.annotations.get("memory", {}).items():
+        wanted = int(value)
+        fitting = [m for m in configs if m >= wanted]
+        if not fitting:
+            raise ValueError(
+                f"task {dag.keys[index]!r} is annotated with memory={value}, more than the "
+                f"largest configuration {max(configs)} MB"
+            )
+        pinned[index] = fitting[0]
+    return pinned
+
+
+class Planning:
+    """A Scheduler's planner, SLA, configurations and history (see module docstring)."""
+
+    def __init__(
+        self,
+        client: redis.Redis | None,
+        *,
+        planner: str | Planner | None = None,
+        sla: str | SLA | None = "p95",
+        deadline: float | str | Deadline | None = None,
+        memory_configs: Sequence[int] | None = None,
+        history: bool = True,
+        history_samples: int = 256,
+        history_ttl_s: int = 30 * 86400,
+        cpu: CpuModel | None = None,
+    ) -> None:
+        self.planner = make_planner(planner)
+        self.sla = SLA.parse(sla)
+        self.deadline = Deadline.parse(deadline)
+        self.configs = parse_memory_configs(memory_configs)
+        self.cpu = cpu or CpuModel()
+        self.store = (
+            HistoryStore(client, history_samples, history_ttl_s)
+            if history and client is not None
+            else None
+        )
+
+    def load_history(self, functions: Sequence[str]) -> History:
+        if self.store is None:
+            return History()
+        tasks, transfers, startups = self.store.load((f for f in functions if f), self.configs)
+        return History(tasks, transfers, startups)
+
+    def inputs(self, dag: DAG) -> PlanInputs:
+        functions = function_identities(dag)
+        predictor = Predictor(self.load_history(functions), self.sla, self.cpu)
+        return PlanInputs(
+            dag=dag,
+            functions=functions,
+            predictor=predictor,
+            costs=NodeCosts.predict(dag, functions, predictor, self.configs),
+            sla=self.sla,
+            deadline=self.deadline,
+            pinned=pinned_memory(dag, self.configs),
+        )
+
+    def plan(self, dag: DAG) -> Plan:
+        return self.planner.plan(self.inputs(dag))
+
+    def finish(
+        self,
+        run_id: str,
+        dag: DAG,
+        plan: Plan,
+        progress: Any,
+        started_unix: float,
+        makespan_s: float,
+        throttled: bool | None = None,
+    ) -> RunReport:
+        """Record the run's metrics in history; the report of planned next to actual."""
+        uploads: dict[int, float] = getattr(progress, "uploads", {})
+        measured: dict[int, TaskMetrics] = {}
+        for event in progress.task_events:
+            metrics = task_metrics(event, uploads.get(int(event[1]), 0.0))
+            if metrics is not None:
+                measured[metrics.index] = metrics
+        invocations = [invocation_metrics(e) for e in getattr(progress, "invocations", [])]
+        if self.store is not None:
+            self.store.append(
+                *run_samples(function_identities(dag), measured.values(), invocations)
+            )
+        return report(run_id, dag, plan, measured, invocations, started_unix, makespan_s, throttled)
+
+
+def report(
+    run_id: str,
+    dag: DAG,
+    plan: Plan,
+    measured: dict[int, TaskMetrics],
+    invocations: Sequence[InvocationMetrics],
+    started_unix: float,
+    makespan_s: float,
+    throttled: bool | None,
+) -> RunReport:
+    tasks = []
+    for i in range(dag.sink):
+        m = measured.get(i)
+        actual_start = None if m is None else m.start - started_unix
+        tasks.append(
+            TaskRecord(
+                key=dag.keys[i],
+                memory_mb=plan.memory_mb[i] if m is None or m.memory_mb is None else m.memory_mb,
+                predicted_s=plan.predicted_s(i),
+                actual_s=None if m is None else m.total_s,
+                on_critical_path=plan.on_critical_path(i),
+                predicted_start_s=plan.start_s[i],
+                predicted_finish_s=plan.finish_s[i],
+                actual_start_s=actual_start,
+                actual_finish_s=None
+                if m is None or actual_start is None
+                else actual_start + m.total_s,
+                worker_id=None if m is None else m.worker_id,
+                cold=None if m is None else m.cold,
+            )
+        )
+    cost = billed_gb_s((m.memory_mb, m.total_s) for m in measured.values())
+    cost += billed_gb_s((inv.memory_mb, inv.startup_s) for inv in invocations)
+    return RunReport(
+        run_id=run_id,
+        planner=plan.planner,
+        sla=plan.sla,
+        tasks=tasks,
+        predicted_makespan_s=plan.predicted_makespan_s,
+        actual_makespan_s=makespan_s,
+        predicted_cost_gb_s=plan.predicted_cost_gb_s,
+        cost_gb_s=cost,
+        invocations=len(invocations),
+        cold_starts=sum(1 for inv in invocations if inv.cold),
+        throttled=throttled,
+        target_s=plan.target_s,
+        notes=plan.notes,
+    )

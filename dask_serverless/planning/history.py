@@ -1,0 +1,163 @@
+"""What a run measured, and the bounded history the next run's predictions learn from.
+
+Workers report per task, inside their batched ``done`` events (see ``events``): the
+memory size and cold/warm start of the invocation that ran it, input and output bytes
+(``dask.sizeof``), the time spent downloading inputs, executing, and — in a later ``up``
+event, because the upload's duration is only known after the upload — storing the output.
+Every invocation reports its start-up time (from the invoke call to the handler) in an
+``inv`` event.
+
+A task's *function identity* is the dask key prefix (``dask.utils.key_split``) plus the
+callable's qualified name: ``"inc:mymodule.inc"``. It is what history is kept by, so
+tasks of one kind in different runs (different token, different key) share one series.
+
+After a successful run the client turns the metrics into samples (``run_samples``) and the
+history store appends them, bounded per series; ``History`` is the immutable snapshot of
+those series a predictor is built from. Nothing here is global: every Scheduler loads its
+own snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dask.utils import key_split
+
+from dask_serverless.graph import DAG
+
+Sample = list[float]
+
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    """One task as a worker measured it; times in seconds, ``start`` in Unix seconds."""
+
+    index: int
+    worker_id: str
+    start: float
+    memory_mb: int | None
+    cold: bool
+    input_bytes: int
+    output_bytes: int
+    download_s: float
+    exec_s: float
+    downloaded_bytes: int
+    upload_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.download_s + self.exec_s + self.upload_s
+
+
+@dataclass(frozen=True)
+class InvocationMetrics:
+    worker_id: str
+    memory_mb: int | None
+    cold: bool
+    startup_s: float
+
+
+def task_metrics(done: Sequence[Any], upload_s: float = 0.0) -> TaskMetrics | None:
+    """The metrics in a ``done`` event, or None for an event without them."""
+    if len(done) < 12:
+        return None
+    _kind, index, worker_id, start, _duration, memory, cold, nin, nout, down, run, read = done[:12]
+    return TaskMetrics(
+        index=int(index),
+        worker_id=str(worker_id),
+        start=float(start),
+        memory_mb=int(memory) if memory else None,
+        cold=bool(cold),
+        input_bytes=int(nin),
+        output_bytes=int(nout),
+        download_s=float(down),
+        exec_s=float(run),
+        downloaded_bytes=int(read),
+        upload_s=float(upload_s),
+    )
+
+
+def invocation_metrics(event: Sequence[Any]) -> InvocationMetrics:
+    _kind, worker_id, memory, cold, startup = event[:5]
+    return InvocationMetrics(str(worker_id), int(memory) if memory else None, bool(cold), startup)
+
+
+def callable_name(func: Any) -> str:
+    """``module.qualname`` of a callable, looking through ``functools.partial``."""
+    while hasattr(func, "func") and not hasattr(func, "__qualname__"):
+        func = func.func
+    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    module = getattr(func, "__module__", None) or type(func).__module__
+    return f"{module}.{qualname}"
+
+
+def function_identity(key: Any, node: Any) -> str:
+    """``key_split(key)`` plus what the node calls: ``"inc:tests.tasks.inc"``."""
+    if node is None:
+        return ""
+    func = getattr(node, "func", None)
+    what = callable_name(func) if func is not None else type(node).__name__.lower()
+    return f"{key_split(key)}:{what}"
+
+
+def function_identities(dag: DAG) -> list[str]:
+    """The function identity of every node; ``""`` for the sink."""
+    return [function_identity(key, node) for key, node in zip(dag.keys, dag.nodes, strict=True)]
+
+
+@dataclass(frozen=True)
+class History:
+    """Samples of past runs: per (function, MB), per MB for transfers and start-ups.
+
+    ``tasks[(function, MB)]`` holds ``[input_bytes, output_bytes, exec_s]`` samples,
+    ``transfers[MB]`` ``[bytes, seconds]`` and ``startups[MB]`` ``[cold, seconds]``.
+    """
+
+    tasks: Mapping[tuple[str, int], Sequence[Sample]] = field(default_factory=dict)
+    transfers: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
+    startups: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.tasks
+
+    def memories_of(self, function: str) -> list[int]:
+        """The memory sizes ``function`` has samples at, ascending."""
+        return sorted(m for f, m in self.tasks if f == function)
+
+    def knows(self, function: str) -> bool:
+        return any(f == function for f, _m in self.tasks)
+
+
+def run_samples(
+    functions: Sequence[str],
+    tasks: Iterable[TaskMetrics],
+    invocations: Iterable[InvocationMetrics],
+) -> tuple[dict[tuple[str, int], list[Sample]], dict[int, list[Sample]], dict[int, list[Sample]]]:
+    """A finished run's metrics as history samples: ``(tasks, transfers, startups)``."""
+    by_function: dict[tuple[str, int], list[Sample]] = {}
+    transfers: dict[int, list[Sample]] = {}
+    startups: dict[int, list[Sample]] = {}
+    for task in tasks:
+        function = functions[task.index]
+        if not function or task.memory_mb is None:
+            continue
+        by_function.setdefault((function, task.memory_mb), []).append(
+            [task.input_bytes, task.output_bytes, round(task.exec_s, 6)]
+        )
+        if task.downloaded_bytes > 0:
+            transfers.setdefault(task.memory_mb, []).append(
+                [task.downloaded_bytes, round(task.download_s, 6)]
+            )
+        if task.upload_s > 0:
+            transfers.setdefault(task.memory_mb, []).append(
+                [task.output_bytes, round(task.upload_s, 6)]
+            )
+    for invocation in invocations:
+        if invocation.memory_mb is not None:
+            startups.setdefault(invocation.memory_mb, []).append(
+                [int(invocation.cold), round(invocation.startup_s, 6)]
+            )
+    return by_function, transfers, startups

@@ -1,0 +1,108 @@
+"""The history key schema and its Redis commands: bounded samples of past runs.
+
+History outlives runs (I-4 exempts it) and is shared by every Scheduler on the same
+Redis, so the next run learns from the last. It is kept *bounded*: every series is a
+Redis list trimmed to the ``samples`` most recent entries, so loading history costs the
+same after 10 runs as after 10 000 (I-6) — one pipelined round trip of ``LRANGE`` over a
+number of keys that depends on the DAG's distinct functions and the memory sizes, never on
+the number of past runs.
+
+Keys (``H = dsl:history:v1:``), every entry a compact JSON array:
+
+==============================  =======================================================
+``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s]`` of one function
+                                 at one memory size (``fn-digest``: hash of the function
+                                 identity, so no user text ever becomes key syntax)
+``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
+``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
+==============================  =======================================================
+
+Every key carries a long TTL (``history-ttl``), refreshed on each write, so history of
+functions nobody runs any more expires on its own. Nothing here scans the keyspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import redis
+
+PREFIX = "dsl:history:v1:"
+
+Sample = list[float]
+
+
+def function_digest(function: str) -> str:
+    return hashlib.sha1(function.encode(), usedforsecurity=False).hexdigest()[:20]
+
+
+def task_key(function: str, memory_mb: int) -> str:
+    return f"{PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
+
+
+def transfer_key(memory_mb: int) -> str:
+    return f"{PREFIX}transfer:{int(memory_mb)}"
+
+
+def startup_key(memory_mb: int) -> str:
+    return f"{PREFIX}startup:{int(memory_mb)}"
+
+
+class HistoryStore:
+    """Reads and appends history samples; ``samples`` bounds every series."""
+
+    def __init__(self, client: redis.Redis, samples: int = 256, ttl_s: int = 30 * 86400) -> None:
+        if samples < 1:
+            raise ValueError(f"history samples must be at least 1, got {samples}")
+        self.client = client
+        self.samples = int(samples)
+        self.ttl_s = int(ttl_s)
+
+    def load(
+        self, functions: Iterable[str], memories: Iterable[int]
+    ) -> tuple[
+        dict[tuple[str, int], list[Sample]], dict[int, list[Sample]], dict[int, list[Sample]]
+    ]:
+        """Samples of ``functions`` at ``memories``, and transfer and start-up samples.
+
+        One pipelined round trip; returns ``(tasks, transfers, startups)`` keyed by
+        ``(function, MB)`` and ``MB``; series without samples are left out.
+        """
+        sizes = sorted({int(m) for m in memories})
+        series: list[tuple[str, Any, str]] = [
+            ("task", (f, m), task_key(f, m)) for f in dict.fromkeys(functions) for m in sizes
+        ]
+        series += [("transfer", m, transfer_key(m)) for m in sizes]
+        series += [("startup", m, startup_key(m)) for m in sizes]
+        with self.client.pipeline(transaction=False) as pipe:
+            for _kind, _name, key in series:
+                pipe.lrange(key, 0, self.samples - 1)
+            replies = pipe.execute()
+        found: dict[str, dict[Any, list[Sample]]] = {"task": {}, "transfer": {}, "startup": {}}
+        for (kind, name, _key), entries in zip(series, replies, strict=True):
+            if entries:
+                found[kind][name] = [json.loads(entry) for entry in entries]
+        return found["task"], found["transfer"], found["startup"]
+
+    def append(
+        self,
+        tasks: Mapping[tuple[str, int], Sequence[Sample]],
+        transfers: Mapping[int, Sequence[Sample]],
+        startups: Mapping[int, Sequence[Sample]],
+    ) -> None:
+        """Add samples (newest last), trimming every series to its bound; one round trip."""
+        writes = [(task_key(f, m), s) for (f, m), s in tasks.items()]
+        writes += [(transfer_key(m), s) for m, s in transfers.items()]
+        writes += [(startup_key(m), s) for m, s in startups.items()]
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, samples in writes:
+                if not samples:
+                    continue
+                recent = samples[-self.samples :]
+                pipe.lpush(key, *(json.dumps(s, separators=(",", ":")) for s in recent))
+                pipe.ltrim(key, 0, self.samples - 1)
+                pipe.expire(key, self.ttl_s)
+            pipe.execute()

@@ -1,0 +1,128 @@
+"""The planner against real runs: learned predictions, CPU shares, out-of-memory, hints."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import string
+import time
+
+import dask
+import pytest
+from dask._task_spec import Task, TaskRef
+
+from dask_serverless import Scheduler
+from dask_serverless.backends.resources import TaskOutOfMemoryError
+from dask_serverless.planning.history import function_identity
+from dask_serverless.storage.history import task_key
+
+TASK_S = 0.2
+SPIN_LOOPS = 4_000_000
+
+
+def hold(*values):
+    """A fixed-time task (sleeps, so its time does not depend on the CPU share)."""
+    time.sleep(TASK_S)
+    return len(values)
+
+
+def spin(loops):
+    """A CPU-bound task."""
+    total = 0
+    for i in range(loops):
+        total += i * i
+    return total % 7
+
+
+def allocate(megabytes):
+    block = bytearray(megabytes * 2**20)
+    return len(block)
+
+
+def fixed_time_workflow() -> tuple[dict, str]:
+    """Chains of 5, 4, 3, 2 and 1 fixed-time tasks, all feeding one fixed-time sink."""
+    name = "fixed" + "".join(random.choices(string.ascii_lowercase, k=8))
+    graph = {}
+    ends = []
+    for chain, length in enumerate((5, 4, 3, 2, 1)):
+        for step in range(length):
+            key = (name, chain, step)
+            args = (TaskRef((name, chain, step - 1)),) if step else ()
+            graph[key] = Task(key, hold, *args)
+        ends.append(TaskRef((name, chain, length - 1)))
+    graph[f"{name}-sink"] = Task(f"{name}-sink", hold, *ends)
+    return graph, f"{name}-sink"
+
+
+def test_fixed_time_workflow_is_predicted_within_ten_percent(redis_url):
+    graph, sink = fixed_time_workflow()
+    with Scheduler(redis=redis_url, planner="uniform", concurrency=8, timeout=60) as sched:
+        for _ in range(3):
+            sched.get(graph, sink)
+        assert sched.get(graph, sink) == 5
+        run = sched.last_run
+    assert run is not None
+    assert len(run.tasks) == 16
+    for task in run.tasks:
+        assert task.actual_s is not None
+        assert task.predicted_s == pytest.approx(task.actual_s, rel=0.10), str(run)
+    assert run.predicted_makespan_s == pytest.approx(run.actual_makespan_s, rel=0.10), str(run)
+    assert run.cost_gb_s > 0
+    assert sum(t.on_critical_path for t in run.tasks) == 6  # the chain of 5, and the sink
+    assert "pred s" in str(run) and run.planner == "uniform 1769 MB"
+
+
+def test_cpu_share_prediction_matches_the_measured_slowdown(redis_url):
+    with Scheduler(redis=redis_url, planner="uniform-1769", concurrency=2, timeout=60) as sched:
+        if not sched.backend.throttled:
+            pytest.skip("cgroups are not writable here: the local backend runs unthrottled")
+        task = dask.delayed(spin)(SPIN_LOOPS, dask_key_name="cpu-spin")
+        measured_1769 = []
+        for _ in range(3):
+            task.compute(scheduler=sched)
+            measured_1769.append(sched.last_run.tasks[0].actual_s)
+        predicted_1769 = sched.plan(task.__dask_graph__(), task.key).predicted_s(0)
+    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as small:
+        predicted_512 = small.plan(task.__dask_graph__(), task.key).predicted_s(0)
+        measured_512 = []
+        for _ in range(2):
+            task.compute(scheduler=small)
+            measured_512.append(small.last_run.tasks[0].actual_s)
+    assert predicted_512 > predicted_1769
+    predicted_ratio = predicted_512 / predicted_1769
+    measured_ratio = min(measured_512) / statistics.median(measured_1769)
+    details = f"1769 MB: {measured_1769}, 512 MB: {measured_512}"
+    assert predicted_ratio == pytest.approx(measured_ratio, rel=0.25), details
+
+
+def test_a_task_over_its_memory_fails_as_out_of_memory(redis_url):
+    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as sched:
+        if not sched.backend.throttled:
+            pytest.skip("cgroups are not writable here: no memory limit to exceed")
+        greedy = dask.delayed(allocate)(900, dask_key_name="greedy-task")
+        with pytest.raises(TaskOutOfMemoryError, match="greedy-task.*512 MB") as error:
+            greedy.compute(scheduler=sched)
+        assert isinstance(error.value, MemoryError)
+        assert dask.delayed(allocate)(50).compute(scheduler=sched) == 50 * 2**20
+
+
+def test_memory_annotation_overrides_the_planner(redis_url):
+    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as sched:
+        with dask.annotate(memory=3000):
+            big = dask.delayed(allocate)(10, dask_key_name="annotated-big")
+        small = dask.delayed(allocate)(1, dask_key_name="plain-small")
+        total = dask.delayed(sum)([big, small], dask_key_name="annotated-total")
+        assert total.compute(scheduler=sched) == 11 * 2**20
+        memory = {t.key: t.memory_mb for t in sched.last_run.tasks}
+    assert memory["annotated-big"] == 3008
+    assert memory["plain-small"] == 512
+
+
+def test_history_can_be_turned_off(redis_url, redis_client):
+    task = dask.delayed(allocate)(1, dask_key_name="no-history-task")
+    function = function_identity(task.key, task.__dask_graph__()[task.key])
+    with Scheduler(redis=redis_url, history=False, concurrency=2, timeout=60) as sched:
+        task.compute(scheduler=sched)
+        assert sched.last_run is not None
+        assert sched.last_run.planner.startswith("critical-path (no history)")
+    assert not redis_client.exists(task_key(function, 1769))
