@@ -33,7 +33,6 @@ from dask_serverless.planning import (
     CriticalPathPlanner,
     Deadline,
     History,
-    NodeCosts,
     PlanInputs,
     Predictor,
 )
@@ -156,8 +155,7 @@ def planning_speed(size: int = 10_000) -> tuple[float, float]:
     }
     start = time.perf_counter()
     predictor = Predictor(History(tasks=samples), SLA.parse("p95"), CpuModel())
-    costs = NodeCosts.predict(dag, functions, predictor, configs)
-    inputs = PlanInputs(dag, functions, predictor, costs, SLA.parse("p95"), Deadline.parse(None))
+    inputs = PlanInputs(dag, functions, predictor, configs, SLA.parse("p95"), Deadline.parse(None))
     CriticalPathPlanner().plan(inputs)
     plan_s = time.perf_counter() - start
     return plan_s, order_s

@@ -22,8 +22,8 @@ import atexit
 import secrets
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import redis
 from dask.callbacks import local_callbacks
@@ -41,6 +41,7 @@ from dask_serverless.storage.redis import RunStore, Scripts, connect, new_run_id
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.runtime import RunRecord, invocation
 
+_T = TypeVar("_T")
 _POLL_MS = 1000
 # Root bundles per concurrent worker: enough to balance uneven bundles, few enough that
 # each one amortises its invocation (see dask_serverless.bundling).
@@ -136,8 +137,9 @@ class Scheduler:
                 history=bool(config.setting("planning.history", history)),
                 history_samples=int(config.setting("planning.history-samples")),
                 history_ttl_s=int(config.setting("planning.history-ttl")),
+                min_work_s=float(config.setting("planning.min-work")),
             )
-            self.last_run: RunReport | None = None
+            self._last_report: Callable[[], RunReport] | None = None
             self._run_memory: dict[str, tuple[int | None, ...]] = {}
         except BaseException:
             self.close()
@@ -209,7 +211,7 @@ class Scheduler:
                 for callback in started:
                     if callback[4]:
                         callback[4](progress.graph, progress.state, not succeeded)
-        self.last_run = self._planning.finish(
+        self._last_report = self._planning.finish(
             run_id,
             dag,
             plan,
@@ -220,6 +222,11 @@ class Scheduler:
         )
         results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
         return nested_get(keys, results)
+
+    @property
+    def last_run(self) -> RunReport | None:
+        """The last successful run's plan next to what was measured (built on first use)."""
+        return None if self._last_report is None else self._last_report()
 
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
@@ -281,33 +288,46 @@ class Scheduler:
         deadline: float | None,
         timeout: float | None,
     ) -> Sequence[Any]:
+        """Wait for the run to end, folding its events into ``progress``.
+
+        With callbacks to drive, the client follows the event stream as it grows (batches
+        arrive at most every ``_BATCH_PAUSE_S``). Without them nothing needs an event
+        before the end, so the client sleeps in BLPOP on the run's signal list until the
+        first error or the result — no wake-ups that take CPU from the workers — and reads
+        the stream then. Either way it wakes every half lease to re-invoke the work of
+        workers whose lease lapsed.
+        """
         cursor = b"0-0"
         started = time.monotonic()
-        next_watch = time.monotonic() + self.lease_ms / 2000
+        watch_every = self.lease_ms / 2000
+        next_watch = started + watch_every
         sealed = False
+        follow = bool(progress.callbacks)
         while True:
-            block_ms = _POLL_MS
+            now = time.monotonic()
+            wait_s = max(0.0, next_watch - now)
             if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if deadline <= now:
                     raise TimeoutError(
                         f"dask-serverless run {store.run_id} did not finish within "
                         f"{timeout} s; it was cancelled and its keys deleted"
                     )
-                block_ms = min(block_ms, int(remaining * 1000) + 1)
-            cursor, batches = self._read_events(store, cursor, block_ms)
+                wait_s = min(wait_s, deadline - now)
+            if follow:
+                block_ms = int(min(wait_s, _POLL_MS / 1000) * 1000) + 1
+                cursor, batches = self._with_retries(store.read_events, cursor, block_ms)
+            else:
+                self._with_retries(store.wait_signal, wait_s)
+                cursor, batches = self._with_retries(store.read_events, cursor, None)
             for batch in batches:
                 progress.apply(events.decode(batch))
-            if batches and not progress.callbacks:
-                # Nobody watches progress: let events pile up a little rather than wake
-                # for each one and take CPU from the workers on a small machine — but
-                # never long next to the run's age, so short runs stay short.
+            if follow and batches:
                 time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:
                 raise self._remote_error(store)
             if progress.finished:
                 blob = store.get_result()
-                store.delete([store.result_key, store.events_key])
+                store.delete([store.result_key, store.events_key, store.signal_key])
                 if blob is None:
                     raise RuntimeError(f"run {store.run_id} finished but its result is gone")
                 return self._signer.loads(blob, "run result")
@@ -318,17 +338,17 @@ class Scheduler:
                     store.purge(len(progress.dag))
                     if blob is not None:
                         return self._signer.loads(blob, "run result")
-                next_watch = time.monotonic() + self.lease_ms / 2000
+                next_watch = time.monotonic() + watch_every
 
-    def _read_events(self, store: RunStore, cursor: bytes, block_ms: int) -> tuple[bytes, list]:
-        """Read events, riding out a short Redis outage; a lost run is a clear error."""
+    def _with_retries(self, command: Callable[..., _T], *args: Any) -> _T:
+        """Run ``command``, riding out a short Redis outage; a lost run is a clear error."""
         for attempt in range(_REDIS_RETRIES):
             try:
-                return store.read_events(cursor, block_ms)
+                return command(*args)
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 if attempt == _REDIS_RETRIES - 1:
                     raise RedisUnavailableError(
-                        f"lost the connection to Redis during run {store.run_id}: {error}"
+                        f"lost the connection to Redis during a run: {error}"
                     ) from None
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")

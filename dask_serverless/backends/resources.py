@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 MB_PER_VCPU = 1769
-CFS_PERIOD_US = 100_000
+# A short period spreads a small share evenly: with 100 ms, a 0.3-CPU instance runs a
+# short task at full speed for 30 ms and then stalls for 70, so its slowdown depends on
+# where the task falls in the period.
+CFS_PERIOD_US = 20_000
 _SLOT_BYTES = 512
 
 

@@ -21,7 +21,9 @@ history snapshot and predictor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -111,12 +113,14 @@ class Planning:
         history_samples: int = 256,
         history_ttl_s: int = 30 * 86400,
         cpu: CpuModel | None = None,
+        min_work_s: float = 0.0,
     ) -> None:
         self.planner = make_planner(planner)
         self.sla = SLA.parse(sla)
         self.deadline = Deadline.parse(deadline)
         self.configs = parse_memory_configs(memory_configs)
         self.cpu = cpu or CpuModel()
+        self.min_work_s = min_work_s
         self.store = (
             HistoryStore(client, history_samples, history_ttl_s)
             if history and client is not None
@@ -129,21 +133,24 @@ class Planning:
         tasks, transfers, startups = self.store.load((f for f in functions if f), self.configs)
         return History(tasks, transfers, startups)
 
-    def inputs(self, dag: DAG) -> PlanInputs:
-        functions = function_identities(dag)
-        predictor = Predictor(self.load_history(functions), self.sla, self.cpu)
+    def inputs(self, dag: DAG, functions: Sequence[str] | None = None) -> PlanInputs:
+        if functions is None:
+            functions = function_identities(dag)
+        predictor = Predictor(self.load_history(sorted(set(functions))), self.sla, self.cpu)
         return PlanInputs(
             dag=dag,
             functions=functions,
             predictor=predictor,
-            costs=NodeCosts.predict(dag, functions, predictor, self.configs),
+            configs=self.configs,
             sla=self.sla,
             deadline=self.deadline,
             pinned=pinned_memory(dag, self.configs),
+            min_work_s=self.min_work_s,
         )
 
     def plan(self, dag: DAG) -> Plan:
-        return self.planner.plan(self.inputs(dag))
+        inputs = self.inputs(dag)
+        return replace(self.planner.plan(inputs), functions=inputs.functions)
 
     def finish(
         self,
@@ -154,20 +161,51 @@ class Planning:
         started_unix: float,
         makespan_s: float,
         throttled: bool | None = None,
-    ) -> RunReport:
-        """Record the run's metrics in history; the report of planned next to actual."""
+    ) -> Callable[[], RunReport]:
+        """Record the run's metrics in history; returns how to build the run's report.
+
+        Only the newest ``history_samples`` tasks of each function are read: history keeps
+        no more, and a 10 000-task run should not pay for parsing what would be dropped.
+        The report (planned next to actual, for every task) is built when asked for.
+        """
         uploads: dict[int, float] = getattr(progress, "uploads", {})
-        measured: dict[int, TaskMetrics] = {}
-        for event in progress.task_events:
-            metrics = task_metrics(event, uploads.get(int(event[1]), 0.0))
-            if metrics is not None:
-                measured[metrics.index] = metrics
         invocations = [invocation_metrics(e) for e in getattr(progress, "invocations", [])]
         if self.store is not None:
-            self.store.append(
-                *run_samples(function_identities(dag), measured.values(), invocations)
+            functions = plan.functions or function_identities(dag)
+            newest = newest_per_function(progress.task_events, functions, self.store.samples)
+            sampled = [
+                metrics
+                for event in newest
+                if (metrics := task_metrics(event, uploads.get(int(event[1]), 0.0))) is not None
+            ]
+            self.store.append(*run_samples(functions, sampled, invocations))
+
+        def build() -> RunReport:
+            measured: dict[int, TaskMetrics] = {}
+            for event in progress.task_events:
+                metrics = task_metrics(event, uploads.get(int(event[1]), 0.0))
+                if metrics is not None:
+                    measured[metrics.index] = metrics
+            return report(
+                run_id, dag, plan, measured, invocations, started_unix, makespan_s, throttled
             )
-        return report(run_id, dag, plan, measured, invocations, started_unix, makespan_s, throttled)
+
+        return functools.cache(build)
+
+
+def newest_per_function(
+    events: Sequence[Sequence[Any]], functions: Sequence[str], limit: int
+) -> list[Sequence[Any]]:
+    """At most ``limit`` of the newest ``done`` events of each function, oldest first."""
+    taken: dict[str, int] = {}
+    kept = []
+    for event in reversed(events):
+        function = functions[int(event[1])]
+        if taken.get(function, 0) < limit:
+            taken[function] = taken.get(function, 0) + 1
+            kept.append(event)
+    kept.reverse()
+    return kept
 
 
 def report(

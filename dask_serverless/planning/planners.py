@@ -30,8 +30,10 @@ updates of the simulated timeline: planning costs a few passes over the DAG.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from dask_serverless.graph import DAG
@@ -45,23 +47,75 @@ _TABLE_ROWS = 200
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """Everything a planner decides from."""
+    """Everything a planner decides from.
+
+    The per-node predictions (``costs``, a pass over the DAG at every configuration) are
+    computed on first use: a planner that decides per function — no history yet, or work
+    too small to plan (``small_work``) — never pays for them.
+    """
 
     dag: DAG
     functions: Sequence[str]
     predictor: Predictor
-    costs: NodeCosts
+    configs: tuple[int, ...]
     sla: SLA
     deadline: Deadline
     pinned: Mapping[int, int] = field(default_factory=dict)
+    min_work_s: float = 0.0
 
-    @property
-    def configs(self) -> tuple[int, ...]:
-        return self.costs.configs
+    @cached_property
+    def costs(self) -> NodeCosts:
+        return NodeCosts.predict(self.dag, self.functions, self.predictor, self.configs)
 
-    @property
+    @cached_property
+    def task_counts(self) -> Counter[str]:
+        """How many tasks call each function (the sink aside)."""
+        return Counter(self.functions[: self.dag.sink])
+
+    @cached_property
     def has_history(self) -> bool:
-        return any(self.costs.known[: self.dag.sink])
+        return any(self.predictor.knows(f) for f in self.task_counts)
+
+    @cached_property
+    def small_work(self) -> bool:
+        """Is the DAG's whole predicted work below ``min_work_s``?
+
+        Every function must be known; each task counts at its function's largest input
+        seen and the smallest configuration, so the bound errs on the large side. Below it
+        no plan can save more than noise, and planning would cost more than it saves.
+        """
+        if not self.has_history or self.pinned:
+            return False
+        smallest = self.configs[0]
+        total = 0.0
+        for function, count in self.task_counts.items():
+            bound = self.predictor.work_bound_s(function, smallest)
+            if bound is None:
+                return False
+            total += count * bound
+        return total < self.min_work_s
+
+    @cached_property
+    def per_node(self) -> bool:
+        """Do planners need per-node predictions, or is a per-function view enough?"""
+        return self.has_history and not self.small_work
+
+    @cached_property
+    def _allowed_by_function(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def _fitting(self, need_mb: float) -> tuple[int, ...]:
+        return tuple(m for m in self.configs if m >= need_mb) or self.configs[-1:]
+
+    def full_speed_config(self) -> int:
+        """The smallest configuration a single-threaded task runs at full speed in.
+
+        Below it, every second of a worker — its own overhead included — stretches with the
+        CPU share while the GB-s stay the same, so smaller buys nothing but latency.
+        """
+        cpu = self.predictor.cpu
+        fastest = max(cpu.speed(m) for m in self.configs)
+        return next(m for m in self.configs if cpu.speed(m) >= fastest)
 
     def middle_config(self) -> int:
         return self.configs[len(self.configs) // 2]
@@ -70,8 +124,13 @@ class PlanInputs:
         """The configurations task ``i`` fits in (its pinned one, if it is pinned)."""
         if i in self.pinned:
             return (self.pinned[i],)
-        fitting = tuple(m for m in self.configs if m >= self.costs.need_mb[i])
-        return fitting or self.configs[-1:]
+        if self.per_node:
+            return self._fitting(self.costs.need_mb[i])
+        function = self.functions[i]
+        table = self._allowed_by_function
+        if function not in table:
+            table[function] = self._fitting(self.predictor.need_bound_mb(function))
+        return table[function]
 
     def at_least(self, i: int, memory_mb: int) -> int:
         """``memory_mb``, or the smallest allowed configuration above it."""
@@ -83,40 +142,81 @@ class PlanInputs:
 
 @dataclass(frozen=True)
 class Plan:
-    """A configuration for every task, and what the simulation predicts of it (I-7)."""
+    """A configuration for every task, and what the simulation predicts of it (I-7).
+
+    ``memory_mb`` is what the run needs; everything predicted (start and finish times,
+    continuations, critical path, cost) comes from ``timeline``, simulated on first use
+    when the planner did not need a simulation to decide.
+    """
 
     planner: str
     sla: str
     keys: tuple[Any, ...]
     memory_mb: tuple[int, ...]
-    start_s: tuple[float, ...]
-    finish_s: tuple[float, ...]
-    continues: tuple[int, ...]
-    critical_path: tuple[int, ...]
-    node_cost_gb_s: tuple[float, ...]
-    predicted_makespan_s: float
-    predicted_cost_gb_s: float
+    simulate: Callable[[], Timeline] = field(repr=False, compare=False)
     target_s: float | None = None
     fastest_s: float | None = None
     notes: tuple[str, ...] = ()
+    functions: Sequence[str] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def from_timeline(cls, name: str, inputs: PlanInputs, timeline: Timeline, **extra: Any) -> Plan:
         n = len(inputs.dag)
-        return cls(
+        plan = cls(
             planner=name,
             sla=str(inputs.sla),
             keys=inputs.dag.keys,
             memory_mb=tuple(timeline.effective_memory(i) for i in range(n)),
-            start_s=tuple(timeline.start),
-            finish_s=tuple(timeline.finish),
-            continues=tuple(timeline.continues),
-            critical_path=tuple(timeline.critical_path()),
-            node_cost_gb_s=tuple(timeline.node_cost),
-            predicted_makespan_s=timeline.makespan,
-            predicted_cost_gb_s=timeline.cost_gb_s,
+            simulate=lambda: timeline,
             **extra,
         )
+        return plan
+
+    @classmethod
+    def deferred(cls, name: str, inputs: PlanInputs, memory: Sequence[int], **extra: Any) -> Plan:
+        """A plan of ``memory`` whose timeline is simulated only when looked at."""
+        assigned = list(memory)
+        assigned[inputs.dag.sink] = ANY_MEMORY
+        return cls(
+            planner=name,
+            sla=str(inputs.sla),
+            keys=inputs.dag.keys,
+            memory_mb=tuple(assigned),
+            simulate=lambda: Timeline(inputs.dag, inputs.costs, assigned),
+            **extra,
+        )
+
+    @cached_property
+    def timeline(self) -> Timeline:
+        return self.simulate()
+
+    @property
+    def start_s(self) -> list[float]:
+        return self.timeline.start
+
+    @property
+    def finish_s(self) -> list[float]:
+        return self.timeline.finish
+
+    @property
+    def continues(self) -> list[int]:
+        return self.timeline.continues
+
+    @cached_property
+    def critical_path(self) -> tuple[int, ...]:
+        return tuple(self.timeline.critical_path())
+
+    @property
+    def node_cost_gb_s(self) -> list[float]:
+        return self.timeline.node_cost
+
+    @property
+    def predicted_makespan_s(self) -> float:
+        return self.timeline.makespan
+
+    @property
+    def predicted_cost_gb_s(self) -> float:
+        return self.timeline.cost_gb_s
 
     @property
     def sink(self) -> int:
@@ -129,7 +229,7 @@ class Plan:
     def on_critical_path(self, i: int) -> bool:
         return i in self._critical
 
-    @property
+    @cached_property
     def _critical(self) -> frozenset[int]:
         return frozenset(self.critical_path)
 
@@ -203,8 +303,7 @@ class UniformPlanner:
         if memory not in inputs.configs:
             raise ValueError(f"{memory} MB is not one of the configurations {inputs.configs}")
         plan_memory = [inputs.at_least(i, memory) for i in range(len(inputs.dag))]
-        timeline = simulate(inputs, plan_memory)
-        return Plan.from_timeline(f"{self.name} {memory} MB", inputs, timeline)
+        return Plan.deferred(f"{self.name} {memory} MB", inputs, plan_memory)
 
 
 @dataclass(frozen=True)
@@ -214,8 +313,11 @@ class WukongPlanner:
     name: str = "wukong"
 
     def plan(self, inputs: PlanInputs) -> Plan:
-        memory = [inputs.allowed(i)[0] for i in range(len(inputs.dag))]
-        return Plan.from_timeline(self.name, inputs, simulate(inputs, memory))
+        return Plan.deferred(self.name, inputs, smallest_fitting(inputs))
+
+
+def smallest_fitting(inputs: PlanInputs) -> list[int]:
+    return [inputs.allowed(i)[0] for i in range(len(inputs.dag))]
 
 
 @dataclass(frozen=True)
@@ -229,6 +331,14 @@ class CriticalPathPlanner:
             fallback = UniformPlanner().plan(inputs)
             note = "no history yet: uniform middle configuration, recording metrics"
             return _renamed(fallback, f"{self.name} (no history)", note)
+        if inputs.small_work:
+            full_speed = inputs.full_speed_config()
+            note = (
+                f"predicted work under {inputs.min_work_s:g} s: no search, every task at "
+                f"{full_speed} MB, the smallest configuration at full single-thread speed"
+            )
+            plan_memory = [inputs.at_least(i, full_speed) for i in range(len(inputs.dag))]
+            return Plan.deferred(f"{self.name} (small work)", inputs, plan_memory, notes=(note,))
         notes: list[str] = []
         fastest = self.fastest(inputs)
         target = inputs.deadline.target(fastest.makespan)

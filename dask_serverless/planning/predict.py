@@ -132,6 +132,7 @@ class Predictor:
         self.cpu = cpu or CpuModel()
         self._measured: dict[str, dict[int, Line]] = {}
         self._typical_input: dict[str, float] = {}
+        self._largest: dict[str, tuple[float, float]] = {}
         self._outputs: dict[str, Line] = {}
         self._exponents: dict[str, float] = {}
         self._exec_cache: dict[tuple[str, int], Line] = {}
@@ -145,6 +146,7 @@ class Predictor:
         average = SLA(None)
         for function, pooled in by_function.items():
             self._typical_input[function] = mean([s[0] for s in pooled])
+            self._largest[function] = (max(s[0] for s in pooled), max(s[1] for s in pooled))
             self._outputs[function] = fit_line(
                 [s[0] for s in pooled], [s[1] for s in pooled], average
             )
@@ -187,6 +189,17 @@ class Predictor:
         """Predicted execution seconds; 0.0 for a function without history."""
         line = self.exec_line(function, memory_mb)
         return 0.0 if line is None else line.at(input_bytes)
+
+    def work_bound_s(self, function: str, memory_mb: int) -> float | None:
+        """Execution seconds at the largest input ``function`` was seen with; None if unknown."""
+        if function not in self._largest:
+            return None
+        return self.exec_time(function, self._largest[function][0], memory_mb)
+
+    def need_bound_mb(self, function: str) -> float:
+        """Memory ``function`` needs at the largest input and output it was seen with."""
+        largest_input, largest_output = self._largest.get(function, (0.0, 0.0))
+        return self.memory_need_mb(largest_input, largest_output)
 
     def _exponent(self, function: str) -> float:
         if function not in self._exponents:

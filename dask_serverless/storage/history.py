@@ -84,7 +84,8 @@ class HistoryStore:
         found: dict[str, dict[Any, list[Sample]]] = {"task": {}, "transfer": {}, "startup": {}}
         for (kind, name, _key), entries in zip(series, replies, strict=True):
             if entries:
-                found[kind][name] = [json.loads(entry) for entry in entries]
+                # One parse per series: a JSON array of its samples.
+                found[kind][name] = json.loads(b"[" + b",".join(entries) + b"]")
         return found["task"], found["transfer"], found["startup"]
 
     def append(

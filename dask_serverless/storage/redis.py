@@ -19,6 +19,8 @@ Keys of one run (``P = dsl:{<run-id>}:``):
                         renews its lease while it works, a lapsed lease means it died
 ``P restart`` hash      running invocation id → JSON list of the nodes to restart it from
 ``P events``  stream    batched events for the client (progress, errors, finished)
+``P signal``  list      one entry per decisive event (first error, finished): a client
+                        that shows no progress sleeps in BLPOP on it, not on the stream
 ``P error``   string    signed exception of the first task that failed
 ``P result``  string    signed values of the requested keys, read once by the client
 ============  ========  ============================================================
@@ -130,6 +132,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('SET', KEYS[3], ARGV[2], 'NX', 'EX', ARGV[1])
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[4], 'error')
+redis.call('EXPIRE', KEYS[4], ARGV[1])
 return 1
 """
 
@@ -147,6 +151,8 @@ _ANNOUNCE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], 'finished')
+redis.call('EXPIRE', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -208,6 +214,7 @@ class RunStore:
         self.prefix = f"dsl:{{{run_id}}}:"
         self.record_key = self.prefix + "record"
         self.events_key = self.prefix + "events"
+        self.signal_key = self.prefix + "signal"
         self.result_key = self.prefix + "result"
         self.error_key = self.prefix + "error"
         self.invocations_key = self.prefix + "inv"
@@ -232,7 +239,7 @@ class RunStore:
     def run_keys(self, node_count: int) -> list[str]:
         """Every key this run may have written: outputs and inboxes of all its nodes."""
         keys = [self.events_key, self.result_key, self.error_key, self.invocations_key]
-        keys += [self.leases_key, self.restart_key]
+        keys += [self.leases_key, self.restart_key, self.signal_key]
         keys += [self.output_key(i) for i in range(node_count)]
         keys += [self.inbox_key(i) for i in range(node_count)]
         return keys
@@ -243,15 +250,20 @@ class RunStore:
         if not self.client.set(self.record_key, record, ex=self.ttl_s, nx=True):
             raise RuntimeError(f"run {self.run_id} already exists")
 
-    def read_events(self, cursor: bytes, block_ms: int) -> tuple[bytes, list[bytes]]:
-        """Event batches after ``cursor``, waiting up to ``block_ms`` for the first."""
-        reply: Any = self.client.xread({self.events_key: cursor}, block=max(block_ms, 1))
+    def read_events(self, cursor: bytes, block_ms: int | None) -> tuple[bytes, list[bytes]]:
+        """Event batches after ``cursor``, waiting up to ``block_ms`` (None: not) for one."""
+        block = None if block_ms is None else max(block_ms, 1)
+        reply: Any = self.client.xread({self.events_key: cursor}, block=block)
         batches: list[bytes] = []
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 cursor = entry_id
                 batches.append(fields[b"e"])
         return cursor, batches
+
+    def wait_signal(self, timeout_s: float) -> bool:
+        """Sleep until a decisive event (first error, finished) or ``timeout_s``."""
+        return self.client.blpop([self.signal_key], timeout=max(timeout_s, 0.001)) is not None
 
     def get_result(self) -> bytes | None:
         return cast("bytes | None", self.client.get(self.result_key))
@@ -359,7 +371,7 @@ class RunStore:
 
     def fail(self, error: bytes, events: bytes) -> bool:
         reply = self._fail(
-            keys=[self.record_key, self.events_key, self.error_key],
+            keys=[self.record_key, self.events_key, self.error_key, self.signal_key],
             args=[self.ttl_s, error, events],
         )
         return reply is not None
@@ -368,7 +380,9 @@ class RunStore:
         return self._seal(keys=[self.record_key, self.result_key], args=[self.ttl_s, result]) == 1
 
     def announce(self, events: bytes) -> bool:
-        reply = self._announce(keys=[self.result_key, self.events_key], args=[self.ttl_s, events])
+        reply = self._announce(
+            keys=[self.result_key, self.events_key, self.signal_key], args=[self.ttl_s, events]
+        )
         return reply is not None
 
     def delete(self, keys: Iterable[str]) -> None:
