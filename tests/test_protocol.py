@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import dask
+import numpy as np
 import pytest
 import redis
 
@@ -76,6 +77,22 @@ def test_signed_blobs_refuse_tampering_and_other_secrets():
         Signer(new_secret()).loads(blob)
     with pytest.raises(UntrustedBlobError, match="not a signed blob"):
         signer.loads(b"\x80\x04K\x01.")
+
+
+def test_arrays_travel_out_of_band_and_come_back_writable():
+    signer = Signer(new_secret())
+    array = np.arange(300_000, dtype="float64").reshape(600, 500)
+    value = {"block": array, "columns": array[:, ::2], "scale": lambda x: 2 * x}
+    blob = signer.dumps(value)
+    back = signer.loads(blob)
+    np.testing.assert_array_equal(back["block"], array)
+    np.testing.assert_array_equal(back["columns"], array[:, ::2])
+    back["block"][0, 0] = -1.0
+    assert back["scale"](3) == 6
+    tampered = bytearray(blob)
+    tampered[len(blob) // 2] ^= 1
+    with pytest.raises(UntrustedBlobError, match="signature"):
+        signer.loads(bytes(tampered))
 
 
 def test_redact_hides_passwords():

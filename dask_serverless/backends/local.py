@@ -60,7 +60,7 @@ from dask_serverless.backends.resources import (
     TaskOutOfMemoryError,
     TaskSlot,
 )
-from dask_serverless.storage.redis import RunStore
+from dask_serverless.storage.redis import RunStore, client_for
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker import handler
 
@@ -400,9 +400,7 @@ class LocalBackend:
         run_id, ttl, index, key = running
         self.out_of_memory += 1
         if self._reporter is None:
-            import redis
-
-            client = redis.Redis.from_url(self._settings.redis_url)
+            client = client_for(self._settings.redis_url)
             self._reporter = (client, Signer(self._settings.secret))
         client, signer = self._reporter
         error = TaskOutOfMemoryError(key, instance.memory_mb)

@@ -39,6 +39,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRespSerializer
 
 _DELETE_CHUNK = 5000
 
@@ -169,12 +170,40 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
 
 
+# Arguments at least this long are sent as they are, not copied into one command buffer.
+_LARGE_ARGUMENT = 64 * 1024
+
+
+class CommandPacker:
+    """hiredis packs small commands fastest, but copies a 2 MB output into its buffer;
+    redis-py's own packer sends large arguments as they are. Each command takes the one
+    that suits it."""
+
+    def __init__(self) -> None:
+        self._small = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+        self._large = PythonRespSerializer(
+            6000, redis.connection.Encoder("utf-8", "strict", False).encode
+        )
+
+    def pack(self, *args: Any) -> list[bytes | memoryview]:
+        if self._small is None or any(
+            isinstance(arg, (bytes, memoryview)) and len(arg) >= _LARGE_ARGUMENT for arg in args
+        ):
+            return cast("list[bytes | memoryview]", self._large.pack(*args))
+        return cast("list[bytes | memoryview]", self._small.pack(*args))
+
+
+def client_for(url: str) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); not yet connected."""
+    return redis.Redis.from_url(url, health_check_interval=30, command_packer=CommandPacker())
+
+
 def connect(url: str) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``), checked with PING.
+    """A client for ``url``, checked with PING.
 
     Raises ``ConnectionError`` naming the URL without its password.
     """
-    client = redis.Redis.from_url(url, health_check_interval=30)
+    client = client_for(url)
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as error:

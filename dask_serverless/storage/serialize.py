@@ -4,6 +4,11 @@ A blob is ``MAGIC | flags | HMAC-SHA256(flags | payload) | payload``. The client
 workers share a secret; anything whose MAC does not check out is refused *before* it is
 unpickled, so a process that can write to Redis cannot make ours run its code (I-5).
 This module is the only place in the package that unpickles.
+
+The payload is zlib-compressed pickle (run records), or pickle protocol 5 with its
+buffers out of band (everything else): ``counts | buffer sizes | pickle | buffers``.
+Large arrays then cost one copy into the blob and one out of it, and the check for
+objects that must travel by value scans only the pickle stream, not the array data.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import hmac
 import pickle
 import secrets
+import struct
 import traceback
 import zlib
 from typing import Any
@@ -21,6 +27,8 @@ from tblib import pickling_support
 
 MAGIC = b"DSL1"
 _COMPRESSED = 0x01
+_OUT_OF_BAND = 0x02
+_COUNTS = struct.Struct("<IQ")
 _MAC_SIZE = hashlib.sha256().digest_size
 _HEADER_SIZE = len(MAGIC) + 1 + _MAC_SIZE
 
@@ -68,20 +76,16 @@ class Signer:
         return mac.digest()
 
     def dumps(self, obj: Any, compress: bool = False) -> bytes:
-        try:
-            # Plain data (most task outputs) pickles several times faster this way.
-            payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            payload = b"__main__"
-        if b"__main__" in payload:
-            # Lambdas, closures and anything defined in the user's script must travel by
-            # value: another process's __main__ does not have them.
-            payload = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        flags = 0
         if compress:
-            payload = zlib.compress(payload, 1)
-            flags |= _COMPRESSED
-        return b"".join((MAGIC, bytes([flags]), self._mac(flags, payload), payload))
+            flags = _COMPRESSED
+            parts: list[bytes | memoryview] = [zlib.compress(pickle_in_band(obj), 1)]
+        else:
+            flags = _OUT_OF_BAND
+            parts = pickle_out_of_band(obj)
+        mac = hmac.new(self._secret, bytes([flags]), hashlib.sha256)
+        for part in parts:
+            mac.update(part)
+        return b"".join((MAGIC, bytes([flags]), mac.digest(), *parts))
 
     def loads(self, blob: bytes, what: str = "blob") -> Any:
         view = memoryview(blob)
@@ -95,8 +99,11 @@ class Signer:
                 f"refusing to unpickle {what}: its signature does not match this "
                 "Scheduler's secret (tampered, or written with another secret)"
             )
-        data = zlib.decompress(payload) if flags & _COMPRESSED else payload
-        return pickle.loads(data)
+        if flags & _COMPRESSED:
+            return pickle.loads(zlib.decompress(payload))
+        if flags & _OUT_OF_BAND:
+            return unpickle_out_of_band(payload)
+        return pickle.loads(payload)
 
     def dumps_exception(self, exc: BaseException) -> bytes:
         """Sign ``exc`` with its traceback; unpicklable exceptions become RemoteError."""
@@ -106,3 +113,56 @@ class Signer:
         except Exception:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             return self.dumps(RemoteError(type(exc).__qualname__, str(exc), text))
+
+
+def _by_value_needed(stream: bytes) -> bool:
+    """Lambdas, closures and anything defined in the user's script must travel by value:
+    another process's ``__main__`` does not have them."""
+    return b"__main__" in stream
+
+
+def pickle_in_band(obj: Any) -> bytes:
+    try:
+        # Plain data (most task outputs) pickles several times faster than cloudpickle.
+        stream = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    if _by_value_needed(stream):
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return stream
+
+
+def pickle_out_of_band(obj: Any) -> list[bytes | memoryview]:
+    """``obj`` as the parts of an out-of-band payload (joined by the caller)."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        stream = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        by_value = _by_value_needed(stream)
+    except Exception:
+        by_value = True
+    if by_value:
+        buffers = []
+        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    try:
+        raws = [buffer.raw() for buffer in buffers]
+    except BufferError:
+        # A non-contiguous buffer: keep everything in band.
+        raws, stream = [], pickle_in_band(obj)
+    counts = _COUNTS.pack(len(raws), len(stream))
+    sizes = struct.pack(f"<{len(raws)}Q", *(raw.nbytes for raw in raws))
+    return [counts, sizes, stream, *raws]
+
+
+def unpickle_out_of_band(payload: memoryview) -> Any:
+    count, stream_size = _COUNTS.unpack_from(payload)
+    offset = _COUNTS.size
+    sizes = struct.unpack_from(f"<{count}Q", payload, offset)
+    offset += 8 * count
+    stream = payload[offset : offset + stream_size]
+    offset += stream_size
+    buffers = []
+    for size in sizes:
+        # A copy, so that arrays come back writable, as in-band pickle gives them.
+        buffers.append(bytearray(payload[offset : offset + size]))
+        offset += size
+    return pickle.loads(stream, buffers=buffers)

@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from dask_serverless import events
-from dask_serverless.storage.redis import RunStore, Scripts
+from dask_serverless.storage.redis import RunStore, Scripts, client_for
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.cache import OutputCache
@@ -97,7 +97,7 @@ class WorkerEnvironment:
         handoff_margin_ms: int = 0,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
-        self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
+        self.redis = client_for(redis_url)
         self.scripts = Scripts(self.redis)
         self.signer = Signer(secret)
         self.invoker = invoker
