@@ -181,6 +181,7 @@ class Scheduler:
                 internal=bundling.internal,
                 cluster_output_bytes=self.cluster_output_bytes,
                 memory=plan.worker_memory(),
+                concurrency=getattr(self.backend, "concurrency", None),
             )
         )
         self._run_memory[run_id] = plan.worker_memory()
@@ -273,7 +274,7 @@ class Scheduler:
         timeout: float | None,
     ) -> Sequence[Any]:
         deadline = None if timeout is None else time.monotonic() + float(timeout)
-        store.create(record)
+        store.create(record, invocations=len(starts))
         try:
             self._invoke(store, starts)
             return self._wait(store, progress, deadline, timeout)
@@ -362,6 +363,7 @@ class Scheduler:
         lapsed = store.take_lapsed_leases()
         if lapsed:
             self.recovered_invocations += len(lapsed)
+            store.note_invoked(len(lapsed))
             self._invoke(store, lapsed)
         phase = store.phase()
         if phase == "lost":

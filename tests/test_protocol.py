@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import dask
@@ -26,10 +27,35 @@ def store(redis_client):
 
 def test_a_parent_that_reports_twice_counts_once(store):
     fan_in = [(5, 2)]
-    assert store.complete(1, None, fan_in, None) == []
-    assert store.complete(1, None, fan_in, None) == []
-    assert store.complete(2, None, fan_in, None) == [5]
-    assert store.complete(2, None, fan_in, None) == []
+    assert store.complete(1, None, fan_in, None) == (0, [])
+    assert store.complete(1, None, fan_in, None) == (0, [])
+    assert store.complete(2, None, fan_in, None) == (0, [5])
+    assert store.complete(2, None, fan_in, None) == (0, [])
+
+
+def test_a_worker_with_pending_work_keeps_its_old_restart_point(store, redis_client):
+    store.begin("inv", [0], 5000, want_record=False)
+    store.complete(1, None, [(5, 2)], None, "inv", pending=True)
+    assert store.complete(2, None, [(5, 2)], None, "inv", pending=True) == (1, [5])
+    assert sorted(json.loads(redis_client.hget(store.restart_key, "inv"))) == [0, 5]
+    assert store.complete(3, None, [(6, 1)], None, "inv", pending=False) == (1, [6])
+    assert json.loads(redis_client.hget(store.restart_key, "inv")) == [6]
+
+
+def test_the_load_counts_queued_and_running_invocations(redis_client):
+    run = RunStore(redis_client, new_run_id(), ttl_s=60)
+    run.create(b"record", invocations=3)
+    try:
+        assert run.load() == 3
+        run.begin("a", [0], 5000, want_record=False)
+        assert run.load() == 3
+        run.begin("a", [0], 5000, want_record=False)
+        run.note_invoked(2)
+        assert run.load() == 5
+        run.release_lease("a")
+        assert run.load() == 4
+    finally:
+        run.purge(4)
 
 
 def claims_of_racing_parents(store: RunStore, parents: int) -> int:
@@ -37,7 +63,7 @@ def claims_of_racing_parents(store: RunStore, parents: int) -> int:
     fan_in = [(parents + 1, parents)]
     with ThreadPoolExecutor(parents) as pool:
         claims = list(pool.map(lambda p: store.complete(p, None, fan_in, None), range(parents)))
-    return sum(len(claimed or []) for claimed in claims)
+    return sum(len(claimed[1]) for claimed in claims if claimed is not None)
 
 
 def test_exactly_one_of_many_racing_parents_claims_the_child(redis_client):

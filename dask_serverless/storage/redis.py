@@ -18,6 +18,8 @@ Keys of one run (``P = dsl:{<run-id>}:``):
 ``P leases``  zset      running invocation id → lease expiry (Redis clock, ms); a worker
                         renews its lease while it works, a lapsed lease means it died
 ``P restart`` hash      running invocation id → JSON list of the nodes to restart it from
+``P queued``  string    invocations sent but not begun; with ``leases`` it is the run's
+                        load, which workers weigh against the platform's concurrency
 ``P events``  stream    batched events for the client (progress, errors, finished)
 ``P signal``  list      one entry per decisive event (first error, finished): a client
                         that shows no progress sleeps in BLPOP on it, not on the stream
@@ -44,12 +46,15 @@ from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRes
 _DELETE_CHUNK = 5000
 
 # Publish a finished task: store its output, append events, count it once in every fan-in
-# child's inbox and claim the children it made ready. The children this caller won become
-# its lease's restart point (they are only runnable by it now); ARGV[6] == '1' means the
-# caller has nothing else to do, so if it won nothing its lease is released. Returns the
-# 1-based positions of the won children among the inboxes, or nil when the run is gone.
-# KEYS: record, events, output, leases, restart, inbox…
-# ARGV: ttl, output|'', parent, events|'', invocation, release, (child, needed)…
+# child's inbox and claim the children it made ready. The children this caller won are
+# only runnable by it now, so they join its lease's restart point — replacing it when
+# the caller has nothing else pending (ARGV[7] == '0'), else added to it, as the pending
+# work is only reachable from the old point. ARGV[6] == '1' means the caller has nothing
+# else to do, so if it won nothing its lease is released. Returns the run's load (running
+# plus queued invocations) followed by the 1-based positions of the won children among
+# the inboxes, or nil when the run is gone.
+# KEYS: record, events, output, leases, restart, queued, inbox…
+# ARGV: ttl, output|'', parent, events|'', invocation, release, keep, (child, needed)…
 _COMPLETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local ttl = ARGV[1]
@@ -59,32 +64,43 @@ if ARGV[4] ~= '' then
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 local won, children = {}, {}
-for i = 6, #KEYS do
+for i = 7, #KEYS do
   local inbox = KEYS[i]
-  local position = i - 5
+  local position = i - 6
   redis.call('HSETNX', inbox, ARGV[3], '1')
   redis.call('EXPIRE', inbox, ttl)
-  if redis.call('HLEN', inbox) >= tonumber(ARGV[6 + 2 * position])
+  if redis.call('HLEN', inbox) >= tonumber(ARGV[7 + 2 * position])
       and redis.call('HSETNX', inbox, '!', '1') == 1 then
     won[#won + 1] = position
-    children[#children + 1] = tonumber(ARGV[5 + 2 * position])
+    children[#children + 1] = tonumber(ARGV[6 + 2 * position])
   end
 end
 if #won > 0 then
+  if ARGV[7] == '1' then
+    local old = redis.call('HGET', KEYS[5], ARGV[5])
+    if old then
+      for _, node in ipairs(cjson.decode(old)) do children[#children + 1] = node end
+    end
+  end
   redis.call('HSET', KEYS[5], ARGV[5], cjson.encode(children))
 elseif ARGV[6] == '1' then
   redis.call('ZREM', KEYS[4], ARGV[5])
   redis.call('HDEL', KEYS[5], ARGV[5])
 end
+local load = redis.call('ZCARD', KEYS[4]) + tonumber(redis.call('GET', KEYS[6]) or '0')
+table.insert(won, 1, load)
 return won
 """
 
 # Start an invocation: nil if the run is gone, {0} for a duplicate delivery, else take a
 # lease, note where to restart from, and return {1} and, when asked, the run record.
-# KEYS: record, inv, leases, restart. ARGV: invocation, ttl, want_record, lease_ms, tasks.
+# KEYS: record, inv, leases, restart, queued.
+# ARGV: invocation, ttl, want_record, lease_ms, tasks.
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then return {0} end
+if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
+redis.call('EXPIRE', KEYS[5], ARGV[2])
 local now = redis.call('TIME')
 local expiry = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[4])
 redis.call('ZADD', KEYS[3], expiry, ARGV[1])
@@ -249,6 +265,7 @@ class RunStore:
         self.invocations_key = self.prefix + "inv"
         self.leases_key = self.prefix + "leases"
         self.restart_key = self.prefix + "restart"
+        self.queued_key = self.prefix + "queued"
         scripts = scripts or Scripts(client)
         self._complete = scripts.complete
         self._begin = scripts.begin
@@ -268,16 +285,37 @@ class RunStore:
     def run_keys(self, node_count: int) -> list[str]:
         """Every key this run may have written: outputs and inboxes of all its nodes."""
         keys = [self.events_key, self.result_key, self.error_key, self.invocations_key]
-        keys += [self.leases_key, self.restart_key, self.signal_key]
+        keys += [self.leases_key, self.restart_key, self.signal_key, self.queued_key]
         keys += [self.output_key(i) for i in range(node_count)]
         keys += [self.inbox_key(i) for i in range(node_count)]
         return keys
 
     # -- client side -------------------------------------------------------------------
 
-    def create(self, record: bytes) -> None:
-        if not self.client.set(self.record_key, record, ex=self.ttl_s, nx=True):
+    def create(self, record: bytes, invocations: int = 0) -> None:
+        """Store the run record, counting the ``invocations`` about to start the run."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.record_key, record, ex=self.ttl_s, nx=True)
+            pipe.set(self.queued_key, invocations, ex=self.ttl_s)
+            created, _ = pipe.execute()
+        if not created:
             raise RuntimeError(f"run {self.run_id} already exists")
+
+    def load(self) -> int:
+        """How many invocations of the run are running or queued."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.leases_key)
+            pipe.get(self.queued_key)
+            running, queued = pipe.execute()
+        return int(running) + int(queued or 0)
+
+    def note_invoked(self, count: int) -> None:
+        """Count ``count`` invocations about to be sent in the run's load."""
+        if count > 0:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.incrby(self.queued_key, count)
+                pipe.expire(self.queued_key, self.ttl_s)
+                pipe.execute()
 
     def read_events(self, cursor: bytes, block_ms: int | None) -> tuple[bytes, list[bytes]]:
         """Event batches after ``cursor``, waiting up to ``block_ms`` (None: not) for one."""
@@ -324,7 +362,13 @@ class RunStore:
         ``(True, record-or-None)``.
         """
         reply = self._begin(
-            keys=[self.record_key, self.invocations_key, self.leases_key, self.restart_key],
+            keys=[
+                self.record_key,
+                self.invocations_key,
+                self.leases_key,
+                self.restart_key,
+                self.queued_key,
+            ],
             args=[
                 invocation_id,
                 self.ttl_s,
@@ -364,11 +408,14 @@ class RunStore:
         events: bytes | None,
         invocation_id: str = "",
         last_step: bool = False,
-    ) -> list[int] | None:
-        """Publish node ``index``; returns the fan-in children this caller claimed.
+        pending: bool = False,
+    ) -> tuple[int, list[int]] | None:
+        """Publish node ``index``; returns the run's load and the fan-in children won.
 
         ``fan_in`` holds ``(child, dependency_count)`` pairs. ``last_step`` says the caller
         has nothing else to run unless it wins a child: its lease is then released.
+        ``pending`` says it has other work queued, which only its old restart point leads
+        back to. The load is how many invocations of the run are running or queued.
         ``None`` means the run was finished or purged meanwhile and the caller should stop.
         """
         keys = [
@@ -377,6 +424,7 @@ class RunStore:
             self.output_key(index),
             self.leases_key,
             self.restart_key,
+            self.queued_key,
         ]
         keys += [self.inbox_key(child) for child, _ in fan_in]
         args: list[Any] = [
@@ -386,13 +434,15 @@ class RunStore:
             events or b"",
             invocation_id,
             "1" if last_step else "0",
+            "1" if pending else "0",
         ]
         for child, count in fan_in:
             args += [child, count]
-        won = self._complete(keys=keys, args=args)
-        if won is None:
+        reply = self._complete(keys=keys, args=args)
+        if reply is None:
             return None
-        return [fan_in[position - 1][0] for position in won]
+        load, *won = reply
+        return int(load), [fan_in[position - 1][0] for position in won]
 
     def flush_events(self, events: bytes) -> bool:
         """Append events; False when the run is gone."""

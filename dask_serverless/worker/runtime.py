@@ -54,6 +54,8 @@ from dask_serverless.worker.cache import OutputCache
 from dask_serverless.worker.metrics import TaskMeter
 
 EVENT_FLUSH_S = 0.1
+# How often a worker with queued work re-reads the run's load (see ``WorkerLogic.share``).
+LOAD_CHECK_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ class RunRecord:
     # The configuration (memory MB) the plan gives each node, None for "any" (the sink);
     # no plan: every node runs wherever it is ready (see ``dask_serverless.planning``).
     memory: tuple[int | None, ...] | None = None
+    # The platform's concurrency limit, when known. Workers then invoke new workers for
+    # ready children only while the run's load (running plus queued invocations) is below
+    # it, and run the others themselves: an invocation that would only wait in the
+    # platform's queue costs more than running its task here. Unknown (AWS Lambda scales
+    # out): every ready child beyond the first gets a new worker, as in WUKONG.
+    concurrency: int | None = None
 
     def memory_of(self, index: int) -> int | None:
         return None if self.memory is None else self.memory[index]
@@ -159,6 +167,9 @@ class Branch:
     completed: list[int] = field(default_factory=list)
     pending_events: list[events.Event] = field(default_factory=list)
     last_flush: float = field(default_factory=time.monotonic)
+    # The run's load as Redis last reported it, plus the invocations made since.
+    load: int | None = None
+    load_checked: float = field(default_factory=time.monotonic)
 
     @property
     def dag(self) -> DAG:
@@ -204,9 +215,22 @@ class Branch:
         if batch is not None and not self.store.flush_events(batch):
             raise RunGone()
 
+    def spare_capacity(self) -> int | None:
+        """Invocations the platform could still start at once; None when unknown."""
+        if self.record.concurrency is None or self.load is None:
+            return None
+        return self.record.concurrency - self.load
+
+    def note_load(self, load: int) -> None:
+        self.load = load
+        self.load_checked = time.monotonic()
+
     def invoke(self, children: Sequence[int]) -> None:
         if not children:
             return
+        if self.record.concurrency is not None:
+            self.store.note_invoked(len(children))
+            self.load = (self.load or 0) + len(children)
         payloads = [
             invocation(
                 self.record.run_id,
@@ -326,7 +350,10 @@ class WorkerLogic:
             else:
                 fan_in.append((child, count))
         external_single = sum(1 for c in ready if c not in internal)
-        clustered = external_single > 1 and self.keep_together(branch, index, value)
+        spare = branch.spare_capacity()
+        clustered = external_single > 1 and (
+            (spare is not None and spare <= 0) or self.keep_together(branch, index, value)
+        )
         if clustered:
             branch.clustered.add(index)
         leaves = output_leaves_worker(dag, index, internal, clustered)
@@ -344,11 +371,19 @@ class WorkerLogic:
                 f"{branch.record.max_output_bytes} bytes (serverless.max-output-bytes)"
             )
         releasing = last_step and not ready
-        won = branch.store.complete(
-            index, blob, fan_in, branch.take_events(), branch.invocation_id, releasing
+        reply = branch.store.complete(
+            index,
+            blob,
+            fan_in,
+            branch.take_events(),
+            branch.invocation_id,
+            releasing,
+            pending=not last_step or bool(ready),
         )
-        if won is None:
+        if reply is None:
             raise RunGone()
+        load, won = reply
+        branch.note_load(load)
         if releasing and not won:
             branch.lease_held = False
         return ready + won
@@ -357,18 +392,53 @@ class WorkerLogic:
         """(children to continue with here, children to hand to new workers).
 
         A bundle's internal children stay; of the others, the first continues here and
-        the rest go to new workers, concurrently.
+        the rest go to new workers, concurrently — as many as the platform has room for
+        (``RunRecord.concurrency``); the remainder stays here too, to be handed on later
+        should room appear (``share``). A child planned for another configuration always
+        goes to a worker of that configuration.
         """
         internal = branch.record.internal
         here = [c for c in ready if c in internal]
         others = [c for c in ready if c not in internal]
+        fitting = [c for c in others if branch.fits(c)]
+        elsewhere = [c for c in others if not branch.fits(c)]
         if index in branch.clustered:
-            return here + [c for c in others if branch.fits(c)], [
-                c for c in others if not branch.fits(c)
-            ]
-        # A child planned for another configuration goes to a worker of that configuration.
-        first = [c for c in others if branch.fits(c)][:1]
-        return here + first, [c for c in others if c not in first]
+            return here + fitting, elsewhere
+        spare = branch.spare_capacity()
+        room = len(fitting) if spare is None else max(0, spare - len(elsewhere))
+        return here + fitting[:1] + fitting[1 + room :], elsewhere + fitting[1 : 1 + room]
+
+    def share(self, branch: Branch, stack: list[int]) -> list[int]:
+        """Tasks from the bottom of ``stack`` to hand to new workers now that there is room.
+
+        A worker that kept children because the platform was busy gives them away as
+        soon as the run's load drops (learnt from its writes, or re-read every
+        ``LOAD_CHECK_S`` while it has work queued). Bundle members stay: their internal
+        children are counted in this invocation's memory.
+        """
+        if len(stack) < 2 or branch.record.concurrency is None:
+            return []
+        if time.monotonic() - branch.load_checked > LOAD_CHECK_S:
+            branch.note_load(branch.store.load())
+        spare = branch.spare_capacity() or 0
+        if spare <= 0:
+            return []
+        movable = [
+            i
+            for i in stack[:-1]
+            if not in_bundle(branch, i) and branch.fits(i) and not self._needs_large_held(branch, i)
+        ]
+        return movable[:spare]
+
+    @staticmethod
+    def _needs_large_held(branch: Branch, index: int) -> bool:
+        """Does ``index`` read an output held here that is too large to move cheaply?"""
+        return any(
+            p in branch.unstored
+            and p in branch.values
+            and sizeof(branch.values[p]) >= branch.record.cluster_output_bytes
+            for p in branch.dag.dependencies[index]
+        )
 
     def keep_together(self, branch: Branch, index: int, value: Any) -> bool:
         """Whether to run all of ``index``'s single-dependency children here.
@@ -422,6 +492,10 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
             branch.hold(index, value, waiting_here + sum(1 for c in here if c not in internal))
             branch.completed.append(index)
             stack.extend(here)
+            shared = logic.share(branch, stack)
+            if shared:
+                hand_on(branch, shared)
+                stack[:] = [i for i in stack if i not in shared]
             if stack and logic.hand_off_due(branch):
                 hand_off(branch, stack)
                 stack.clear()
@@ -478,6 +552,23 @@ def hand_off(branch: Branch, stack: Sequence[int]) -> None:
         )
     else:
         branch.invoke(stack)
+
+
+def in_bundle(branch: Branch, index: int) -> bool:
+    """Is ``index`` a bundle member: internal itself, or a parent of an internal node?"""
+    internal = branch.record.internal
+    return index in internal or any(c in internal for c in branch.dag.dependents[index])
+
+
+def hand_on(branch: Branch, tasks: Sequence[int]) -> None:
+    """Give queued ``tasks`` to new workers: store the held inputs they need, invoke."""
+    for task in tasks:
+        for parent in branch.dag.dependencies[task]:
+            if parent in branch.values:
+                if parent in branch.unstored:
+                    store_held(branch, parent, branch.values[parent])
+                branch.take_held(parent)
+    branch.invoke(tasks)
 
 
 def store_held(branch: Branch, index: int, value: Any) -> None:
