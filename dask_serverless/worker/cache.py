@@ -32,8 +32,9 @@ class OutputCache:
         self._entries.move_to_end((run_id, index))
         return True, entry[0]
 
-    def put(self, run_id: str, index: int, value: Any) -> None:
-        size = int(sizeof(value))
+    def put(self, run_id: str, index: int, value: Any, size: int | None = None) -> None:
+        """Keep ``value``; ``size`` is its ``dask.sizeof`` when the caller knows it."""
+        size = int(sizeof(value)) if size is None else size
         if size > self.max_bytes or (run_id, index) in self._entries:
             return
         self._entries[(run_id, index)] = (value, size)

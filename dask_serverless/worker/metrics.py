@@ -2,7 +2,8 @@
 
 ``TaskMeter`` times one task through the branch loop's stages — gather (download),
 execute, publish (upload) — and sizes its inputs and output with ``dask.sizeof`` (the
-same measure whether an input came from Redis or from this worker's memory). The metrics
+same measure whether an input came from Redis or from this worker's memory), each value
+once (``Branch.size_of``). The metrics
 ride in the task's ``done`` event; the upload's duration, known only once the publish
 script returned, follows in an ``up`` event of a later batch. Nothing here talks to Redis.
 """
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
-
-from dask.sizeof import sizeof
 
 from dask_serverless import events
 
@@ -39,12 +38,13 @@ class TaskMeter:
     def done(self, inputs: dict[int, Any], value: Any) -> events.Event:
         """The task's ``done`` event, with its metrics."""
         branch, now = self.branch, time.time()
-        downloaded = sum(sizeof(v) for p, v in inputs.items() if p not in self.held)
+        sizes = {p: branch.size_of(p, v) for p, v in inputs.items()}
+        downloaded = sum(size for p, size in sizes.items() if p not in self.held)
         metrics = [
             branch.memory_mb or 0,
             int(branch.cold),
-            sum(sizeof(v) for v in inputs.values()),
-            sizeof(value),
+            sum(sizes.values()),
+            branch.size_of(self.index, value),
             round(self.gathered_at - self.started, 6),
             round(now - self.gathered_at, 6),
             downloaded,

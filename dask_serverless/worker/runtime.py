@@ -167,6 +167,7 @@ class Branch:
     completed: list[int] = field(default_factory=list)
     pending_events: list[events.Event] = field(default_factory=list)
     last_flush: float = field(default_factory=time.monotonic)
+    sizes: dict[int, int] = field(default_factory=dict)
     # The run's load as Redis last reported it, plus the invocations made since.
     load: int | None = None
     load_checked: float = field(default_factory=time.monotonic)
@@ -252,7 +253,18 @@ class Branch:
 
     def remember(self, index: int, value: Any) -> None:
         if self.cache is not None:
-            self.cache.put(self.record.run_id, index, value)
+            self.cache.put(self.record.run_id, index, value, self.size_of(index, value))
+
+    def size_of(self, index: int, value: Any) -> int:
+        """``dask.sizeof`` of node ``index``'s output, computed once per invocation.
+
+        Sizing a pandas frame walks its columns; a task's output is sized for its metrics,
+        its consumers' metrics, clustering and the cache, so it is remembered.
+        """
+        size = self.sizes.get(index)
+        if size is None:
+            size = self.sizes[index] = int(sizeof(value))
+        return size
 
     def fits(self, index: int) -> bool:
         """Whether node ``index`` may run in this invocation's configuration."""
@@ -436,7 +448,7 @@ class WorkerLogic:
         return any(
             p in branch.unstored
             and p in branch.values
-            and sizeof(branch.values[p]) >= branch.record.cluster_output_bytes
+            and branch.size_of(p, branch.values[p]) >= branch.record.cluster_output_bytes
             for p in branch.dag.dependencies[index]
         )
 
@@ -446,7 +458,7 @@ class WorkerLogic:
         WUKONG's task clustering: moving a large output to many workers costs more than
         running its consumers where it already is.
         """
-        return sizeof(value) >= branch.record.cluster_output_bytes
+        return branch.size_of(index, value) >= branch.record.cluster_output_bytes
 
     def hand_off_due(self, branch: Branch) -> bool:
         """Whether to hand the rest of the branch to a fresh invocation now.
