@@ -59,6 +59,7 @@ from dask_serverless.backends.resources import (
     InstanceGroup,
     TaskOutOfMemoryError,
     TaskSlot,
+    limit_native_threads,
 )
 from dask_serverless.storage.redis import RunStore, client_for
 from dask_serverless.storage.serialize import Signer
@@ -121,6 +122,8 @@ def instance_main(settings: InstanceSettings, connection: Connection) -> None:
     """The life of one instance: serve invocations until told to stop."""
     if settings.cgroup is not None:
         settings.cgroup.enter()
+    if settings.memory_mb:
+        limit_native_threads(settings.memory_mb, os.cpu_count() or 1)
     if settings.worker_environment is not None:
         environment = settings.worker_environment()
     else:

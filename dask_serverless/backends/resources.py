@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 MB_PER_VCPU = 1769
 # A short period spreads a small share evenly: with 100 ms, a 0.3-CPU instance runs a
 # short task at full speed for 30 ms and then stalls for 70, so its slowdown depends on
@@ -60,6 +62,25 @@ class TaskOutOfMemoryError(MemoryError):
 def cpu_share(memory_mb: float, cores: float) -> float:
     """vCPUs a configuration gets: one per 1769 MB, at most ``cores``."""
     return min(memory_mb / MB_PER_VCPU, cores)
+
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def limit_native_threads(memory_mb: int, cores: float) -> int:
+    """Size native thread pools (BLAS, OpenMP) to the vCPUs ``memory_mb`` buys.
+
+    On AWS Lambda a function sees only its vCPUs, so numpy's BLAS starts that many
+    threads. A local instance sees the whole machine: with two BLAS threads under a
+    one-vCPU quota, a matrix product waits out the quota instead of computing. Pools
+    already loaded (numpy is preloaded in the fork server) are resized with
+    threadpoolctl; libraries loaded later read the environment. Returns the thread count.
+    """
+    threads = max(1, int(cpu_share(memory_mb, cores)))
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    threadpool_limits(limits=threads)
+    return threads
 
 
 class TaskSlot:
