@@ -21,6 +21,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import dask.order
 from dask._task_spec import Task, TaskRef
@@ -87,7 +88,7 @@ def compare(repeat: int, heavy_s: float, sla: str, deadline: str) -> list[list[s
     loops = loops_for(heavy_s)
     graph, key = workflow(loops)
     rows = []
-    options = {"concurrency": 8, "sla": sla, "deadline": deadline, "timeout": 600}
+    options: dict[str, Any] = {"concurrency": 8, "sla": sla, "deadline": deadline, "timeout": 600}
     with Scheduler(planner="uniform-3008", **options) as uniform:
         # Both Schedulers share the embedded Redis of the first, and so its history.
         redis_url = uniform._redis.connection_pool.connection_kwargs
@@ -110,7 +111,7 @@ def compare(repeat: int, heavy_s: float, sla: str, deadline: str) -> list[list[s
                     assert run is not None
                     results[name].append((run.actual_makespan_s, run.cost_gb_s))
             print(planned.last_run)
-            throttled = "" if uniform.backend.throttled else " (unthrottled)"
+            throttled = "" if getattr(uniform.backend, "throttled", True) else " (unthrottled)"
             for name, label in (("uniform", "uniform 3008 MB"), ("planned", "critical-path")):
                 makespan = statistics.mean(m for m, _ in results[name])
                 cost = statistics.mean(c for _, c in results[name])

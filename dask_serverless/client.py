@@ -360,6 +360,11 @@ class Scheduler:
         Returns whether the run is sealed (its result stored). A run found sealed twice in
         a row lost its sink's worker between storing the result and announcing it.
         """
+        failure = getattr(self.backend, "failure", None)
+        if failure is not None:
+            raise RuntimeError(
+                f"the {self.backend.name} backend stopped serving invocations: {failure}"
+            ) from failure
         lapsed = store.take_lapsed_leases()
         if lapsed:
             self.recovered_invocations += len(lapsed)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import dask
@@ -79,3 +81,26 @@ def test_consumers_of_a_large_output_run_where_it_is(redis_url):
             [dask.delayed(pid_with)(small, 0.3) for _ in range(6)], scheduler=sched
         )[0]
         assert len(set(pids)) > 1
+
+
+SCRIPT_WITHOUT_MAIN_GUARD = """
+import dask
+from dask_serverless import Scheduler
+
+with Scheduler(redis={url!r}, timeout=120) as sched:
+    print(dask.delayed(sum)([1, 2, 3]).compute(scheduler=sched))
+"""
+
+
+def test_a_script_without_main_guard_fails_fast_with_the_fix(redis_url, tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(SCRIPT_WITHOUT_MAIN_GUARD.format(url=redis_url))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert "stopped serving invocations" in last_line
+    assert "if __name__ == '__main__':" in last_line
+    assert time.monotonic() - started < 60

@@ -68,6 +68,12 @@ from dask_serverless.worker import handler
 # Modules worth importing once in the fork server when the client already uses them.
 _PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
 _TICK_S = 0.1
+_MAX_FAILED_BOOTS = 3
+_MAIN_GUARD_HINT = (
+    "Local worker instances start from multiprocessing's fork server, which imports the "
+    "main module: a script that computes with dask-serverless must do so under "
+    "`if __name__ == '__main__':`, as with dask's 'processes' scheduler."
+)
 _FUNCTION_NAME = "dask-serverless-local"
 
 # Messages on an instance's pipe (instance → dispatcher): ("ready",) after booting and
@@ -197,6 +203,8 @@ class LocalBackend:
         worker_environment: Callable[[], handler.WorkerEnvironment] | None = None,
         enforce_resources: bool = True,
     ) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            raise RuntimeError(_MAIN_GUARD_HINT)
         self.concurrency = int(concurrency or os.cpu_count() or 1)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -210,6 +218,9 @@ class LocalBackend:
         preload += [name for name in _PRELOAD_IF_LOADED if name in sys.modules]
         self._mp.set_forkserver_preload(preload)
         self.cold_starts = 0
+        # Why the platform stopped serving invocations, if it did; clients raise it.
+        self.failure: BaseException | None = None
+        self._failed_boots = 0
         self.lost_instances = 0
         self.out_of_memory = 0
         self._queue = InvocationQueue(int(memory_mb))
@@ -250,6 +261,14 @@ class LocalBackend:
             self._queue.extend([payload] * self.deliveries)
 
     def _dispatch_forever(self) -> None:
+        """Serve invocations until closed; a failure is kept for clients to raise."""
+        try:
+            self._dispatch()
+        except Exception as error:
+            self.failure = error
+            traceback.print_exc(file=sys.stderr)
+
+    def _dispatch(self) -> None:
         while not self._closed.is_set():
             with self._lock:
                 connections = [self._wake_reader, *self._instances]
@@ -276,6 +295,7 @@ class LocalBackend:
             if message[0] == _INVOKE:
                 self._enqueue(message[1])
             elif message[0] == _READY:
+                self._failed_boots = 0
                 instance.booted = True
                 instance.payload = None
                 instance.idle_since = time.monotonic()
@@ -295,6 +315,13 @@ class LocalBackend:
             self._report_out_of_memory(dying)
         with self._lock:
             instance = self._instances.pop(connection, None)
+            if instance is not None and not instance.booted:
+                self._failed_boots += 1
+                if self._failed_boots >= _MAX_FAILED_BOOTS:
+                    self.failure = RuntimeError(
+                        f"{self._failed_boots} worker instances in a row exited before they "
+                        f"started. {_MAIN_GUARD_HINT}"
+                    )
             if instance is not None and instance.payload is not None:
                 self.lost_instances += 1
                 self._queue.appendleft(instance.payload)
@@ -306,6 +333,8 @@ class LocalBackend:
     def _assign(self) -> None:
         """Hand queued invocations to idle instances of their configuration; start
         instances for the rest, replacing idle ones of other configurations at the limit."""
+        if self.failure is not None:
+            return
         for instance in [i for i in self._instances.values() if i.idle]:
             payload = self._queue.popleft(instance.memory_mb)
             if payload is None:

@@ -1,0 +1,122 @@
+"""Where the per-task time of a workload goes, client and workers, in one profile.
+
+``python -m benchmarks.profile_tasks [--workload noop-tree] [--quick] [--top 25]``
+
+The workers normally live in other processes, out of a profiler's sight. Here an
+``InlineBackend`` runs every invocation in this process, one after another, with the
+same handler, Redis scripts and record as the local pool (only the pipe to an instance
+and the parallelism are left out), so one cProfile sees the whole path of a task:
+the client translating, planning and signing, the workers loading the record,
+gathering, executing, publishing and reporting. The output groups the profile by stage
+and divides each stage by the task count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import importlib
+import pstats
+import time
+from collections.abc import Sequence
+
+import dask
+
+from benchmarks.schedulers import import_ours
+from benchmarks.workloads import WORKLOADS, count_tasks
+
+# Stages of a task's life, by the functions whose cumulative time they are.
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("client: translate (incl. dask's graph optimization)", "graph.py", "translate"),
+    ("client: plan", "planning/__init__.py", "plan"),
+    ("client: sign the record", "client.py", "_sign_record"),
+    ("client: finish (history, report)", "planning/__init__.py", "finish"),
+    ("worker: load the run record", "serialize.py", "loads"),
+    ("worker: gather inputs", "runtime.py", "gather"),
+    ("worker: execute", "runtime.py", "execute"),
+    ("worker: publish (Redis script, events)", "runtime.py", "publish"),
+    ("worker: metrics", "metrics.py", "done"),
+    ("worker: task slot / OOM note", "resources.py", "note"),
+    ("worker: split and share", "runtime.py", "split"),
+    ("worker: whole branch loop", "runtime.py", "run_branch"),
+)
+
+
+class InlineBackend:
+    """Runs invocations in the calling process, in order, until none are left."""
+
+    name = "inline"
+    concurrency = 2
+
+    def __init__(self, redis_url: str, secret: bytes) -> None:
+        handler = importlib.import_module("dask_serverless.worker.handler")
+        self._handler = handler
+        self._queue: collections.deque[dict] = collections.deque()
+        self._draining = False
+        handler.install(handler.WorkerEnvironment(redis_url, secret, self, "inline:0"))
+
+    def invoke(self, payloads: Sequence[dict]) -> None:
+        self._queue.extend(payloads)
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue:
+                self._handler.handler(self._queue.popleft(), None)
+        finally:
+            self._draining = False
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+def stage_table(stats: pstats.Stats, tasks: int) -> list[tuple[str, float, float]]:
+    """``(stage, seconds, µs per task)`` from the cumulative times in ``stats``."""
+    found: dict[str, float] = {}
+    raw = stats.stats  # type: ignore[attr-defined]
+    for (filename, _line, function), (_cc, _nc, _tt, cumulative, _callers) in raw.items():
+        for stage, suffix, name in STAGES:
+            if function == name and filename.endswith(suffix):
+                found[stage] = found.get(stage, 0.0) + cumulative
+    return [
+        (stage, found.get(stage, 0.0), found.get(stage, 0.0) / tasks * 1e6) for stage, *_ in STAGES
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_tasks")
+    parser.add_argument("--workload", default="noop-tree", choices=[w.name for w in WORKLOADS])
+    parser.add_argument("--quick", action="store_true", help="the --quick size of the workload")
+    parser.add_argument("--top", type=int, default=25, help="functions to list by own time")
+    args = parser.parse_args(argv)
+    workload = next(w for w in WORKLOADS if w.name == args.workload)
+    ours = import_ours()
+    embedded = importlib.import_module("dask_serverless.storage.embedded").EmbeddedRedis()
+    secret = importlib.import_module("dask_serverless.storage.serialize").new_secret()
+    backend = InlineBackend(embedded.url, secret)
+    try:
+        with ours.Scheduler(redis=embedded.url, secret=secret, backend=backend) as sched:
+            tasks = count_tasks(workload.build(args.quick)) or 1
+            for _ in range(2):  # warm-up, and history for the planner
+                dask.compute(*workload.build(args.quick), scheduler=sched)
+            collections_ = workload.build(args.quick)
+            profiler = cProfile.Profile()
+            started = time.perf_counter()
+            profiler.enable()
+            dask.compute(*collections_, scheduler=sched)
+            profiler.disable()
+            wall = time.perf_counter() - started
+    finally:
+        embedded.stop()
+    stats = pstats.Stats(profiler)
+    print(f"{workload.name}: {tasks} tasks, {wall:.3f} s in one process under cProfile")
+    print(f"{'stage':55} {'s':>8} {'µs/task':>8}")
+    for stage, seconds, per_task in stage_table(stats, tasks):
+        print(f"{stage:55} {seconds:8.3f} {per_task:8.1f}")
+    print()
+    stats.sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
