@@ -42,6 +42,15 @@ def test_a_worker_with_pending_work_keeps_its_old_restart_point(store, redis_cli
     assert json.loads(redis_client.hget(store.restart_key, "inv")) == [6]
 
 
+def test_a_large_output_is_stored_and_never_outlives_its_run(store, redis_client):
+    large = b"x" * (1 << 20)
+    assert store.complete(1, large, [(3, 2)], None) == (0, [])
+    assert redis_client.get(store.output_key(1)) == large
+    store.purge(8)
+    assert store.complete(2, large, [(3, 2)], None) is None
+    assert not redis_client.exists(store.output_key(2))
+
+
 def test_the_load_counts_queued_and_running_invocations(redis_client):
     run = RunStore(redis_client, new_run_id(), ttl_s=60)
     run.create(b"record", invocations=3)

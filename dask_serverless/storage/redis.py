@@ -53,12 +53,17 @@ _DELETE_CHUNK = 5000
 # else to do, so if it won nothing its lease is released. Returns the run's load (running
 # plus queued invocations) followed by the 1-based positions of the won children among
 # the inboxes, or nil when the run is gone.
+# A large output is SET by the caller just before, in the same MULTI (ARGV[2] == '='): the
+# script deletes it again if the run is gone, and Redis never copies the bytes into Lua.
 # KEYS: record, events, output, leases, restart, queued, inbox…
-# ARGV: ttl, output|'', parent, events|'', invocation, release, keep, (child, needed)…
+# ARGV: ttl, output|'='|'', parent, events|'', invocation, release, keep, (child, needed)…
 _COMPLETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[2] == '=' then redis.call('DEL', KEYS[3]) end
+  return false
+end
 local ttl = ARGV[1]
-if ARGV[2] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ttl) end
+if ARGV[2] ~= '' and ARGV[2] ~= '=' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ttl) end
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
   redis.call('EXPIRE', KEYS[2], ttl)
@@ -438,7 +443,14 @@ class RunStore:
         ]
         for child, count in fan_in:
             args += [child, count]
-        reply = self._complete(keys=keys, args=args)
+        if output is not None and len(output) >= _LARGE_ARGUMENT:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.output_key(index), output, ex=self.ttl_s)
+                args[1] = "="
+                self._complete(keys=keys, args=args, client=pipe)
+                _, reply = pipe.execute()
+        else:
+            reply = self._complete(keys=keys, args=args)
         if reply is None:
             return None
         load, *won = reply
