@@ -25,7 +25,6 @@ once, and says so (``LocalBackend.throttled``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import sys
@@ -93,17 +92,17 @@ class TaskSlot:
         self.array = context.Array("c", _SLOT_BYTES, lock=False)
 
     def note(self, branch: Any, index: int) -> None:
-        text = json.dumps(
-            [branch.record.run_id, branch.store.ttl_s, index, repr(branch.dag.keys[index])[:300]]
-        )
+        # Tab-separated, not JSON: this runs before every task. ``repr`` escapes tabs.
+        key = repr(branch.dag.keys[index])[:300]
+        text = f"{branch.record.run_id}\t{branch.store.ttl_s}\t{index}\t{key}"
         self.array.value = text.encode()[: _SLOT_BYTES - 1]
 
     def read(self) -> tuple[str, int, int, str] | None:
         try:
-            run_id, ttl, index, key = json.loads(self.array.value.decode())
+            run_id, ttl, index, key = self.array.value.decode().split("\t", 3)
+            return run_id, int(ttl), int(index), key
         except ValueError:
             return None
-        return str(run_id), int(ttl), int(index), str(key)
 
 
 @dataclass(frozen=True)

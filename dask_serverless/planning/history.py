@@ -119,14 +119,6 @@ class History:
     transfers: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
     startups: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
 
-    @property
-    def empty(self) -> bool:
-        return not self.tasks
-
-    def memories_of(self, function: str) -> list[int]:
-        """The memory sizes ``function`` has samples at, ascending."""
-        return sorted(m for f, m in self.tasks if f == function)
-
     def knows(self, function: str) -> bool:
         return any(f == function for f, _m in self.tasks)
 

@@ -161,16 +161,14 @@ class Plan:
 
     @classmethod
     def from_timeline(cls, name: str, inputs: PlanInputs, timeline: Timeline, **extra: Any) -> Plan:
-        n = len(inputs.dag)
-        plan = cls(
+        return cls(
             planner=name,
             sla=str(inputs.sla),
             keys=inputs.dag.keys,
-            memory_mb=tuple(timeline.effective_memory(i) for i in range(n)),
+            memory_mb=tuple(timeline.effective_memory(i) for i in range(len(inputs.dag))),
             simulate=lambda: timeline,
             **extra,
         )
-        return plan
 
     @classmethod
     def deferred(cls, name: str, inputs: PlanInputs, memory: Sequence[int], **extra: Any) -> Plan:
@@ -182,7 +180,7 @@ class Plan:
             sla=str(inputs.sla),
             keys=inputs.dag.keys,
             memory_mb=tuple(assigned),
-            simulate=lambda: Timeline(inputs.dag, inputs.costs, assigned),
+            simulate=lambda: simulate(inputs, assigned),
             **extra,
         )
 

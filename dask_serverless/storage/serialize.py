@@ -70,9 +70,10 @@ class Signer:
             raise ValueError("the signing secret must not be empty")
         self._secret = secret
 
-    def _mac(self, flags: int, payload: bytes | memoryview) -> bytes:
+    def _mac(self, flags: int, *parts: bytes | memoryview) -> bytes:
         mac = hmac.new(self._secret, bytes([flags]), hashlib.sha256)
-        mac.update(payload)
+        for part in parts:
+            mac.update(part)
         return mac.digest()
 
     def dumps(self, obj: Any, compress: bool = False) -> bytes:
@@ -82,10 +83,7 @@ class Signer:
         else:
             flags = _OUT_OF_BAND
             parts = pickle_out_of_band(obj)
-        mac = hmac.new(self._secret, bytes([flags]), hashlib.sha256)
-        for part in parts:
-            mac.update(part)
-        return b"".join((MAGIC, bytes([flags]), mac.digest(), *parts))
+        return b"".join((MAGIC, bytes([flags]), self._mac(flags, *parts), *parts))
 
     def loads(self, blob: bytes, what: str = "blob") -> Any:
         view = memoryview(blob)

@@ -37,6 +37,7 @@ Faults:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -227,22 +228,28 @@ class Branch:
         self.load_checked = time.monotonic()
 
     def invoke(self, children: Sequence[int]) -> None:
-        if not children:
+        """One new worker per child, in its planned configuration."""
+        self.send(
+            [
+                invocation(
+                    self.record.run_id,
+                    [child],
+                    self.store.ttl_s,
+                    self.new_invocation_id(),
+                    self.lease_ms,
+                    memory_mb=self.record.memory_of(child),
+                )
+                for child in children
+            ]
+        )
+
+    def send(self, payloads: Sequence[dict]) -> None:
+        """Invoke ``payloads``, counting them in the run's load first when it matters."""
+        if not payloads:
             return
         if self.record.concurrency is not None:
-            self.store.note_invoked(len(children))
-            self.load = (self.load or 0) + len(children)
-        payloads = [
-            invocation(
-                self.record.run_id,
-                [child],
-                self.store.ttl_s,
-                self.new_invocation_id(),
-                self.lease_ms,
-                memory_mb=self.record.memory_of(child),
-            )
-            for child in children
-        ]
+            self.store.note_invoked(len(payloads))
+            self.load = (self.load or 0) + len(payloads)
         self.invoker.invoke(payloads)
 
     def cached(self, index: int) -> tuple[bool, Any]:
@@ -435,12 +442,12 @@ class WorkerLogic:
         spare = branch.spare_capacity() or 0
         if spare <= 0:
             return []
-        movable = [
+        movable = (
             i
             for i in stack[:-1]
             if not in_bundle(branch, i) and branch.fits(i) and not self._needs_large_held(branch, i)
-        ]
-        return movable[:spare]
+        )
+        return list(itertools.islice(movable, spare))
 
     @staticmethod
     def _needs_large_held(branch: Branch, index: int) -> bool:
@@ -550,7 +557,7 @@ def hand_off(branch: Branch, stack: Sequence[int]) -> None:
         # One invocation carries the rest of the bundle and what is already done of it,
         # so that its internal nodes still count their parents right.
         done = [*branch.done_before, *branch.completed]
-        branch.invoker.invoke(
+        branch.send(
             [
                 invocation(
                     branch.record.run_id,
