@@ -1,58 +1,51 @@
-"""The Scheduler: what runs in the user's process.
+"""The Scheduler: the long-lived façade a user hands to dask.
 
-A ``compute`` is one *run*. The Scheduler
+A Scheduler holds what outlives one compute — the Redis connection and its scripts, the
+backend, the secret, the planner with its history, the settings — and turns every
+``get`` into one ``Run`` (``client.run``):
 
-1. translates the dask graph into a DAG (bad input fails here, before anything is sent);
-2. pickles and signs the run record, so an unpicklable task also fails before dispatch;
-3. stores the record — from now on the run is alive — and starts reading the run's event
-   stream from its very beginning, so no event a worker appends can be missed;
-4. invokes one worker per root and from then on only listens (I-2): progress drives the
-   dask callbacks, an error event raises the task's own exception, ``finished`` means the
-   sink's worker stored the result and deleted every intermediate key. While it waits it
-   also *watches*: an invocation whose lease lapsed (its worker died) is re-invoked from
-   its restart point, and a Redis that lost the run (restarted) is a clear error;
-5. reads and deletes the result — or, when the run failed, timed out or was interrupted,
-   deletes every key the run may have written (the record first, which stops every worker
-   from writing again).
+1. translate the dask graph into a DAG (bad input fails here, before anything is sent);
+2. bundle its roots and plan it;
+3. seal (pickle and sign) the run record, so an unpicklable task also fails before
+   dispatch;
+4. hand the run to a ``Run``, which stores the record, invokes the roots and listens, and
+   drive the dask callbacks around it;
+5. record the run's measurements in history and keep its report for ``last_run``.
 """
 
 from __future__ import annotations
 
 import atexit
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-import redis
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
-from dask_serverless import config, events
+from dask_serverless import config
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
-from dask_serverless.bundling import bundle_roots
-from dask_serverless.graph import DAG, translate
+from dask_serverless.client.bundling import bundle_roots
+from dask_serverless.client.progress import RunProgress
+from dask_serverless.client.run import RedisUnavailableError, Run
+from dask_serverless.graph import translate
 from dask_serverless.planning import Plan, Planner, Planning
+from dask_serverless.protocol.keys import new_run_id
+from dask_serverless.protocol.record import RunRecord, seal_record
+from dask_serverless.protocol.store import RunStore, Scripts, connect
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
-from dask_serverless.storage.redis import RunStore, Scripts, connect, new_run_id
 from dask_serverless.storage.serialize import Signer, new_secret
-from dask_serverless.worker.runtime import RunRecord, invocation
 
-_T = TypeVar("_T")
-_POLL_MS = 1000
 # Root bundles per concurrent worker: enough to balance uneven bundles, few enough that
-# each one amortises its invocation (see dask_serverless.bundling).
+# each one amortises its invocation (see dask_serverless.client.bundling).
 _BUNDLES_PER_WORKER = 4
+# Workers assumed for bundling when the platform's concurrency is unknown (AWS Lambda).
 _UNKNOWN_CONCURRENCY = 64
-_BATCH_PAUSE_S = 0.02
-_REDIS_RETRIES = 6
 
-
-class RedisUnavailableError(ConnectionError):
-    """Redis went away during a run, or came back without the run's state."""
+__all__ = ["RedisUnavailableError", "Scheduler", "get"]
 
 
 class Scheduler:
@@ -61,7 +54,8 @@ class Scheduler:
     ``redis=None`` starts a private redis-server for this Scheduler (the embedded
     default); a URL (``redis://``, ``rediss://``, ``unix://``) uses an existing server.
     ``backend`` is ``"local"`` (a local process pool that behaves like a serverless
-    platform), ``"lambda"`` (AWS Lambda functions deployed by ``dask-serverless lambda
+    platform), ``"inline"`` (workers run in this process, one invocation at a time, to
+    step through with pdb), ``"lambda"`` (AWS Lambda functions deployed by ``dask-serverless lambda
     deploy``; ``lambda_function`` names them, ``lambda_endpoint_url`` and
     ``lambda_region`` say where their API is) or a Backend object. Unset arguments come
     from ``dask.config``'s ``serverless.*`` settings. Use it as
@@ -125,7 +119,7 @@ class Scheduler:
             self._backend = create_backend(
                 config.setting("backend", backend), url, self._secret, options
             )
-            workers = getattr(self._backend, "concurrency", None) or _UNKNOWN_CONCURRENCY
+            workers = self._backend.concurrency or _UNKNOWN_CONCURRENCY
             self.bundles = int(workers) * _BUNDLES_PER_WORKER
             # Planning (dask_serverless.planning): per-task memory from history, the SLA.
             self._planning = Planning(
@@ -140,7 +134,6 @@ class Scheduler:
                 min_work_s=float(config.setting("planning.min-work")),
             )
             self._last_report: Callable[[], RunReport] | None = None
-            self._run_memory: dict[str, tuple[int | None, ...]] = {}
         except BaseException:
             self.close()
             raise
@@ -171,55 +164,44 @@ class Scheduler:
         dag = translate(dsk, keys, run_token=run_id)
         bundling = bundle_roots(dag, self.bundles)
         plan = self._planning.plan(dag)
-        record = self._sign_record(
-            RunRecord(
-                run_id,
-                dag,
-                retries=self.retries,
-                retry_backoff_s=self.retry_backoff,
-                max_output_bytes=self.max_output_bytes,
-                internal=bundling.internal,
-                cluster_output_bytes=self.cluster_output_bytes,
-                memory=plan.worker_memory(),
-                concurrency=getattr(self.backend, "concurrency", None),
-            )
+        record = RunRecord(
+            run_id,
+            dag,
+            retries=self.retries,
+            retry_backoff_s=self.retry_backoff,
+            max_output_bytes=self.max_output_bytes,
+            internal=bundling.internal,
+            cluster_output_bytes=self.cluster_output_bytes,
+            memory=plan.worker_memory(),
+            concurrency=self.backend.concurrency,
         )
-        self._run_memory[run_id] = plan.worker_memory()
+        sealed = seal_record(self._signer, record)
         limit = self.timeout if timeout is None else timeout
-        store = RunStore(self._redis, run_id, self.run_ttl, self._scripts)
         with local_callbacks(callbacks) as active:
-            progress = events.RunProgress(dag, callbacks=active)
-            if active:
-                progress.graph = events.callback_graph(dag)
-                progress.state = events.initial_state(dag)
-            started = []
+            run = Run(
+                dag=dag,
+                bundling=bundling,
+                plan=plan,
+                record=record,
+                store=RunStore(self._redis, run_id, self.run_ttl, self._scripts),
+                progress=RunProgress(dag, callbacks=active),
+                backend=self.backend,
+                signer=self._signer,
+                lease_ms=self.lease_ms,
+            )
             succeeded = False
             try:
-                for callback in active:
-                    if callback[0]:
-                        callback[0](progress.graph)
-                    started.append(callback)
-                for callback in active:
-                    if callback[1]:
-                        callback[1](progress.graph, progress.state)
+                run.progress.start()
                 run_started = time.time()
-                values = self._run(store, dag, record, bundling.starts, progress, limit)
+                values = run.execute(sealed, limit)
                 makespan = time.time() - run_started
                 succeeded = True
             finally:
-                self._run_memory.pop(run_id, None)
-                self.last_retries = {dag.keys[i]: n for i, n in progress.retries.items()}
-                for callback in started:
-                    if callback[4]:
-                        callback[4](progress.graph, progress.state, not succeeded)
+                self.recovered_invocations += run.recovered_invocations
+                self.last_retries = {dag.keys[i]: n for i, n in run.progress.retries.items()}
+                run.progress.finish(failed=not succeeded)
         self._last_report = self._planning.finish(
-            run_id,
-            dag,
-            plan,
-            progress,
-            run_started,
-            makespan,
-            throttled=getattr(self.backend, "throttled", None),
+            run_id, dag, plan, run.progress, run_started, makespan, throttled=self.backend.throttled
         )
         results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
         return nested_get(keys, results)
@@ -232,160 +214,6 @@ class Scheduler:
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
         return self._planning.plan(translate(dsk, keys))
-
-    def _sign_record(self, record: RunRecord) -> bytes:
-        """The signed run record; a task that cannot be pickled is named in the error."""
-        try:
-            return self._signer.dumps(record, compress=True)
-        except Exception as error:
-            dag = record.dag
-            for index in range(dag.sink):
-                try:
-                    self._signer.dumps(dag.nodes[index])
-                except Exception as node_error:
-                    raise TypeError(
-                        f"task {dag.keys[index]!r} cannot be pickled for the workers: {node_error}"
-                    ) from node_error
-            raise TypeError(f"the run cannot be pickled for the workers: {error}") from error
-
-    def _invoke(self, store: RunStore, starts: Sequence[Sequence[int]]) -> None:
-        memory = self._run_memory.get(store.run_id)
-        self.backend.invoke(
-            [
-                invocation(
-                    store.run_id,
-                    tasks,
-                    store.ttl_s,
-                    secrets.token_hex(8),
-                    self.lease_ms,
-                    memory_mb=_planned_memory(memory, tasks),
-                )
-                for tasks in starts
-            ]
-        )
-
-    def _run(
-        self,
-        store: RunStore,
-        dag: DAG,
-        record: bytes,
-        starts: Sequence[Sequence[int]],
-        progress: events.RunProgress,
-        timeout: float | None,
-    ) -> Sequence[Any]:
-        deadline = None if timeout is None else time.monotonic() + float(timeout)
-        store.create(record, invocations=len(starts))
-        try:
-            self._invoke(store, starts)
-            return self._wait(store, progress, deadline, timeout)
-        except BaseException:
-            store.purge(len(dag))
-            raise
-
-    def _wait(
-        self,
-        store: RunStore,
-        progress: events.RunProgress,
-        deadline: float | None,
-        timeout: float | None,
-    ) -> Sequence[Any]:
-        """Wait for the run to end, folding its events into ``progress``.
-
-        With callbacks to drive, the client follows the event stream as it grows (batches
-        arrive at most every ``_BATCH_PAUSE_S``). Without them nothing needs an event
-        before the end, so the client sleeps in BLPOP on the run's signal list until the
-        first error or the result — no wake-ups that take CPU from the workers — and reads
-        the stream then. Either way it wakes every half lease to re-invoke the work of
-        workers whose lease lapsed.
-        """
-        cursor = b"0-0"
-        started = time.monotonic()
-        watch_every = self.lease_ms / 2000
-        next_watch = started + watch_every
-        sealed = False
-        follow = bool(progress.callbacks)
-        while True:
-            now = time.monotonic()
-            wait_s = max(0.0, next_watch - now)
-            if deadline is not None:
-                if deadline <= now:
-                    raise TimeoutError(
-                        f"dask-serverless run {store.run_id} did not finish within "
-                        f"{timeout} s; it was cancelled and its keys deleted"
-                    )
-                wait_s = min(wait_s, deadline - now)
-            if follow:
-                block_ms = int(min(wait_s, _POLL_MS / 1000) * 1000) + 1
-                cursor, batches = self._with_retries(store.read_events, cursor, block_ms)
-            else:
-                self._with_retries(store.wait_signal, wait_s)
-                cursor, batches = self._with_retries(store.read_events, cursor, None)
-            for batch in batches:
-                progress.apply(events.decode(batch))
-            if follow and batches:
-                time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
-            if progress.failed_index is not None:
-                raise self._remote_error(store)
-            if progress.finished:
-                blob = store.get_result()
-                store.delete([store.result_key, store.events_key, store.signal_key])
-                if blob is None:
-                    raise RuntimeError(f"run {store.run_id} finished but its result is gone")
-                return self._signer.loads(blob, "run result")
-            if time.monotonic() >= next_watch:
-                was_sealed, sealed = sealed, self._watch(store)
-                if was_sealed and sealed:
-                    blob = store.get_result()
-                    store.purge(len(progress.dag))
-                    if blob is not None:
-                        return self._signer.loads(blob, "run result")
-                next_watch = time.monotonic() + watch_every
-
-    def _with_retries(self, command: Callable[..., _T], *args: Any) -> _T:
-        """Run ``command``, riding out a short Redis outage; a lost run is a clear error."""
-        for attempt in range(_REDIS_RETRIES):
-            try:
-                return command(*args)
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                if attempt == _REDIS_RETRIES - 1:
-                    raise RedisUnavailableError(
-                        f"lost the connection to Redis during a run: {error}"
-                    ) from None
-                time.sleep(0.2 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def _watch(self, store: RunStore) -> bool:
-        """Re-invoke the work of workers whose lease lapsed; notice a Redis that lost us.
-
-        Returns whether the run is sealed (its result stored). A run found sealed twice in
-        a row lost its sink's worker between storing the result and announcing it.
-        """
-        failure = getattr(self.backend, "failure", None)
-        if failure is not None:
-            raise RuntimeError(
-                f"the {self.backend.name} backend stopped serving invocations: {failure}"
-            ) from failure
-        lapsed = store.take_lapsed_leases()
-        if lapsed:
-            self.recovered_invocations += len(lapsed)
-            store.note_invoked(len(lapsed))
-            self._invoke(store, lapsed)
-        phase = store.phase()
-        if phase == "lost":
-            raise RedisUnavailableError(
-                f"Redis no longer holds run {store.run_id} (was the server restarted or "
-                "flushed?); the run cannot finish"
-            )
-        return phase == "sealed"
-
-    def _remote_error(self, store: RunStore) -> BaseException:
-        blob = store.get_error()
-        if blob is None:
-            return RuntimeError(f"a task of run {store.run_id} failed but left no error")
-        exc = self._signer.loads(blob, "task error")
-        if not isinstance(exc, BaseException):
-            return RuntimeError(f"a task of run {store.run_id} failed: {exc!r}")
-        return exc
 
     def close(self) -> None:
         """Stop the backend's workers and the embedded Redis, if this Scheduler started them."""
@@ -404,12 +232,6 @@ class Scheduler:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _planned_memory(memory: Sequence[int | None] | None, tasks: Sequence[int]) -> int | None:
-    """The configuration an invocation starting with ``tasks`` needs (the largest)."""
-    sizes = [memory[t] or 0 for t in tasks] if memory is not None else []
-    return max(sizes, default=0) or None
 
 
 class _DefaultScheduler:

@@ -1,182 +1,31 @@
-"""The Redis key schema, the Lua scripts, and every command the project sends.
+"""The run store: every Redis command of the run protocol, one named method per script.
 
-Nothing outside this module builds a Redis key. A run's keys all start with
-``dsl:{<run-id>}:`` — the braces are a cluster hash tag, so every key of a run lives in one
-hash slot and each multi-key step below can be a single atomic Lua script (I-3), while
-different runs spread over the shards of a cluster.
-
-Keys of one run (``P = dsl:{<run-id>}:``):
-
-============  ========  ============================================================
-``P record``  string    signed, compressed run record; its existence means "the run is
-                        alive" — every worker write is a script that checks it first,
-                        so nothing can be written after the run was finished or purged
-``P o:<i>``   string    signed output of node ``i`` (only when a consumer lives elsewhere)
-``P d:<i>``   hash      fan-in inbox of node ``i``: one field per finished parent, plus
-                        ``!`` once a worker has claimed the ready node
-``P inv``     hash      invocation ids already started (drops duplicate deliveries)
-``P leases``  zset      running invocation id → lease expiry (Redis clock, ms); a worker
-                        renews its lease while it works, a lapsed lease means it died
-``P restart`` hash      running invocation id → JSON list of the nodes to restart it from
-``P queued``  string    invocations sent but not begun; with ``leases`` it is the run's
-                        load, which workers weigh against the platform's concurrency
-``P events``  stream    batched events for the client (progress, errors, finished)
-``P signal``  list      one entry per decisive event (first error, finished): a client
-                        that shows no progress sleeps in BLPOP on it, not on the stream
-``P error``   string    signed exception of the first task that failed
-``P result``  string    signed values of the requested keys, read once by the client
-============  ========  ============================================================
-
-Every one of them is written with a TTL (``run-ttl``) as the last line of defence (I-4).
-Per task, a worker sends at most one script call, pipelined; no command here scans the
-keyspace (I-6).
+The client and the workers talk to Redis only through a ``RunStore`` (key names in
+``protocol.keys``, scripts in ``protocol/scripts``). Every multi-key step is one Lua
+script over keys of one hash slot, so it is atomic on a single server and on a cluster
+(I-3); every key is written with the run's TTL as the last line of defence (I-4). Per task
+a worker sends at most one script call, pipelined; no command here scans the keyspace
+(I-6). Connection helpers (``connect``, ``client_for``, ``redact``) live here too: what
+talks to Redis, and how, is in one place.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.commands.core import Script
 from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRespSerializer
 
+from dask_serverless.constants import LARGE_ARGUMENT_BYTES
+from dask_serverless.protocol import scripts
+from dask_serverless.protocol.keys import RunKeys
+
+# Keys per UNLINK when a run is deleted: one pipelined round trip, no giant command.
 _DELETE_CHUNK = 5000
-
-# Publish a finished task: store its output, append events, count it once in every fan-in
-# child's inbox and claim the children it made ready. The children this caller won are
-# only runnable by it now, so they join its lease's restart point — replacing it when
-# the caller has nothing else pending (ARGV[7] == '0'), else added to it, as the pending
-# work is only reachable from the old point. ARGV[6] == '1' means the caller has nothing
-# else to do, so if it won nothing its lease is released. Returns the run's load (running
-# plus queued invocations) followed by the 1-based positions of the won children among
-# the inboxes, or nil when the run is gone.
-# A large output is SET by the caller just before, in the same MULTI (ARGV[2] == '='): the
-# script deletes it again if the run is gone, and Redis never copies the bytes into Lua.
-# KEYS: record, events, output, leases, restart, queued, inbox…
-# ARGV: ttl, output|'='|'', parent, events|'', invocation, release, keep, (child, needed)…
-_COMPLETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[2] == '=' then redis.call('DEL', KEYS[3]) end
-  return false
-end
-local ttl = ARGV[1]
-if ARGV[2] ~= '' and ARGV[2] ~= '=' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ttl) end
-if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-local won, children = {}, {}
-for i = 7, #KEYS do
-  local inbox = KEYS[i]
-  local position = i - 6
-  redis.call('HSETNX', inbox, ARGV[3], '1')
-  redis.call('EXPIRE', inbox, ttl)
-  if redis.call('HLEN', inbox) >= tonumber(ARGV[7 + 2 * position])
-      and redis.call('HSETNX', inbox, '!', '1') == 1 then
-    won[#won + 1] = position
-    children[#children + 1] = tonumber(ARGV[6 + 2 * position])
-  end
-end
-if #won > 0 then
-  if ARGV[7] == '1' then
-    local old = redis.call('HGET', KEYS[5], ARGV[5])
-    if old then
-      for _, node in ipairs(cjson.decode(old)) do children[#children + 1] = node end
-    end
-  end
-  redis.call('HSET', KEYS[5], ARGV[5], cjson.encode(children))
-elseif ARGV[6] == '1' then
-  redis.call('ZREM', KEYS[4], ARGV[5])
-  redis.call('HDEL', KEYS[5], ARGV[5])
-end
-local load = redis.call('ZCARD', KEYS[4]) + tonumber(redis.call('GET', KEYS[6]) or '0')
-table.insert(won, 1, load)
-return won
-"""
-
-# Start an invocation: nil if the run is gone, {0} for a duplicate delivery, else take a
-# lease, note where to restart from, and return {1} and, when asked, the run record.
-# KEYS: record, inv, leases, restart, queued.
-# ARGV: invocation, ttl, want_record, lease_ms, tasks.
-_BEGIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if redis.call('HSETNX', KEYS[2], ARGV[1], '1') == 0 then return {0} end
-if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
-redis.call('EXPIRE', KEYS[5], ARGV[2])
-local now = redis.call('TIME')
-local expiry = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[4])
-redis.call('ZADD', KEYS[3], expiry, ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
-for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
-if ARGV[3] == '1' then return {1, redis.call('GET', KEYS[1])} end
-return {1}
-"""
-
-# Keep a running invocation's lease; 0 tells the worker its run is gone (cancelled).
-_RENEW = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local now = redis.call('TIME')
-local expiry = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', expiry, ARGV[1])
-return 1
-"""
-
-# Hand back a lease: the invocation ended without leaving work only it could do.
-_RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
-"""
-
-# Take every lapsed lease (its worker died) with its restart point, so that exactly one
-# watcher re-invokes it. Returns a flat list: id, tasks, id, tasks, …
-_LAPSED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-local now = redis.call('TIME')
-local cutoff = now[1] * 1000 + math.floor(now[2] / 1000)
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-local out = {}
-for _, id in ipairs(lapsed) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', KEYS[3], id) or '[]'
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('HDEL', KEYS[3], id)
-end
-return out
-"""
-
-# Record the first error of a run and tell the client.
-_FAIL = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('SET', KEYS[3], ARGV[2], 'NX', 'EX', ARGV[1])
-redis.call('XADD', KEYS[2], '*', 'e', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[4], 'error')
-redis.call('EXPIRE', KEYS[4], ARGV[1])
-return 1
-"""
-
-# Store the result and end the run's life in one step: later writes by stragglers and
-# duplicates find no record and do nothing.
-_SEAL = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
-redis.call('DEL', KEYS[1])
-return 1
-"""
-
-# Tell the client the result is ready — unless the client already gave up and purged it.
-_ANNOUNCE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[3], 'finished')
-redis.call('EXPIRE', KEYS[3], ARGV[1])
-return 1
-"""
 
 
 def redact(url: str) -> str:
@@ -189,10 +38,6 @@ def redact(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
-
-
-# Arguments at least this long are sent as they are, not copied into one command buffer.
-_LARGE_ARGUMENT = 64 * 1024
 
 
 class CommandPacker:
@@ -208,7 +53,8 @@ class CommandPacker:
 
     def pack(self, *args: Any) -> list[bytes | memoryview]:
         if self._small is None or any(
-            isinstance(arg, (bytes, memoryview)) and len(arg) >= _LARGE_ARGUMENT for arg in args
+            isinstance(arg, (bytes, memoryview)) and len(arg) >= LARGE_ARGUMENT_BYTES
+            for arg in args
         ):
             return cast("list[bytes | memoryview]", self._large.pack(*args))
         return cast("list[bytes | memoryview]", self._small.pack(*args))
@@ -233,23 +79,16 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
-def new_run_id() -> str:
-    """An unguessable run id: one run cannot name, read or delete another's keys."""
-    return secrets.token_hex(16)
-
-
 class Scripts:
     """The Lua scripts, registered once per Redis client (registering hashes the source)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.complete = client.register_script(_COMPLETE)
-        self.begin = client.register_script(_BEGIN)
-        self.renew = client.register_script(_RENEW)
-        self.release = client.register_script(_RELEASE)
-        self.lapsed = client.register_script(_LAPSED)
-        self.fail = client.register_script(_FAIL)
-        self.seal = client.register_script(_SEAL)
-        self.announce = client.register_script(_ANNOUNCE)
+        self.by_name: dict[str, Script] = {
+            name: client.register_script(scripts.source(name)) for name in scripts.NAMES
+        }
+
+    def __getitem__(self, name: str) -> Script:
+        return self.by_name[name]
 
 
 class RunStore:
@@ -261,47 +100,26 @@ class RunStore:
         self.client = client
         self.run_id = run_id
         self.ttl_s = int(ttl_s)
-        self.prefix = f"dsl:{{{run_id}}}:"
-        self.record_key = self.prefix + "record"
-        self.events_key = self.prefix + "events"
-        self.signal_key = self.prefix + "signal"
-        self.result_key = self.prefix + "result"
-        self.error_key = self.prefix + "error"
-        self.invocations_key = self.prefix + "inv"
-        self.leases_key = self.prefix + "leases"
-        self.restart_key = self.prefix + "restart"
-        self.queued_key = self.prefix + "queued"
+        self.keys = RunKeys(run_id)
         scripts = scripts or Scripts(client)
-        self._complete = scripts.complete
-        self._begin = scripts.begin
-        self._renew = scripts.renew
-        self._release = scripts.release
-        self._lapsed = scripts.lapsed
-        self._fail = scripts.fail
-        self._seal = scripts.seal
-        self._announce = scripts.announce
-
-    def output_key(self, index: int) -> str:
-        return f"{self.prefix}o:{index}"
-
-    def inbox_key(self, index: int) -> str:
-        return f"{self.prefix}d:{index}"
-
-    def run_keys(self, node_count: int) -> list[str]:
-        """Every key this run may have written: outputs and inboxes of all its nodes."""
-        keys = [self.events_key, self.result_key, self.error_key, self.invocations_key]
-        keys += [self.leases_key, self.restart_key, self.signal_key, self.queued_key]
-        keys += [self.output_key(i) for i in range(node_count)]
-        keys += [self.inbox_key(i) for i in range(node_count)]
-        return keys
+        self._begin = scripts["begin"]
+        self._renew = scripts["renew"]
+        self._release = scripts["release"]
+        self._lapsed = scripts["lapsed"]
+        self._complete = scripts["complete"]
+        self._append_events = scripts["append_events"]
+        self._fail = scripts["fail"]
+        self._seal = scripts["seal"]
+        self._announce = scripts["announce"]
 
     # -- client side -------------------------------------------------------------------
 
     def create(self, record: bytes, invocations: int = 0) -> None:
         """Store the run record, counting the ``invocations`` about to start the run."""
+        keys = self.keys
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.record_key, record, ex=self.ttl_s, nx=True)
-            pipe.set(self.queued_key, invocations, ex=self.ttl_s)
+            pipe.set(keys.record, record, ex=self.ttl_s, nx=True)
+            pipe.set(keys.queued, invocations, ex=self.ttl_s)
             created, _ = pipe.execute()
         if not created:
             raise RuntimeError(f"run {self.run_id} already exists")
@@ -309,8 +127,8 @@ class RunStore:
     def load(self) -> int:
         """How many invocations of the run are running or queued."""
         with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.leases_key)
-            pipe.get(self.queued_key)
+            pipe.zcard(self.keys.leases)
+            pipe.get(self.keys.queued)
             running, queued = pipe.execute()
         return int(running) + int(queued or 0)
 
@@ -318,14 +136,14 @@ class RunStore:
         """Count ``count`` invocations about to be sent in the run's load."""
         if count > 0:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.incrby(self.queued_key, count)
-                pipe.expire(self.queued_key, self.ttl_s)
+                pipe.incrby(self.keys.queued, count)
+                pipe.expire(self.keys.queued, self.ttl_s)
                 pipe.execute()
 
     def read_events(self, cursor: bytes, block_ms: int | None) -> tuple[bytes, list[bytes]]:
         """Event batches after ``cursor``, waiting up to ``block_ms`` (None: not) for one."""
         block = None if block_ms is None else max(block_ms, 1)
-        reply: Any = self.client.xread({self.events_key: cursor}, block=block)
+        reply: Any = self.client.xread({self.keys.events: cursor}, block=block)
         batches: list[bytes] = []
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
@@ -335,26 +153,32 @@ class RunStore:
 
     def wait_signal(self, timeout_s: float) -> bool:
         """Sleep until a decisive event (first error, finished) or ``timeout_s``."""
-        return self.client.blpop([self.signal_key], timeout=max(timeout_s, 0.001)) is not None
+        return self.client.blpop([self.keys.signal], timeout=max(timeout_s, 0.001)) is not None
 
     def get_result(self) -> bytes | None:
-        return cast("bytes | None", self.client.get(self.result_key))
+        return cast("bytes | None", self.client.get(self.keys.result))
+
+    def take_result(self) -> bytes | None:
+        """Read the result and delete what the sink's worker left: result, events, signal."""
+        blob = self.get_result()
+        self.delete([self.keys.result, self.keys.events, self.keys.signal])
+        return blob
 
     def get_error(self) -> bytes | None:
-        return cast("bytes | None", self.client.get(self.error_key))
+        return cast("bytes | None", self.client.get(self.keys.error))
 
     def phase(self) -> str:
         """``"running"`` (record present), ``"sealed"`` (only the result), or ``"lost"``."""
         with self.client.pipeline(transaction=False) as pipe:
-            pipe.exists(self.record_key)
-            pipe.exists(self.result_key)
+            pipe.exists(self.keys.record)
+            pipe.exists(self.keys.result)
             running, sealed = pipe.execute()
         return "running" if running else "sealed" if sealed else "lost"
 
     def purge(self, node_count: int) -> None:
         """Delete every key of the run, the record first so that no worker writes again."""
-        self.client.delete(self.record_key)
-        self.delete(self.run_keys(node_count))
+        self.client.delete(self.keys.record)
+        self.delete(self.keys.all_keys(node_count))
 
     # -- worker side -------------------------------------------------------------------
 
@@ -366,18 +190,13 @@ class RunStore:
         None if the run is gone, ``(False, None)`` for a duplicate delivery, else
         ``(True, record-or-None)``.
         """
+        keys = self.keys
         reply = self._begin(
-            keys=[
-                self.record_key,
-                self.invocations_key,
-                self.leases_key,
-                self.restart_key,
-                self.queued_key,
-            ],
+            keys=[keys.record, keys.invocations, keys.leases, keys.restart, keys.queued],
             args=[
                 invocation_id,
                 self.ttl_s,
-                "1" if want_record else "0",
+                "send" if want_record else "skip",
                 lease_ms,
                 json.dumps(list(tasks)),
             ],
@@ -389,21 +208,22 @@ class RunStore:
     def renew_lease(self, invocation_id: str, lease_ms: int) -> bool:
         """Extend a running invocation's lease; False when the run is gone."""
         return bool(
-            self._renew(keys=[self.record_key, self.leases_key], args=[invocation_id, lease_ms])
+            self._renew(keys=[self.keys.record, self.keys.leases], args=[invocation_id, lease_ms])
         )
 
     def release_lease(self, invocation_id: str) -> None:
-        self._release(keys=[self.leases_key, self.restart_key], args=[invocation_id])
+        self._release(keys=[self.keys.leases, self.keys.restart], args=[invocation_id])
 
     def take_lapsed_leases(self) -> list[list[int]]:
         """Restart points of invocations whose worker stopped renewing its lease."""
-        reply = self._lapsed(keys=[self.record_key, self.leases_key, self.restart_key])
+        keys = self.keys
+        reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart])
         return [json.loads(reply[i + 1]) for i in range(0, len(reply), 2)]
 
     def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
         if not indices:
             return []
-        return cast("list[bytes | None]", self.client.mget([self.output_key(i) for i in indices]))
+        return cast("list[bytes | None]", self.client.mget([self.keys.output(i) for i in indices]))
 
     def complete(
         self,
@@ -423,56 +243,70 @@ class RunStore:
         back to. The load is how many invocations of the run are running or queued.
         ``None`` means the run was finished or purged meanwhile and the caller should stop.
         """
-        keys = [
-            self.record_key,
-            self.events_key,
-            self.output_key(index),
-            self.leases_key,
-            self.restart_key,
-            self.queued_key,
+        keys = self.keys
+        script_keys = [
+            keys.record,
+            keys.events,
+            keys.output(index),
+            keys.leases,
+            keys.restart,
+            keys.queued,
         ]
-        keys += [self.inbox_key(child) for child, _ in fan_in]
+        script_keys += [keys.inbox(child) for child, _ in fan_in]
+        large = output is not None and len(output) >= LARGE_ARGUMENT_BYTES
+        mode = "none" if output is None else "preset" if large else "value"
+        after = "release" if last_step else "keep" if pending else "replace"
         args: list[Any] = [
             self.ttl_s,
-            output or b"",
+            mode,
+            b"" if large or output is None else output,
             index,
             events or b"",
             invocation_id,
-            "1" if last_step else "0",
-            "1" if pending else "0",
+            after,
         ]
         for child, count in fan_in:
             args += [child, count]
-        if output is not None and len(output) >= _LARGE_ARGUMENT:
+        if large:
             with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.output_key(index), output, ex=self.ttl_s)
-                args[1] = "="
-                self._complete(keys=keys, args=args, client=pipe)
+                pipe.set(keys.output(index), cast(bytes, output), ex=self.ttl_s)
+                self._complete(keys=script_keys, args=args, client=pipe)
                 _, reply = pipe.execute()
         else:
-            reply = self._complete(keys=keys, args=args)
+            reply = self._complete(keys=script_keys, args=args)
         if reply is None:
             return None
         load, *won = reply
         return int(load), [fan_in[position - 1][0] for position in won]
 
-    def flush_events(self, events: bytes) -> bool:
-        """Append events; False when the run is gone."""
-        return self.complete(-1, None, (), events) is not None
+    def append_events(self, events: bytes) -> bool:
+        """Append a batch of events; False when the run is gone."""
+        keys = self.keys
+        return bool(self._append_events(keys=[keys.record, keys.events], args=[self.ttl_s, events]))
 
     def fail(self, error: bytes, events: bytes) -> bool:
+        """Record the run's first error and wake the client; False when the run is gone."""
+        keys = self.keys
         reply = self._fail(
-            keys=[self.record_key, self.events_key, self.error_key, self.signal_key],
+            keys=[keys.record, keys.events, keys.error, keys.signal],
             args=[self.ttl_s, error, events],
         )
         return reply is not None
 
     def seal(self, result: bytes) -> bool:
-        return self._seal(keys=[self.record_key, self.result_key], args=[self.ttl_s, result]) == 1
+        """Store the result and delete the record: from now on no worker writes."""
+        keys = self.keys
+        return self._seal(keys=[keys.record, keys.result], args=[self.ttl_s, result]) == 1
+
+    def delete_intermediates(self, node_count: int) -> None:
+        """After ``seal``: every key but the result and the events the client still reads."""
+        self.delete(self.keys.intermediates(node_count))
 
     def announce(self, events: bytes) -> bool:
+        """Append the ``finished`` events and wake the client, unless it purged the run."""
+        keys = self.keys
         reply = self._announce(
-            keys=[self.result_key, self.events_key, self.signal_key], args=[self.ttl_s, events]
+            keys=[keys.result, keys.events, keys.signal], args=[self.ttl_s, events]
         )
         return reply is not None
 

@@ -1,19 +1,22 @@
-"""The one entry point every backend calls: ``handler(event, context)``.
+"""The worker's entry: ``handler(event, context)`` runs one invocation.
 
 A serverless instance is reused for many invocations, so what is costly to build — the
 Redis connection, the run records already loaded, the lease-renewing heartbeat thread —
 lives in a ``WorkerEnvironment`` that the instance keeps between invocations (a warm start
-pays neither an import nor a connection). The backend that starts an instance installs its
-environment with ``install``; this module-level slot is the only state a worker process
-keeps, and it holds no run's data beyond a small LRU of run records keyed by unguessable
-run ids. On AWS Lambda no backend starts the instance: the first invocation builds the
-environment from the function's environment variables (``_bootstrap``).
+pays neither an import nor a connection). A backend's entry point (the local instance's
+main, the Lambda handler in ``backends.aws_lambda.entry``, the inline backend) builds the
+environment once and calls ``serve`` (or ``handle`` with a JSON payload) for every
+invocation; this module knows no backend. The environment holds no run's data beyond a
+small LRU of run records keyed by unguessable run ids.
+
+``serve`` reads top to bottom: claim the invocation (a duplicate delivery stops here),
+open the run record (once per process and run), then follow the branch (``worker.loop``)
+while the heartbeat keeps the lease.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import threading
 import time
@@ -23,14 +26,20 @@ from typing import Any
 
 import redis
 
-from dask_serverless import events
-from dask_serverless.storage.redis import RunStore, Scripts, client_for
+from dask_serverless.constants import HEARTBEATS_PER_LEASE
+from dask_serverless.protocol import events
+from dask_serverless.protocol.invocation import Invocation
+from dask_serverless.protocol.record import RunRecord, RunSigner, open_record
+from dask_serverless.protocol.store import RunStore, Scripts, client_for
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
+from dask_serverless.worker.branch import Branch, Invoker
 from dask_serverless.worker.cache import OutputCache
-from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
+from dask_serverless.worker.loop import WorkerLogic, run_branch
 
 RECORD_CACHE_SIZE = 8
+# How often an idle heartbeat thread looks for a lease to renew.
+_IDLE_WAKE_S = 1.0
 # Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
 CACHE_BYTES = 256 * 2**20
 
@@ -70,7 +79,7 @@ class Heartbeat:
         while True:
             with self._lock:
                 lease = self._lease
-            interval = (lease[2] if lease else 3000) / 3000
+            interval = lease[2] / 1000 / HEARTBEATS_PER_LEASE if lease else _IDLE_WAKE_S
             self._wake.wait(interval)
             if lease is None:
                 continue
@@ -124,43 +133,30 @@ class WorkerEnvironment:
             self.records.popitem(last=False)
 
 
-_environment: WorkerEnvironment | None = None
-
-
-def install(environment: WorkerEnvironment) -> None:
-    """Called once by the backend in each new instance, before the first invocation."""
-    global _environment
-    _environment = environment
-
-
-def _bootstrap() -> WorkerEnvironment:
-    """No backend installed an environment: this is an AWS Lambda instance's first call."""
-    from dask_serverless.backends.aws_lambda import worker_environment
-
-    environment = worker_environment(os.environ)
-    install(environment)
-    return environment
-
-
 def _memory_of(context: Any) -> int | None:
     """The invocation's configuration (MB), as Lambda's context (and the local one) tell."""
     memory = getattr(context, "memory_limit_in_mb", None)
     return int(memory) if memory else None
 
 
-def handler(event: dict, context: Any) -> dict:
-    """Run one invocation: claim it, load the run record, follow the branch."""
-    environment = _environment
-    if environment is None:
-        environment = _bootstrap()
+def handle(environment: WorkerEnvironment, event: dict, context: Any) -> dict:
+    """Run the invocation whose JSON payload is ``event`` (a malformed one is refused)."""
+    return serve(environment, Invocation.from_payload(event), context)
+
+
+def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) -> dict:
+    """Claim ``invocation``, open its run record, follow its branch under a lease."""
     environment.invocations += 1
     started = time.monotonic()
-    startup_s = max(0.0, time.time() - float(event.get("at", time.time())))
-    run_id = event["run"]
-    store = RunStore(environment.redis, run_id, event["ttl"], environment.scripts)
+    now = time.time()
+    startup_s = max(0.0, now - (invocation.sent_at if invocation.sent_at is not None else now))
+    run_id = invocation.run_id
+    store = RunStore(environment.redis, run_id, invocation.ttl_s, environment.scripts)
     record = environment.cached_record(run_id)
-    lease_ms = int(event.get("lease", 5000))
-    begun = store.begin(event["id"], event["tasks"], lease_ms, want_record=record is None)
+    lease_ms = invocation.lease_ms
+    begun = store.begin(
+        invocation.invocation_id, invocation.tasks, lease_ms, want_record=record is None
+    )
     if begun is None:
         return {"status": "run-gone"}
     claimed, blob = begun
@@ -168,7 +164,7 @@ def handler(event: dict, context: Any) -> dict:
         return {"status": "duplicate"}
     if record is None:
         try:
-            record = environment.signer.loads(blob or b"", "run record")
+            record = open_record(environment.signer, blob or b"", run_id)
         except Exception as exc:
             store.fail(environment.signer.dumps_exception(exc), events.encode([events.error(-1)]))
             return {"status": "bad-record"}
@@ -176,17 +172,16 @@ def handler(event: dict, context: Any) -> dict:
     branch = Branch(
         record=record,
         store=store,
-        signer=environment.signer,
+        signer=RunSigner(environment.signer, run_id),
         invoker=environment.invoker,
         worker_id=environment.worker_id,
-        new_invocation_id=lambda: secrets.token_hex(8),
-        invocation_id=event["id"],
+        invocation_id=invocation.invocation_id,
         lease_ms=lease_ms,
         cancelled=lambda: environment.heartbeat.run_gone(run_id),
         large_outputs=environment.large_outputs,
         time_left_ms=getattr(context, "get_remaining_time_in_millis", None),
         handoff_margin_ms=environment.handoff_margin_ms,
-        done_before=event.get("done", ()),
+        done_before=invocation.done,
         memory_mb=_memory_of(context),
         cold=environment.invocations == 1,
         on_task=environment.on_task,
@@ -195,9 +190,9 @@ def handler(event: dict, context: Any) -> dict:
     branch.pending_events.append(
         events.invocation_started(branch.worker_id, branch.memory_mb, branch.cold, startup_s)
     )
-    environment.heartbeat.hold(store, event["id"], lease_ms)
+    environment.heartbeat.hold(store, invocation.invocation_id, lease_ms)
     try:
-        run_branch(branch, event["tasks"], environment.logic)
+        run_branch(branch, invocation.tasks, environment.logic)
     finally:
         environment.heartbeat.drop()
     return {"status": "done", "seconds": time.monotonic() - started}

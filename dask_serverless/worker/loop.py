@@ -39,282 +39,155 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import redis
-from dask.sizeof import sizeof
 
-from dask_serverless import events
-from dask_serverless.graph import DAG
-from dask_serverless.storage.redis import RunStore
-from dask_serverless.storage.s3 import LargeOutputStore
-from dask_serverless.storage.serialize import Signer
-from dask_serverless.worker.cache import OutputCache
+from dask_serverless.protocol import events
+from dask_serverless.protocol.invocation import Invocation
+from dask_serverless.protocol.placement import output_leaves_worker
+from dask_serverless.protocol.record import OUTPUT, RESULT
+from dask_serverless.worker.branch import Branch, MissingOutputError, OutputTooLargeError, RunGone
 from dask_serverless.worker.metrics import TaskMeter
 
-EVENT_FLUSH_S = 0.1
 # How often a worker with queued work re-reads the run's load (see ``WorkerLogic.share``).
 LOAD_CHECK_S = 0.02
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """Everything a worker needs to know about a run, stored once by the client."""
+def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
+    """Follow the branch from ``starts`` until it ends; see the module docstring."""
+    dag = branch.dag
+    stack = list(starts)
+    try:
+        while stack:
+            if branch.cancelled():
+                raise RunGone()
+            index = stack.pop()
+            meter = TaskMeter(branch, index)
+            try:
+                inputs = logic.gather(branch, index)
+                meter.gathered()
+                if index == dag.sink:
+                    finish_run(branch, inputs)
+                    return
+                value = execute_with_retries(branch, logic, index, inputs)
+                branch.pending_events.append(meter.done(inputs, value))
+                ready = logic.publish(branch, index, value, last_step=not stack)
+                meter.published(index not in branch.unstored)
+            except (RunGone, redis.RedisError):
+                raise
+            except Exception as exc:
+                fail_run(branch, index, exc)
+                return
+            here, elsewhere = logic.split(branch, index, ready)
+            if elsewhere and index in branch.unstored:
+                store_held(branch, index, value)
+            branch.invoke(elsewhere)
+            internal = branch.record.internal
+            waiting_here = sum(1 for c in dag.dependents[index] if c in internal)
+            branch.hold(index, value, waiting_here + sum(1 for c in here if c not in internal))
+            branch.completed.append(index)
+            stack.extend(here)
+            shared = logic.share(branch, stack)
+            if shared:
+                hand_on(branch, shared)
+                stack[:] = [i for i in stack if i not in shared]
+            if stack and logic.hand_off_due(branch):
+                hand_off(branch, stack)
+                stack.clear()
+        branch.flush()
+        if branch.lease_held:
+            branch.store.release_lease(branch.invocation_id)
+    except RunGone:
+        return
 
-    run_id: str
-    dag: DAG
-    retries: int = 0
-    retry_backoff_s: float = 0.1
-    max_output_bytes: int = 512 * 2**20
-    # Nodes of a bundle whose dependencies all run in the same invocation: counted in the
-    # worker's memory, never in Redis (see ``dask_serverless.bundling``).
-    internal: frozenset[int] = frozenset()
-    # Outputs at least this large are not fanned out: their single-dependency children
-    # run in the worker that holds them (WUKONG's task clustering).
-    cluster_output_bytes: int = 2**20
-    # The configuration (memory MB) the plan gives each node, None for "any" (the sink);
-    # no plan: every node runs wherever it is ready (see ``dask_serverless.planning``).
-    memory: tuple[int | None, ...] | None = None
-    # The platform's concurrency limit, when known. Workers then invoke new workers for
-    # ready children only while the run's load (running plus queued invocations) is below
-    # it, and run the others themselves: an invocation that would only wait in the
-    # platform's queue costs more than running its task here. Unknown (AWS Lambda scales
-    # out): every ready child beyond the first gets a new worker, as in WUKONG.
-    concurrency: int | None = None
 
-    def memory_of(self, index: int) -> int | None:
-        return None if self.memory is None else self.memory[index]
+def execute_with_retries(
+    branch: Branch, logic: WorkerLogic, index: int, inputs: dict[int, Any]
+) -> Any:
+    """Run the task, retrying it in place with exponential backoff while retries remain."""
+    record = branch.record
+    retries = int(branch.dag.annotation(index, "retries", record.retries) or 0)
+    attempt = 0
+    while True:
+        try:
+            return logic.execute(branch, index, inputs)
+        except Exception as exc:
+            if attempt >= retries or branch.cancelled():
+                raise
+            attempt += 1
+            branch.pending_events.append(events.retry(index, attempt, repr(exc)[:200]))
+            time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
 
 
-class Invoker(Protocol):
-    """How a worker starts other workers; provided by the backend that started it."""
+def hand_off(branch: Branch, stack: Sequence[int]) -> None:
+    """Store the held outputs the rest of the branch needs; invoke fresh workers for it.
 
-    def invoke(self, payloads: Sequence[dict]) -> None: ...
-
-
-def invocation(
-    run_id: str,
-    tasks: Sequence[int],
-    ttl_s: int,
-    invocation_id: str,
-    lease_ms: int,
-    done: Sequence[int] = (),
-    memory_mb: int | None = None,
-) -> dict:
-    """The payload of one invocation: plain JSON, no secret, no Redis address (I-5).
-
-    ``done`` lists bundle nodes an earlier invocation already completed (and stored), when
-    a bundle is handed on half-way.
+    The tasks on ``stack`` are already claimed by this invocation, so handing them on is
+    safe: the new invocations read their inputs from Redis like any other worker.
     """
-    payload = {
-        "run": run_id,
-        "id": invocation_id,
-        "tasks": list(tasks),
-        "ttl": ttl_s,
-        "lease": lease_ms,
-    }
-    if done:
-        payload["done"] = list(done)
-    # The planned configuration to run in, and when it was sent (start-up metrics).
-    if memory_mb:
-        payload["memory"] = int(memory_mb)
-    payload["at"] = round(time.time(), 6)
-    return payload
-
-
-class MissingOutputError(RuntimeError):
-    """An input a task needs is not in Redis although the run is still alive."""
-
-
-class RunGone(Exception):
-    """The run was finished, failed or cancelled meanwhile: stop quietly."""
-
-
-class OutputTooLargeError(ValueError):
-    """A task's output is over ``serverless.max-output-bytes`` and cannot be stored."""
-
-
-@dataclass
-class Branch:
-    """The state of one invocation as it walks its branch."""
-
-    record: RunRecord
-    store: RunStore
-    signer: Signer
-    invoker: Invoker
-    worker_id: str
-    new_invocation_id: Any
-    invocation_id: str = ""
-    lease_ms: int = 5000
-    cancelled: Callable[[], bool] = field(default=lambda: False)
-    lease_held: bool = True
-    large_outputs: LargeOutputStore | None = None
-    time_left_ms: Callable[[], int] | None = None
-    handoff_margin_ms: int = 0
-    done_before: Sequence[int] = ()
-    # This invocation's configuration and start, and a hook called before every task
-    # (the local backend notes the running task there, to report an out-of-memory kill).
-    memory_mb: int | None = None
-    cold: bool = False
-    on_task: Callable[[Branch, int], None] | None = None
-    cache: OutputCache | None = None
-    values: dict[int, Any] = field(default_factory=dict)
-    clustered: set[int] = field(default_factory=set)
-    uses: dict[int, int] = field(default_factory=dict)
-    unstored: set[int] = field(default_factory=set)
-    remaining: dict[int, int] = field(default_factory=dict)
-    completed: list[int] = field(default_factory=list)
-    pending_events: list[events.Event] = field(default_factory=list)
-    last_flush: float = field(default_factory=time.monotonic)
-    sizes: dict[int, int] = field(default_factory=dict)
-    # The run's load as Redis last reported it, plus the invocations made since.
-    load: int | None = None
-    load_checked: float = field(default_factory=time.monotonic)
-
-    @property
-    def dag(self) -> DAG:
-        return self.record.dag
-
-    def count_local(self, child: int) -> bool:
-        """Count one finished parent of an internal ``child``; True when it is ready."""
-        remaining = self.remaining.get(child)
-        if remaining is None:
-            parents = self.dag.dependencies[child]
-            remaining = len(parents) - len(set(parents).intersection(self.done_before))
-        remaining -= 1
-        self.remaining[child] = remaining
-        return remaining == 0
-
-    def hold(self, index: int, value: Any, consumers: int) -> None:
-        """Keep ``value`` in memory for ``consumers`` more tasks of this invocation."""
-        if consumers:
-            self.values[index] = value
-            self.uses[index] = consumers
-
-    def take_held(self, index: int) -> Any:
-        value = self.values[index]
-        self.uses[index] -= 1
-        if self.uses[index] <= 0:
-            del self.values[index], self.uses[index]
-        return value
-
-    def take_events(self) -> bytes | None:
-        if not self.pending_events:
-            return None
-        batch = events.encode(self.pending_events)
-        self.pending_events.clear()
-        self.last_flush = time.monotonic()
-        return batch
-
-    def flush_if_due(self) -> None:
-        if self.pending_events and time.monotonic() - self.last_flush > EVENT_FLUSH_S:
-            self.flush()
-
-    def flush(self) -> None:
-        batch = self.take_events()
-        if batch is not None and not self.store.flush_events(batch):
-            raise RunGone()
-
-    def spare_capacity(self) -> int | None:
-        """Invocations the platform could still start at once; None when unknown."""
-        if self.record.concurrency is None or self.load is None:
-            return None
-        return self.record.concurrency - self.load
-
-    def note_load(self, load: int) -> None:
-        self.load = load
-        self.load_checked = time.monotonic()
-
-    def invoke(self, children: Sequence[int]) -> None:
-        """One new worker per child, in its planned configuration."""
-        self.send(
-            [
-                invocation(
-                    self.record.run_id,
-                    [child],
-                    self.store.ttl_s,
-                    self.new_invocation_id(),
-                    self.lease_ms,
-                    memory_mb=self.record.memory_of(child),
-                )
-                for child in children
-            ]
+    for index in [i for i in branch.values if i in branch.unstored]:
+        store_held(branch, index, branch.values[index])
+    branch.values.clear()
+    branch.uses.clear()
+    if branch.record.internal:
+        # One invocation carries the rest of the bundle and what is already done of it,
+        # so that its internal nodes still count their parents right.
+        done = [*branch.done_before, *branch.completed]
+        branch.send(
+            [Invocation.new(branch.record.run_id, stack, branch.store.ttl_s, branch.lease_ms, done)]
         )
-
-    def send(self, payloads: Sequence[dict]) -> None:
-        """Invoke ``payloads``, counting them in the run's load first when it matters."""
-        if not payloads:
-            return
-        if self.record.concurrency is not None:
-            self.store.note_invoked(len(payloads))
-            self.load = (self.load or 0) + len(payloads)
-        self.invoker.invoke(payloads)
-
-    def cached(self, index: int) -> tuple[bool, Any]:
-        """An output this instance already holds from an earlier task of the run."""
-        if self.cache is None:
-            return False, None
-        return self.cache.get(self.record.run_id, index)
-
-    def remember(self, index: int, value: Any) -> None:
-        if self.cache is not None:
-            self.cache.put(self.record.run_id, index, value, self.size_of(index, value))
-
-    def size_of(self, index: int, value: Any) -> int:
-        """``dask.sizeof`` of node ``index``'s output, computed once per invocation.
-
-        Sizing a pandas frame walks its columns; a task's output is sized for its metrics,
-        its consumers' metrics, clustering and the cache, so it is remembered.
-        """
-        size = self.sizes.get(index)
-        if size is None:
-            size = self.sizes[index] = int(sizeof(value))
-        return size
-
-    def fits(self, index: int) -> bool:
-        """Whether node ``index`` may run in this invocation's configuration."""
-        wanted = self.record.memory_of(index)
-        return wanted is None or self.memory_mb is None or wanted == self.memory_mb
-
-    # -- platform limits: large outputs, the invocation's time limit -------------------
-
-    def output_blob(self, index: int, value: Any) -> bytes:
-        """The signed output to store in Redis, or a pointer to where the store put it."""
-        blob = self.signer.dumps(value)
-        if self.large_outputs is None:
-            return blob
-        return self.large_outputs.offload(self.record.run_id, index, blob)
-
-    def input_blob(self, blob: bytes) -> bytes:
-        """The signed output a value read from Redis stands for."""
-        if self.large_outputs is None:
-            return blob
-        return self.large_outputs.resolve(self.record.run_id, blob)
-
-    def time_is_short(self) -> bool:
-        """Whether the platform's time limit is less than ``handoff_margin_ms`` away."""
-        return self.time_left_ms is not None and self.time_left_ms() < self.handoff_margin_ms
+    else:
+        branch.invoke(stack)
 
 
-def output_leaves_worker(
-    dag: DAG, index: int, internal: frozenset[int] = frozenset(), clustered: bool = False
-) -> bool:
-    """Whether node ``index``'s output may be read by another worker.
+def in_bundle(branch: Branch, index: int) -> bool:
+    """Is ``index`` a bundle member: internal itself, or a parent of an internal node?"""
+    internal = branch.record.internal
+    return index in internal or any(c in internal for c in branch.dag.dependents[index])
 
-    Internal children of a bundle always run here, and so does the first child that has
-    ``index`` as its only dependency (``WorkerLogic.split`` continues with it) — or all of
-    them when the output is ``clustered``. A fan-in child may run elsewhere.
-    """
-    external_single = 0
-    for child in dag.dependents[index]:
-        if child in internal:
-            continue
-        if len(dag.dependencies[child]) > 1:
-            return True
-        external_single += 1
-    return external_single > 1 and not clustered
+
+def hand_on(branch: Branch, tasks: Sequence[int]) -> None:
+    """Give queued ``tasks`` to new workers: store the held inputs they need, invoke."""
+    for task in tasks:
+        for parent in branch.dag.dependencies[task]:
+            if parent in branch.values:
+                if parent in branch.unstored:
+                    store_held(branch, parent, branch.values[parent])
+                branch.take_held(parent)
+    branch.invoke(tasks)
+
+
+def store_held(branch: Branch, index: int, value: Any) -> None:
+    """Store an output that was meant to stay in this worker but now must leave it."""
+    if branch.store.complete(index, branch.output_blob(index, value), (), None) is None:
+        raise RunGone()
+    branch.unstored.discard(index)
+
+
+def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
+    """Record ``exc`` as the run's error (first one wins) and tell the client."""
+    branch.pending_events.append(events.error(index))
+    batch = branch.take_events()
+    assert batch is not None
+    branch.store.fail(branch.signer.dumps_exception(exc), batch)
+
+
+def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
+    """At the sink: store the result, delete the run's intermediates, announce it."""
+    dag = branch.dag
+    result = tuple(inputs[i] for i in dag.requested)
+    store = branch.store
+    if not store.seal(branch.signer.dumps(result, RESULT)):
+        return
+    store.delete_intermediates(len(dag))
+    branch.pending_events.append(events.finished())
+    batch = branch.take_events()
+    assert batch is not None
+    store.announce(batch)
+    if branch.large_outputs is not None:
+        branch.large_outputs.delete_run(branch.record.run_id)
 
 
 class WorkerLogic:
@@ -339,7 +212,7 @@ class WorkerLogic:
                     f"output of {branch.dag.keys[parent]!r} is missing from Redis"
                 )
             inputs[parent] = branch.signer.loads(
-                branch.input_blob(blob), f"output of {branch.dag.keys[parent]!r}"
+                branch.input_blob(blob), OUTPUT, f"output of {branch.dag.keys[parent]!r}"
             )
             branch.remember(parent, inputs[parent])
         return inputs
@@ -439,7 +312,14 @@ class WorkerLogic:
             return []
         if time.monotonic() - branch.load_checked > LOAD_CHECK_S:
             branch.note_load(branch.store.load())
-        spare = branch.spare_capacity() or 0
+        return self.movable(branch, stack, branch.spare_capacity() or 0)
+
+    def movable(self, branch: Branch, stack: list[int], spare: int) -> list[int]:
+        """Up to ``spare`` tasks from the bottom of ``stack`` that may run elsewhere.
+
+        The top of the stack is what this worker runs next; bundle members, tasks planned
+        for another configuration and tasks that read a large output held here stay.
+        """
         if spare <= 0:
             return []
         movable = (
@@ -475,148 +355,3 @@ class WorkerLogic:
         at its timeout, 15 minutes at most).
         """
         return branch.time_is_short()
-
-
-def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
-    """Follow the branch from ``starts`` until it ends; see the module docstring."""
-    dag = branch.dag
-    stack = list(starts)
-    try:
-        while stack:
-            if branch.cancelled():
-                raise RunGone()
-            index = stack.pop()
-            meter = TaskMeter(branch, index)
-            try:
-                inputs = logic.gather(branch, index)
-                meter.gathered()
-                if index == dag.sink:
-                    finish_run(branch, inputs)
-                    return
-                value = execute_with_retries(branch, logic, index, inputs)
-                branch.pending_events.append(meter.done(inputs, value))
-                ready = logic.publish(branch, index, value, last_step=not stack)
-                meter.published(index not in branch.unstored)
-            except (RunGone, redis.RedisError):
-                raise
-            except Exception as exc:
-                fail_run(branch, index, exc)
-                return
-            here, elsewhere = logic.split(branch, index, ready)
-            if elsewhere and index in branch.unstored:
-                store_held(branch, index, value)
-            branch.invoke(elsewhere)
-            internal = branch.record.internal
-            waiting_here = sum(1 for c in dag.dependents[index] if c in internal)
-            branch.hold(index, value, waiting_here + sum(1 for c in here if c not in internal))
-            branch.completed.append(index)
-            stack.extend(here)
-            shared = logic.share(branch, stack)
-            if shared:
-                hand_on(branch, shared)
-                stack[:] = [i for i in stack if i not in shared]
-            if stack and logic.hand_off_due(branch):
-                hand_off(branch, stack)
-                stack.clear()
-        branch.flush()
-        if branch.lease_held:
-            branch.store.release_lease(branch.invocation_id)
-    except RunGone:
-        return
-
-
-def execute_with_retries(
-    branch: Branch, logic: WorkerLogic, index: int, inputs: dict[int, Any]
-) -> Any:
-    """Run the task, retrying it in place with exponential backoff while retries remain."""
-    record = branch.record
-    retries = int(branch.dag.annotation(index, "retries", record.retries) or 0)
-    attempt = 0
-    while True:
-        try:
-            return logic.execute(branch, index, inputs)
-        except Exception as exc:
-            if attempt >= retries or branch.cancelled():
-                raise
-            attempt += 1
-            branch.pending_events.append(events.retry(index, attempt, repr(exc)[:200]))
-            time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
-
-
-def hand_off(branch: Branch, stack: Sequence[int]) -> None:
-    """Store the held outputs the rest of the branch needs; invoke fresh workers for it.
-
-    The tasks on ``stack`` are already claimed by this invocation, so handing them on is
-    safe: the new invocations read their inputs from Redis like any other worker.
-    """
-    for index in [i for i in branch.values if i in branch.unstored]:
-        store_held(branch, index, branch.values[index])
-    branch.values.clear()
-    branch.uses.clear()
-    if branch.record.internal:
-        # One invocation carries the rest of the bundle and what is already done of it,
-        # so that its internal nodes still count their parents right.
-        done = [*branch.done_before, *branch.completed]
-        branch.send(
-            [
-                invocation(
-                    branch.record.run_id,
-                    stack,
-                    branch.store.ttl_s,
-                    branch.new_invocation_id(),
-                    branch.lease_ms,
-                    done,
-                )
-            ]
-        )
-    else:
-        branch.invoke(stack)
-
-
-def in_bundle(branch: Branch, index: int) -> bool:
-    """Is ``index`` a bundle member: internal itself, or a parent of an internal node?"""
-    internal = branch.record.internal
-    return index in internal or any(c in internal for c in branch.dag.dependents[index])
-
-
-def hand_on(branch: Branch, tasks: Sequence[int]) -> None:
-    """Give queued ``tasks`` to new workers: store the held inputs they need, invoke."""
-    for task in tasks:
-        for parent in branch.dag.dependencies[task]:
-            if parent in branch.values:
-                if parent in branch.unstored:
-                    store_held(branch, parent, branch.values[parent])
-                branch.take_held(parent)
-    branch.invoke(tasks)
-
-
-def store_held(branch: Branch, index: int, value: Any) -> None:
-    """Store an output that was meant to stay in this worker but now must leave it."""
-    if branch.store.complete(index, branch.output_blob(index, value), (), None) is None:
-        raise RunGone()
-    branch.unstored.discard(index)
-
-
-def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
-    """Record ``exc`` as the run's error (first one wins) and tell the client."""
-    branch.pending_events.append(events.error(index))
-    batch = branch.take_events()
-    assert batch is not None
-    branch.store.fail(branch.signer.dumps_exception(exc), batch)
-
-
-def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
-    """At the sink: store the result, delete the run's intermediates, announce it."""
-    dag = branch.dag
-    result = tuple(inputs[i] for i in dag.requested)
-    store = branch.store
-    if not store.seal(branch.signer.dumps(result)):
-        return
-    intermediates = store.run_keys(len(dag))
-    store.delete(k for k in intermediates if k not in (store.result_key, store.events_key))
-    branch.pending_events.append(events.finished())
-    batch = branch.take_events()
-    assert batch is not None
-    store.announce(batch)
-    if branch.large_outputs is not None:
-        branch.large_outputs.delete_run(branch.record.run_id)
