@@ -44,101 +44,6 @@ _IDLE_WAKE_S = 1.0
 CACHE_BYTES = 256 * 2**20
 
 
-class Heartbeat:
-    """Renews the lease of the invocation this instance is running, in the background.
-
-    One daemon thread per instance, started on first use. It renews every third of the
-    lease so that one missed beat does not lapse it, and remembers when Redis says the
-    run is gone so the branch loop stops before its next task.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._lease: tuple[RunStore, str, int] | None = None
-        self._gone_run: str | None = None
-        self._thread: threading.Thread | None = None
-
-    def hold(self, store: RunStore, invocation_id: str, lease_ms: int) -> None:
-        with self._lock:
-            self._lease = (store, invocation_id, lease_ms)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._beat, name="dask-serverless-heartbeat", daemon=True
-                )
-                self._thread.start()
-
-    def drop(self) -> None:
-        with self._lock:
-            self._lease = None
-
-    def run_gone(self, run_id: str) -> bool:
-        return self._gone_run == run_id
-
-    def _beat(self) -> None:
-        while True:
-            with self._lock:
-                lease = self._lease
-            interval = lease[2] / 1000 / HEARTBEATS_PER_LEASE if lease else _IDLE_WAKE_S
-            self._wake.wait(interval)
-            if lease is None:
-                continue
-            store, invocation_id, lease_ms = lease
-            try:
-                alive = store.renew_lease(invocation_id, lease_ms)
-            except redis.RedisError:
-                continue
-            if not alive:
-                self._gone_run = store.run_id
-
-
-class WorkerEnvironment:
-    """What an instance keeps between invocations."""
-
-    def __init__(
-        self,
-        redis_url: str,
-        secret: bytes,
-        invoker: Invoker,
-        worker_id: str | None = None,
-        logic: WorkerLogic | None = None,
-        large_outputs: LargeOutputStore | None = None,
-        handoff_margin_ms: int = 0,
-        cache_bytes: int = CACHE_BYTES,
-    ) -> None:
-        self.redis = client_for(redis_url)
-        self.scripts = Scripts(self.redis)
-        self.signer = Signer(secret)
-        self.invoker = invoker
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.logic = logic or WorkerLogic()
-        self.records: OrderedDict[str, RunRecord] = OrderedDict()
-        self.heartbeat = Heartbeat()
-        self.invocations = 0
-        self.large_outputs = large_outputs
-        self.handoff_margin_ms = int(handoff_margin_ms)
-        # Called before every task (the local backend notes the running task for OOM reports).
-        self.on_task: Callable[[Branch, int], None] | None = None
-        self.cache = OutputCache(cache_bytes)
-
-    def cached_record(self, run_id: str) -> RunRecord | None:
-        record = self.records.get(run_id)
-        if record is not None:
-            self.records.move_to_end(run_id)
-        return record
-
-    def remember(self, record: RunRecord) -> None:
-        self.records[record.run_id] = record
-        while len(self.records) > RECORD_CACHE_SIZE:
-            self.records.popitem(last=False)
-
-
-def _memory_of(context: Any) -> int | None:
-    """The invocation's configuration (MB), as Lambda's context (and the local one) tell."""
-    memory = getattr(context, "memory_limit_in_mb", None)
-    return int(memory) if memory else None
-
-
 def handle(environment: WorkerEnvironment, event: dict, context: Any) -> dict:
     """Run the invocation whose JSON payload is ``event`` (a malformed one is refused)."""
     return serve(environment, Invocation.from_payload(event), context)
@@ -196,3 +101,98 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     finally:
         environment.heartbeat.drop()
     return {"status": "done", "seconds": time.monotonic() - started}
+
+
+def _memory_of(context: Any) -> int | None:
+    """The invocation's configuration (MB), as Lambda's context (and the local one) tell."""
+    memory = getattr(context, "memory_limit_in_mb", None)
+    return int(memory) if memory else None
+
+
+class WorkerEnvironment:
+    """What an instance keeps between invocations."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        secret: bytes,
+        invoker: Invoker,
+        worker_id: str | None = None,
+        logic: WorkerLogic | None = None,
+        large_outputs: LargeOutputStore | None = None,
+        handoff_margin_ms: int = 0,
+        cache_bytes: int = CACHE_BYTES,
+    ) -> None:
+        self.redis = client_for(redis_url)
+        self.scripts = Scripts(self.redis)
+        self.signer = Signer(secret)
+        self.invoker = invoker
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.logic = logic or WorkerLogic()
+        self.records: OrderedDict[str, RunRecord] = OrderedDict()
+        self.heartbeat = Heartbeat()
+        self.invocations = 0
+        self.large_outputs = large_outputs
+        self.handoff_margin_ms = int(handoff_margin_ms)
+        # Called before every task (the local backend notes the running task for OOM reports).
+        self.on_task: Callable[[Branch, int], None] | None = None
+        self.cache = OutputCache(cache_bytes)
+
+    def cached_record(self, run_id: str) -> RunRecord | None:
+        record = self.records.get(run_id)
+        if record is not None:
+            self.records.move_to_end(run_id)
+        return record
+
+    def remember(self, record: RunRecord) -> None:
+        self.records[record.run_id] = record
+        while len(self.records) > RECORD_CACHE_SIZE:
+            self.records.popitem(last=False)
+
+
+class Heartbeat:
+    """Renews the lease of the invocation this instance is running, in the background.
+
+    One daemon thread per instance, started on first use. It renews every third of the
+    lease so that one missed beat does not lapse it, and remembers when Redis says the
+    run is gone so the branch loop stops before its next task.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._lease: tuple[RunStore, str, int] | None = None
+        self._gone_run: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def hold(self, store: RunStore, invocation_id: str, lease_ms: int) -> None:
+        with self._lock:
+            self._lease = (store, invocation_id, lease_ms)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._beat, name="dask-serverless-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._lease = None
+
+    def run_gone(self, run_id: str) -> bool:
+        return self._gone_run == run_id
+
+    def _beat(self) -> None:
+        while True:
+            with self._lock:
+                lease = self._lease
+            interval = lease[2] / 1000 / HEARTBEATS_PER_LEASE if lease else _IDLE_WAKE_S
+            self._wake.wait(interval)
+            if lease is None:
+                continue
+            store, invocation_id, lease_ms = lease
+            try:
+                alive = store.renew_lease(invocation_id, lease_ms)
+            except redis.RedisError:
+                continue
+            if not alive:
+                self._gone_run = store.run_id
