@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 import numpy as np
 import pytest
-import redis
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
@@ -159,13 +158,11 @@ def test_every_invocation_delivered_twice_gives_the_right_result(redis_url, redi
 
 def test_a_tampered_run_record_fails_the_run(redis_url, redis_client, monkeypatch):
     with Scheduler(redis=redis_url, timeout=60) as sched:
-        original = redis.Redis.set
+        original = RunStore.create
 
-        def tamper(self, name, value, *args, **kwargs):
-            if isinstance(name, str) and name.endswith(":record"):
-                value = value[:-1] + bytes([value[-1] ^ 1])
-            return original(self, name, value, *args, **kwargs)
+        def tamper(self, record, *args, **kwargs):
+            return original(self, record[:-1] + bytes([record[-1] ^ 1]), *args, **kwargs)
 
-        monkeypatch.setattr(redis.Redis, "set", tamper)
+        monkeypatch.setattr(RunStore, "create", tamper)
         with pytest.raises(UntrustedBlobError, match="run record"):
             dask.compute(dask.delayed(inc)(1), scheduler=sched)

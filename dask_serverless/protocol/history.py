@@ -7,15 +7,20 @@ same after 10 runs as after 10 000 (I-6) — one pipelined round trip of ``LRANG
 number of keys that depends on the DAG's distinct functions and the memory sizes, never on
 the number of past runs.
 
-Keys (``H = dsl:history:v1:``, named in ``protocol.keys``), every entry a compact JSON array:
+Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compact JSON array:
 
 ==============================  =======================================================
-``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s]`` of one function
+``H task:{<fn-digest>}:<MB>``    ``[input_bytes, output_bytes, exec_s]`` of one function
                                  at one memory size (``fn-digest``: hash of the function
                                  identity, so no user text ever becomes key syntax)
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
 ==============================  =======================================================
+
+On a Redis Cluster the series of one function share a hash slot (the braces), so history
+spreads over the masters by function; the pipelined round trip then goes to every master
+at once (redis-py's cluster pipeline writes to all nodes before it reads), so loading
+still costs one round trip.
 
 Every key carries a long TTL (``history-ttl``), refreshed on each write, so history of
 functions nobody runs any more expires on its own. Nothing here scans the keyspace.
@@ -41,7 +46,9 @@ Sample = list[float]
 class HistoryStore:
     """Reads and appends history samples; ``samples`` bounds every series."""
 
-    def __init__(self, client: redis.Redis, samples: int = 256, ttl_s: int = 30 * 86400) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, samples: int = 256, ttl_s: int = 30 * 86400
+    ) -> None:
         if samples < 1:
             raise ValueError(f"history samples must be at least 1, got {samples}")
         self.client = client

@@ -1,16 +1,20 @@
 """Every Redis key name the project uses: the keys of one run, and the history keys.
 
-A run's keys all start with ``dsl:{<run-id>}:``. The braces are a Redis Cluster hash tag,
-so every key of one run lives in one hash slot and each multi-key step can be a single
-atomic Lua script, while different runs spread over the shards of a cluster.
+A run's control keys all start with ``dsl:{<run-id>}:``. The braces are a Redis Cluster
+hash tag, so every control key of one run lives in one hash slot and each multi-key step
+can be a single atomic Lua script. A run's bulk data — its task outputs — must not sit on
+that one slot, or a large run would load a single shard of a cluster: each output has its
+own hash tag, ``dsl:{<run-id>:o:<i>}``, derived from the run id and the node, so the
+outputs of one run spread over every master while clean-up still names each of them from
+the DAG's size alone (no ``KEYS``, no ``SCAN``). No script touches an output key on a
+cluster; see ``protocol.store`` for how publishing stays correct across the two slots.
 
-Keys of one run (``P = dsl:{<run-id>}:``):
+Control keys of one run (``P = dsl:{<run-id>}:``):
 
 ============  ========  ============================================================
 ``P record``  string    signed, compressed run record; its existence means "the run is
                         alive" — every worker write is a script that checks it first,
                         so nothing can be written after the run was finished or purged
-``P o:<i>``   string    signed output of node ``i`` (only when a consumer lives elsewhere)
 ``P d:<i>``   hash      fan-in inbox of node ``i``: one field per finished parent, plus
                         ``!`` once a worker has claimed the ready node
 ``P inv``     hash      invocation ids already started (drops duplicate deliveries)
@@ -26,7 +30,12 @@ Keys of one run (``P = dsl:{<run-id>}:``):
 ``P result``  string    signed values of the requested keys, read once by the client
 ============  ========  ============================================================
 
-History keys (``H = dsl:history:v1:``) outlive runs; see ``protocol.history``.
+Bulk keys of one run: ``dsl:{<run-id>:o:<i>}`` (string), the signed output of node ``i``,
+stored only when a consumer lives elsewhere; one hash slot per output.
+
+History keys (``H = dsl:history:v2:``) outlive runs; see ``protocol.history``. The series of
+one function share the hash tag of its digest, so history spreads over a cluster by
+function.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass, field
 
-HISTORY_PREFIX = "dsl:history:v1:"
+HISTORY_PREFIX = "dsl:history:v2:"
 
 
 def new_run_id() -> str:
@@ -90,7 +99,8 @@ class RunKeys:
         return self.prefix + "queued"
 
     def output(self, index: int) -> str:
-        return f"{self.prefix}o:{index}"
+        """Node ``index``'s output, in a hash slot of its own (spread over a cluster)."""
+        return f"dsl:{{{self.run_id}:o:{index}}}"
 
     def inbox(self, index: int) -> str:
         return f"{self.prefix}d:{index}"
@@ -116,8 +126,9 @@ def function_digest(function: str) -> str:
 
 
 def task_history_key(function: str, memory_mb: int) -> str:
-    """``[input_bytes, output_bytes, exec_s]`` samples of one function at one size."""
-    return f"{HISTORY_PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
+    """``[input_bytes, output_bytes, exec_s]`` samples of one function at one size; every
+    size of one function in one hash slot."""
+    return f"{HISTORY_PREFIX}task:{{{function_digest(function)}}}:{int(memory_mb)}"
 
 
 def transfer_history_key(memory_mb: int) -> str:
