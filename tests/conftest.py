@@ -15,6 +15,7 @@ server are never touched.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -35,7 +36,6 @@ CLUSTER_MODULES = frozenset(
         "test_protocol",
         "test_planning_runs",
         "test_faults",
-        "test_cluster",
     }
 )
 
@@ -93,10 +93,20 @@ def run_keys(client: Client) -> set[bytes]:
     }
 
 
+# Seconds a key may outlive its test: on a cluster a straggling duplicate worker stores
+# its output in the output's own slot, finds the run gone and deletes it again (see
+# dask_serverless.protocol.store); a check in between would see it for a moment.
+LEAK_GRACE_S = 2.0
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_run_keys(redis_client: Client) -> Iterator[None]:
     """After every test — passed, failed, timed out — no key of its runs is left."""
     before = run_keys(redis_client)
     yield
+    deadline = time.monotonic() + LEAK_GRACE_S
     leaked = run_keys(redis_client) - before
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.1)
+        leaked = run_keys(redis_client) - before
     assert not leaked, f"run keys left behind: {sorted(leaked)[:10]}"

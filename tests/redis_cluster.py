@@ -34,10 +34,12 @@ class LocalRedisCluster:
         self.directory = tempfile.mkdtemp(prefix="dsl-cluster-")
         self.ports: list[int] = []
         self.processes: dict[int, subprocess.Popen] = {}
-        server = find_redis_server()
+        self.server = find_redis_server()
         try:
             for _ in range(2 * MASTERS):
-                self._start_node(server, self._unused_port())
+                port = self._unused_port()
+                self.ports.append(port)
+                self._start_node(port)
             self._create()
             self._wait_until_ok()
         except BaseException:
@@ -55,17 +57,16 @@ class LocalRedisCluster:
             if port not in self.ports and port + 10000 < 65536:
                 return port
 
-    def _start_node(self, server: str, port: int) -> None:
+    def _start_node(self, port: int) -> None:
         folder = os.path.join(self.directory, str(port))
-        os.makedirs(folder)
-        args = [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
+        os.makedirs(folder, exist_ok=True)
+        args = [self.server, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "", "--appendonly"]
         args += ["no", "--protected-mode", "no"]
         self.processes[port] = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        self.ports.append(port)
         deadline = time.monotonic() + _START_TIMEOUT_S
         node = redis.Redis(port=port)
         while True:
@@ -136,10 +137,13 @@ class LocalRedisCluster:
         for port in self.live_ports():
             node = redis.Redis(port=port, decode_responses=True)
             try:
-                if node.info("replication").get("role") == "slave":
-                    count += 1
+                info = node.info("replication")
+            except redis.ConnectionError:
+                continue
             finally:
                 node.close()
+            if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                count += 1
         return count
 
     def live_ports(self) -> list[int]:
@@ -151,15 +155,23 @@ class LocalRedisCluster:
         process.kill()
         process.wait()
 
-    def wait_for_masters(self, count: int = MASTERS, timeout_s: float = 30.0) -> None:
-        """Until ``count`` live masters serve every slot (after a failover)."""
+    def restart(self, port: int) -> None:
+        """Start a killed node again: with its ``nodes.conf`` it rejoins as a replica."""
+        self._start_node(port)
+
+    def wait_until_whole(self, timeout_s: float = 30.0) -> None:
+        """Until 3 masters serve every slot and each has a replica again."""
         deadline = time.monotonic() + timeout_s
         while True:
             masters = self.masters()
-            if len(masters) == count and all(self._state_ok(p) for p in masters):
+            if (
+                len(masters) == MASTERS
+                and all(self._state_ok(p) for p in self.live_ports())
+                and self._replica_count() == MASTERS
+            ):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"cluster has masters {masters}, wanted {count}")
+                raise TimeoutError(f"cluster not whole again: masters {masters}")
             time.sleep(0.1)
 
     def _state_ok(self, port: int) -> bool:

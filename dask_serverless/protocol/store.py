@@ -203,11 +203,22 @@ class RunStore:
 
     def load(self) -> int:
         """How many invocations of the run are running or queued."""
+        return sum(self.running_and_queued())
+
+    def running_and_queued(self) -> tuple[int, int]:
+        """Invocations of the run holding a lease, and invocations sent but not begun."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.leases)
             pipe.get(self.keys.queued)
             running, queued = pipe.execute()
-        return int(running) + int(queued or 0)
+        return int(running), int(queued or 0)
+
+    def primaries(self) -> frozenset[str]:
+        """The masters a cluster client knows now (empty for one server): a change says a
+        failover happened, after which acknowledged writes may have been lost."""
+        if isinstance(self.client, redis.RedisCluster):
+            return frozenset(node.name for node in self.client.get_primaries())
+        return frozenset()
 
     def note_invoked(self, count: int) -> None:
         """Count ``count`` invocations about to be sent in the run's load."""
