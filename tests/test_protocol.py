@@ -27,10 +27,20 @@ def store(redis_client):
 
 def test_a_parent_that_reports_twice_counts_once(store):
     fan_in = [(5, 2)]
-    assert store.complete(1, None, fan_in, None) == (0, [])
-    assert store.complete(1, None, fan_in, None) == (0, [])
-    assert store.complete(2, None, fan_in, None) == (0, [5])
-    assert store.complete(2, None, fan_in, None) == (0, [])
+    assert store.complete(1, None, fan_in, None, "inv-a") == (0, [])
+    assert store.complete(1, None, fan_in, None, "inv-b") == (0, [])
+    assert store.complete(2, None, fan_in, None, "inv-a") == (0, [5])
+    assert store.complete(2, None, fan_in, None, "inv-b") == (0, [])
+
+
+def test_a_resent_publish_wins_the_same_child_again(store, redis_client):
+    """A worker whose reply was lost (dropped connection, failover) sends the script again:
+    it must not lose the child it claimed the first time, or nobody would run it."""
+    fan_in = [(5, 2)]
+    store.complete(1, None, fan_in, None, "inv-a")
+    assert store.complete(2, None, fan_in, None, "inv-b", pending=True) == (0, [5])
+    assert store.complete(2, None, fan_in, None, "inv-b", pending=True) == (0, [5])
+    assert json.loads(redis_client.hget(store.keys.restart, "inv-b")) == [5]
 
 
 def test_a_worker_with_pending_work_keeps_its_old_restart_point(store, redis_client):

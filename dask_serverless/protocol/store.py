@@ -97,6 +97,11 @@ def is_cluster_url(url: str) -> bool:
     probe = redis.Redis.from_url(url)
     try:
         return bool(probe.info("cluster").get("cluster_enabled"))
+    except redis.exceptions.NoPermissionError:
+        raise PermissionError(
+            f"the Redis user of {redact(url)} may not run INFO, so whether it is a cluster "
+            "is unknown: set serverless.redis-cluster to true or false"
+        ) from None
     finally:
         probe.close()
 

@@ -1,5 +1,5 @@
 -- Publish a finished task: store its output, append events, count it once in every fan-in
--- child's inbox and claim the children it made ready (I-3). The children this caller won
+-- child's inbox and claim the children it made ready (I-3), idempotently. The children this caller won
 -- are only runnable by it now, so they join its lease's restart point — added to it when
 -- the caller has other work pending (only the old point leads back to that), else
 -- replacing it. A caller with nothing else to do that won nothing hands its lease back.
@@ -18,6 +18,11 @@
 --     (it still has work; won children join the old restart point) or 'replace' (it
 --     continues with the won children only).
 local ttl, mode, after = ARGV[1], ARGV[2], ARGV[7]
+-- Who claims a ready child: this parent in this invocation. A client that sent the script
+-- again (its reply was lost to a dropped connection or a failover) wins the same children
+-- again instead of none, so no ready child is left without a worker (I-3 either way:
+-- any other report of the parent is another invocation and wins nothing).
+local claim = ARGV[4] .. '@' .. ARGV[6]
 local first_inbox = 6
 if mode ~= 'none' then first_inbox = 7 end
 if not alive(KEYS[1]) then
@@ -34,16 +39,27 @@ for i = first_inbox, #KEYS do
   local needed = tonumber(ARGV[first_child + 2 * (position - 1) + 1])
   redis.call('HSETNX', inbox, ARGV[4], '1')
   redis.call('EXPIRE', inbox, ttl)
-  if redis.call('HLEN', inbox) >= needed and redis.call('HSETNX', inbox, CLAIMED, '1') == 1 then
-    won[#won + 1] = position
-    children[#children + 1] = tonumber(child)
+  if redis.call('HLEN', inbox) >= needed then
+    local owner = redis.call('HGET', inbox, CLAIMED)
+    if not owner then
+      redis.call('HSET', inbox, CLAIMED, claim)
+      owner = claim
+    end
+    if owner == claim then
+      won[#won + 1] = position
+      children[#children + 1] = tonumber(child)
+    end
   end
 end
 if #won > 0 then
   if after == 'keep' then
     local old = redis.call('HGET', KEYS[4], ARGV[6])
     if old then
-      for _, node in ipairs(cjson.decode(old)) do children[#children + 1] = node end
+      local seen = {}
+      for _, node in ipairs(children) do seen[node] = true end
+      for _, node in ipairs(cjson.decode(old)) do
+        if not seen[node] then children[#children + 1] = node end
+      end
     end
   end
   redis.call('HSET', KEYS[4], ARGV[6], cjson.encode(children))
