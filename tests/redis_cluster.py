@@ -5,14 +5,15 @@ directory, joined by ``redis-cli --cluster create … --cluster-replicas 1``. A 
 ``cluster-node-timeout`` lets a replica take over a killed master within seconds, which
 the failover tests rely on. ``stop()`` ends the six processes and removes the directory.
 
-``python -m tests.redis_cluster`` starts one and prints its URL until interrupted (for
-``python -m benchmarks --redis URL``).
+``python -m tests.redis_cluster`` starts one and prints its URL until interrupted (Ctrl-C
+or SIGTERM), for ``python -m benchmarks --redis URL``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -200,7 +201,13 @@ class LocalRedisCluster:
         self.stop()
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # A background job ignores SIGINT: SIGTERM stops the cluster cleanly too.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with LocalRedisCluster() as cluster:
         print(cluster.url, flush=True)
         try:
