@@ -1,8 +1,9 @@
 """Fixtures: real Redis servers for the whole session, and a leak check after every test.
 
 ``redis_url`` is a private redis-server on a free port of 127.0.0.1 ("standalone"), and —
-for the modules in ``CLUSTER_MODULES``, the core, planner and reliability tests — also a
-private Redis Cluster of 3 masters and 3 replicas ("cluster", ``tests.redis_cluster``).
+for the modules in ``CLUSTER_MODULES``, the core, planner and reliability tests (but the
+worker-kill trials) — also a private Redis Cluster of 3 masters and 3 replicas
+("cluster", ``tests.redis_cluster``).
 Each server starts once per session, on first use, and stops at the end. The other
 modules (translation, backends, AWS Lambda, load) do not depend on how Redis is deployed
 and run against standalone only, which keeps the suite's time well within its budget.
@@ -40,11 +41,22 @@ CLUSTER_MODULES = frozenset(
 )
 
 
+# Tests of those modules that run against standalone only: the 20 worker-kill trials take
+# minutes, and tests/test_cluster.py kills workers and masters on a cluster already.
+STANDALONE_ONLY = frozenset(
+    {
+        "test_killed_workers_do_not_hang_or_lose_the_result",
+        "test_the_kill_trials_killed_and_recovered_workers",
+    }
+)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_url" not in metafunc.fixturenames:
         return
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    kinds = ["standalone", "cluster"] if module in CLUSTER_MODULES else ["standalone"]
+    both = module in CLUSTER_MODULES and metafunc.function.__name__ not in STANDALONE_ONLY
+    kinds = ["standalone", "cluster"] if both else ["standalone"]
     if EXTERNAL_URL:
         kinds.append("external")
     metafunc.parametrize("redis_url", kinds, indirect=True, scope="session")
