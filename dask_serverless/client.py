@@ -35,9 +35,11 @@ from dask_serverless.backends.base import Backend
 from dask_serverless.bundling import bundle_roots
 from dask_serverless.graph import DAG, translate
 from dask_serverless.planning import Plan, Planner, Planning
+from dask_serverless.recording import RunRecorder
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.redis import RunStore, Scripts, connect, new_run_id
+from dask_serverless.storage.runs import RunHistory
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.runtime import RunRecord, invocation
 
@@ -139,7 +141,14 @@ class Scheduler:
                 history_ttl_s=int(config.setting("planning.history-ttl")),
                 min_work_s=float(config.setting("planning.min-work")),
             )
-            self._last_report: Callable[[], RunReport] | None = None
+            self._last_report: Callable[[], RunReport | None] | None = None
+            # Run history and reports of failed runs (dask_serverless.recording).
+            keep_runs = int(config.setting("history.runs"))
+            self._recorder = RunRecorder(
+                RunHistory(self._redis, keep_runs, int(config.setting("planning.history-ttl")))
+                if keep_runs > 0
+                else None
+            )
             self._run_memory: dict[str, tuple[int | None, ...]] = {}
         except BaseException:
             self.close()
@@ -194,6 +203,8 @@ class Scheduler:
                 progress.state = events.initial_state(dag)
             started = []
             succeeded = False
+            run_started = time.time()
+            self._recorder.started(run_id, dag, plan, progress, run_started)
             try:
                 for callback in active:
                     if callback[0]:
@@ -202,32 +213,39 @@ class Scheduler:
                 for callback in active:
                     if callback[1]:
                         callback[1](progress.graph, progress.state)
-                run_started = time.time()
                 values = self._run(store, dag, record, bundling.starts, progress, limit)
                 makespan = time.time() - run_started
                 succeeded = True
+            except BaseException as error:
+                self._last_report = self._recorder.ended_with(
+                    error, run_id, dag, plan, progress, run_started, self._throttled()
+                )
+                raise
             finally:
                 self._run_memory.pop(run_id, None)
                 self.last_retries = {dag.keys[i]: n for i, n in progress.retries.items()}
                 for callback in started:
                     if callback[4]:
                         callback[4](progress.graph, progress.state, not succeeded)
-        self._last_report = self._planning.finish(
-            run_id,
-            dag,
-            plan,
-            progress,
-            run_started,
-            makespan,
-            throttled=getattr(self.backend, "throttled", None),
+        self._planning.finish(
+            run_id, dag, plan, progress, run_started, makespan, throttled=self._throttled()
+        )
+        self._last_report = self._recorder.succeeded(
+            run_id, dag, plan, progress, run_started, makespan, self._throttled()
         )
         results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
         return nested_get(keys, results)
 
     @property
     def last_run(self) -> RunReport | None:
-        """The last successful run's plan next to what was measured (built on first use)."""
+        """The last run's plan next to what was measured (built on first use).
+
+        A run that failed, timed out or was cancelled has one too (``status`` says so).
+        """
         return None if self._last_report is None else self._last_report()
+
+    def _throttled(self) -> bool | None:
+        return getattr(self.backend, "throttled", None)
 
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
@@ -392,6 +410,8 @@ class Scheduler:
         if self._closed:
             return
         self._closed = True
+        if hasattr(self, "_recorder"):
+            self._recorder.close()
         if self._backend is not None:
             self._backend.close()
         if hasattr(self, "_redis"):
