@@ -1,0 +1,423 @@
+"""Drawing a run report with bokeh: a Gantt chart, the cost split, predicted vs actual.
+
+``report_layout(report)`` is what ``RunReport.plot()`` returns:
+
+* a header with the run's outcome, planner, SLA, makespans and cost;
+* a **Gantt chart** with one lane per instance (the worker process or Lambda instance that
+  ran the tasks): the actual busy time of every task is a bar coloured by its memory
+  size, its planned start and finish an outline on the same lane, tasks on the plan's
+  critical path are outlined red, and a triangle marks the first task of a cold instance;
+  hovering a bar shows the task;
+* the **cost** (billed GB-s, as ``report.py`` computes it) by function and by memory size,
+  start-ups counted apart;
+* **predicted vs actual**: each task's busy time, and the run's makespan.
+
+Large runs are aggregated so the page stays light (a 10 000-task report opens in a browser
+in well under 5 s): above ``MAX_BARS`` tasks, neighbouring bars of one lane with the same
+memory size merge into one (``tasks`` counts them in the hover) and the scatter shows at
+most ``MAX_POINTS`` tasks, an even sample. Critical-path tasks are always drawn one by one.
+
+``save_reports`` writes one or more reports to one standalone HTML file with bokeh's
+resources inline — it opens offline, no CDN.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, cast
+
+from bokeh.embed import file_html
+from bokeh.layouts import column, row
+from bokeh.model import Model
+from bokeh.models import (
+    ColumnDataSource,
+    FactorRange,
+    HoverTool,
+    Range1d,
+    TabPanel,
+    Tabs,
+)
+from bokeh.models.widgets import Div
+from bokeh.palettes import Category10_10
+from bokeh.plotting import figure
+from bokeh.resources import INLINE
+
+from dask_serverless.report import RunReport, TaskRecord, billed_gb_s
+
+MAX_BARS = 2000
+MAX_POINTS = 2000
+# Bars of one lane closer than this share of the makespan merge when aggregating.
+_MERGE_GAP_SHARE = 1 / 1500
+_LANE_PX = 18
+_MIN_GANTT_PX = 160
+_MAX_GANTT_PX = 900
+_WIDTH_PX = 1100
+_NOT_RUN = "(not run)"
+_CRITICAL_COLOR = "#d62728"
+
+
+def memory_colors(memories: Sequence[int | None]) -> dict[str, str]:
+    """One colour per memory size (as a legend label), smallest size first."""
+    sizes = sorted({m for m in memories if m is not None})
+    labels = [f"{m} MB" for m in sizes] + (["unknown"] if None in memories else [])
+    return {label: Category10_10[i % 10] for i, label in enumerate(labels)}
+
+
+def _memory_label(memory: int | None) -> str:
+    return "unknown" if memory is None else f"{memory} MB"
+
+
+def _short_function(function: str) -> str:
+    """``inc`` of ``inc:tests.tasks.inc``: the key prefix is what users recognise."""
+    return function.split(":", 1)[0] or "(sink)"
+
+
+def header(report: RunReport) -> Div:
+    """The run's summary as page text (searchable, and what a browser test reads)."""
+    done = sum(1 for t in report.tasks if t.state == "done")
+    lines = [
+        f"<h2>Run {html.escape(report.run_id)}: {html.escape(report.status)}</h2>",
+        f"<p>{len(report.tasks)} tasks, {done} done · planner {html.escape(report.planner)}"
+        f" · SLA {html.escape(report.sla)}</p>",
+        f"<p>makespan predicted {report.predicted_makespan_s:.3f} s, actual "
+        f"{report.actual_makespan_s:.3f} s · cost predicted {report.predicted_cost_gb_s:.3f}"
+        f" GB-s, actual {report.cost_gb_s:.3f} GB-s · {report.invocations} invocations "
+        f"({report.cold_starts} cold)</p>",
+    ]
+    if len(report.tasks) > MAX_BARS:
+        lines.append(
+            f"<p>Large run: in the Gantt chart neighbouring bars merged (hover: how many "
+            f"tasks); the scatter shows at most {MAX_POINTS} tasks.</p>"
+        )
+    if report.error:
+        lines.append(f"<p><b>error:</b> {html.escape(report.error)}</p>")
+    lines += [f"<p>note: {html.escape(note)}</p>" for note in report.notes]
+    return Div(text="\n".join(lines), width=_WIDTH_PX)
+
+
+def _lanes(tasks: Sequence[TaskRecord]) -> list[str]:
+    """Instances ordered by their first task's start; tasks that never ran last."""
+    first: dict[str, float] = {}
+    for t in tasks:
+        if t.worker_id is not None and t.actual_start_s is not None:
+            first[t.worker_id] = min(first.get(t.worker_id, t.actual_start_s), t.actual_start_s)
+    lanes = sorted(first, key=lambda lane: first[lane])
+    if any(t.worker_id is None for t in tasks):
+        lanes.append(_NOT_RUN)
+    return lanes
+
+
+def _lane_of(task: TaskRecord) -> str:
+    return task.worker_id if task.worker_id is not None else _NOT_RUN
+
+
+def _bars(
+    tasks: Sequence[TaskRecord], planned: bool, merge_gap_s: float | None
+) -> dict[str, list[Any]]:
+    """Gantt bars of ``tasks`` (actual or planned times), merged when ``merge_gap_s``."""
+    columns: dict[str, list[Any]] = defaultdict(list)
+    by_lane: dict[str, list[tuple[float, float, TaskRecord]]] = defaultdict(list)
+    for t in tasks:
+        start, finish = (
+            (t.predicted_start_s, t.predicted_finish_s)
+            if planned
+            else (t.actual_start_s, t.actual_finish_s)
+        )
+        if start is None or finish is None:
+            continue
+        by_lane[_lane_of(t)].append((start, finish, t))
+    for lane, bars in by_lane.items():
+        bars.sort(key=lambda bar: bar[0])
+        group: list[tuple[float, float, TaskRecord]] = []
+        group_end = 0.0
+        for bar in bars:
+            if (
+                group
+                and merge_gap_s is not None
+                and bar[0] - group_end <= merge_gap_s
+                and bar[2].memory_mb == group[0][2].memory_mb
+            ):
+                group.append(bar)
+                group_end = max(group_end, bar[1])
+                continue
+            if group:
+                _add_bar(columns, lane, group)
+            group, group_end = [bar], bar[1]
+        if group:
+            _add_bar(columns, lane, group)
+    return columns
+
+
+def _add_bar(
+    columns: dict[str, list[Any]], lane: str, group: Sequence[tuple[float, float, TaskRecord]]
+) -> None:
+    first = group[0][2]
+    columns["lane"].append(lane)
+    columns["left"].append(min(b[0] for b in group))
+    columns["right"].append(max(b[1] for b in group))
+    columns["tasks"].append(len(group))
+    columns["key"].append(str(first.key) if len(group) == 1 else f"{len(group)} tasks")
+    functions = sorted({_short_function(b[2].function) for b in group})
+    columns["function"].append(", ".join(functions[:3]) + (" …" if len(functions) > 3 else ""))
+    columns["memory"].append(_memory_label(first.memory_mb))
+    columns["predicted"].append(sum(b[2].predicted_s for b in group))
+    columns["actual"].append(sum(b[2].actual_s or 0.0 for b in group))
+    columns["planned_start"].append(min(b[2].predicted_start_s for b in group))
+    columns["cold"].append("cold" if first.cold else "warm" if first.cold is False else "")
+    columns["out_bytes"].append(sum(b[2].output_bytes or 0 for b in group))
+    columns["retries"].append(sum(b[2].retries for b in group))
+    columns["state"].append(first.state if len(group) == 1 else "")
+
+
+_GANTT_TOOLTIPS = [
+    ("task", "@key"),
+    ("function", "@function"),
+    ("instance", "@lane"),
+    ("memory", "@memory (@cold)"),
+    ("actual", "@left{0.000} – @right{0.000} s (busy @actual{0.000} s)"),
+    ("planned", "start @planned_start{0.000} s, busy @predicted{0.000} s"),
+    ("output", "@out_bytes{0,0} bytes"),
+    ("retries", "@retries"),
+    ("state", "@state"),
+]
+
+
+def gantt(report: RunReport) -> Any:
+    """Lanes per instance: actual bars by memory, planned outlines, critical path, cold."""
+    tasks = report.tasks
+    aggregate = len(tasks) > MAX_BARS
+    span = max(report.actual_makespan_s, report.predicted_makespan_s, 1e-3)
+    gap = span * _MERGE_GAP_SHARE if aggregate else None
+    lanes = _lanes(tasks)
+    height = min(_MAX_GANTT_PX, max(_MIN_GANTT_PX, _LANE_PX * len(lanes) + 80))
+    title = "Tasks per instance: actual (filled, by memory) and planned (outline)"
+    if aggregate:
+        title += f" — {len(tasks)} tasks, neighbouring bars merged"
+    fig = figure(
+        title=title,
+        y_range=FactorRange(factors=list(reversed(lanes)) or ["none"]),
+        x_range=Range1d(start=0, end=span * 1.02),
+        width=_WIDTH_PX,
+        height=height,
+        x_axis_label="seconds since the run started",
+        tools="xpan,xwheel_zoom,box_zoom,reset,save",
+        toolbar_location="above",
+    )
+    colors = memory_colors([t.memory_mb for t in tasks])
+    planned = ColumnDataSource(_bars(tasks, planned=True, merge_gap_s=gap))
+    fig.hbar(
+        y="lane",
+        left="left",
+        right="right",
+        height=0.8,
+        source=planned,
+        fill_alpha=0,
+        line_color="#555555",
+        line_dash="dashed",
+        legend_label="planned",
+    )
+    actual = _bars(tasks, planned=False, merge_gap_s=gap)
+    bar_renderers: list[Any] = []
+    for label, color in colors.items():
+        chosen = [i for i, m in enumerate(actual.get("memory", [])) if m == label]
+        if not chosen:
+            continue
+        source = ColumnDataSource(
+            {name: [values[i] for i in chosen] for name, values in actual.items()}
+        )
+        bar_renderers.append(
+            fig.hbar(
+                y="lane",
+                left="left",
+                right="right",
+                height=0.6,
+                source=source,
+                fill_color=color,
+                line_color=color,
+                legend_label=label,
+            )
+        )
+    critical = [t for t in tasks if t.on_critical_path][:MAX_BARS]
+    critical_bars = _bars(critical, planned=False, merge_gap_s=None)
+    if critical_bars:
+        bar_renderers.append(
+            fig.hbar(
+                y="lane",
+                left="left",
+                right="right",
+                height=0.6,
+                source=ColumnDataSource(critical_bars),
+                fill_alpha=0,
+                line_color=_CRITICAL_COLOR,
+                line_width=2,
+                legend_label="critical path",
+            )
+        )
+    cold = _cold_starts(tasks)
+    if cold["lane"]:
+        fig.scatter(
+            x="x",
+            y="lane",
+            source=ColumnDataSource(cold),
+            marker="triangle",
+            size=10,
+            color="black",
+            legend_label="cold start",
+        )
+    fig.add_tools(HoverTool(renderers=bar_renderers, tooltips=_GANTT_TOOLTIPS))
+    fig.legend.location = "bottom_right"
+    fig.legend.click_policy = "hide"
+    fig.yaxis.visible = len(lanes) <= 60
+    return fig
+
+
+def _cold_starts(tasks: Sequence[TaskRecord]) -> dict[str, list[Any]]:
+    """The first task of every instance that started cold."""
+    first: dict[str, TaskRecord] = {}
+    for t in tasks:
+        if t.worker_id is None or t.actual_start_s is None:
+            continue
+        seen = first.get(t.worker_id)
+        if seen is None or (seen.actual_start_s or 0.0) > t.actual_start_s:
+            first[t.worker_id] = t
+    marks = [t for t in first.values() if t.cold]
+    return {"lane": [_lane_of(t) for t in marks], "x": [t.actual_start_s for t in marks]}
+
+
+def cost_split(report: RunReport) -> Any:
+    """Billed GB-s by function and by memory size; start-ups apart from tasks."""
+    by_function: dict[str, float] = defaultdict(float)
+    by_memory: dict[str, float] = defaultdict(float)
+    for t in report.tasks:
+        cost = t.cost_gb_s
+        by_function[_short_function(t.function)] += cost
+        by_memory[_memory_label(t.memory_mb)] += cost
+    for inv in report.invocation_records:
+        startup = billed_gb_s([(inv.memory_mb, inv.startup_s)])
+        by_function["(start-ups)"] += startup
+        by_memory[_memory_label(inv.memory_mb)] += startup
+    return row(
+        _cost_bars("Cost by function (GB-s)", by_function),
+        _cost_bars("Cost by memory size (GB-s)", by_memory),
+    )
+
+
+def _cost_bars(title: str, costs: dict[str, float]) -> Any:
+    names = sorted(costs, key=lambda n: -costs[n])[:30]
+    fig = figure(
+        title=title,
+        x_range=FactorRange(factors=names or ["none"]),
+        width=_WIDTH_PX // 2,
+        height=280,
+        tools="save",
+        toolbar_location=None,
+    )
+    source = ColumnDataSource({"name": names, "cost": [costs[n] for n in names]})
+    fig.vbar(x="name", top="cost", width=0.8, source=source, color=Category10_10[0])
+    fig.add_tools(HoverTool(tooltips=[("", "@name"), ("GB-s", "@cost{0.0000}")]))
+    fig.xaxis.major_label_orientation = 0.8
+    fig.y_range = Range1d(start=0, end=max(costs.values(), default=0.0) * 1.1 or 1.0)
+    return fig
+
+
+def predicted_vs_actual(reports: Sequence[RunReport]) -> Any:
+    """Per task busy time, and per run makespan: predicted on x, actual on y."""
+    report = reports[-1]
+    measured = [t for t in report.tasks if t.actual_s is not None]
+    step = max(1, len(measured) // MAX_POINTS)
+    sample = measured[::step]
+    colors = memory_colors([t.memory_mb for t in report.tasks])
+    tasks_fig = _scatter_figure(
+        "Task busy time (s)" + (f" — every {step}th of {len(measured)} tasks" if step > 1 else ""),
+        [t.predicted_s for t in sample] + [t.actual_s or 0.0 for t in sample],
+    )
+    source = ColumnDataSource(
+        {
+            "predicted": [t.predicted_s for t in sample],
+            "actual": [t.actual_s for t in sample],
+            "key": [str(t.key) for t in sample],
+            "color": [colors[_memory_label(t.memory_mb)] for t in sample],
+        }
+    )
+    tasks_fig.scatter("predicted", "actual", source=source, color="color", size=5, alpha=0.6)
+    tasks_fig.add_tools(
+        HoverTool(tooltips=[("task", "@key"), ("predicted", "@predicted"), ("actual", "@actual")])
+    )
+    ended = [r for r in reports if r.actual_makespan_s > 0]
+    makespan_fig = _scatter_figure(
+        "Makespan (s)",
+        [r.predicted_makespan_s for r in ended] + [r.actual_makespan_s for r in ended],
+    )
+    makespan_fig.scatter(
+        "predicted",
+        "actual",
+        source=ColumnDataSource(
+            {
+                "predicted": [r.predicted_makespan_s for r in ended],
+                "actual": [r.actual_makespan_s for r in ended],
+                "run": [r.run_id for r in ended],
+            }
+        ),
+        size=9,
+        color=_CRITICAL_COLOR,
+    )
+    makespan_fig.add_tools(
+        HoverTool(tooltips=[("run", "@run"), ("predicted", "@predicted"), ("actual", "@actual")])
+    )
+    return row(tasks_fig, makespan_fig)
+
+
+def _scatter_figure(title: str, values: Sequence[float]) -> Any:
+    top = max([v for v in values if v is not None] or [1.0]) * 1.1 or 1.0
+    fig = figure(
+        title=title,
+        width=_WIDTH_PX // 2,
+        height=320,
+        x_range=Range1d(start=0, end=top),
+        y_range=Range1d(start=0, end=top),
+        x_axis_label="predicted",
+        y_axis_label="actual",
+        tools="box_zoom,reset,save",
+    )
+    fig.line([0, top], [0, top], line_dash="dotted", color="gray")
+    return fig
+
+
+def report_layout(report: RunReport, runs: Sequence[RunReport] | None = None) -> Model:
+    """The whole report of one run; ``runs`` adds other runs to the makespan scatter."""
+    return column(
+        header(report),
+        gantt(report),
+        cost_split(report),
+        predicted_vs_actual([*(runs or ()), report] if runs else [report]),
+    )
+
+
+def reports_document(reports: Sequence[RunReport]) -> Model:
+    """One layout for several runs: a tab per run (with every run's makespan beside)."""
+    if not reports:
+        return Div(text="<h2>No dask-serverless run was computed.</h2>")
+    if len(reports) == 1:
+        return report_layout(reports[0])
+    panels = [
+        TabPanel(
+            child=cast("Any", report_layout(r, [o for o in reports if o is not r])),
+            title=f"{i + 1}: {r.run_id[:8]} ({r.status})",
+        )
+        for i, r in enumerate(reports)
+    ]
+    return column(Div(text=f"<h2>{len(reports)} dask-serverless runs</h2>"), Tabs(tabs=panels))
+
+
+def save_reports(reports: Sequence[RunReport], filename: str) -> str:
+    """Write ``reports`` to ``filename`` as one standalone offline page; returns the path."""
+    page = file_html(
+        reports_document(reports), resources=INLINE, title="dask-serverless run report"
+    )
+    path = os.path.abspath(filename)
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(page)
+    return path
