@@ -55,6 +55,8 @@ from dask_serverless.storage.runs import RunHistory
 logger = logging.getLogger(__name__)
 
 _ERROR_CHARS = 500
+# Distinct functions a run's summary names (what `dask-serverless history` searches).
+_FUNCTIONS_LISTED = 100
 
 
 def outcome_of(error: BaseException, progress: Any) -> str:
@@ -135,6 +137,7 @@ def summary_of(report: RunReport) -> dict[str, Any]:
         "predicted_makespan_s": report.predicted_makespan_s,
         "actual_makespan_s": report.actual_makespan_s,
         "cost_gb_s": report.cost_gb_s,
+        "functions": sorted({t.function for t in report.tasks if t.function})[:_FUNCTIONS_LISTED],
     }
 
 
