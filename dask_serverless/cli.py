@@ -466,6 +466,39 @@ def history(function: str, redis_url: str, sla: str) -> None:
     click.echo(function_history(samples, runs_store, function, sizes, sla))
 
 
+@main.command()
+@redis_option
+@click.option(
+    "--port",
+    default=lambda: config.setting("dashboard.port"),
+    show_default="8788",
+    help="0 picks a free port.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; the page shows task keys and run ids.",
+)
+def dashboard(redis_url: str, port: int, host: str) -> None:
+    """Serve the live dashboard of the runs on a Redis server."""
+    from dask_serverless.dashboard import Dashboard
+
+    try:
+        server = Dashboard(redis_url, int(port), host).start()
+    except RuntimeError as error:
+        _fail(error)
+    signal.signal(signal.SIGTERM, _interrupt)
+    click.echo(f"dask-serverless dashboard: {server.url} (Ctrl-C stops it)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

@@ -33,6 +33,7 @@ from dask_serverless import config, events
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
 from dask_serverless.bundling import bundle_roots
+from dask_serverless.dashboard import Dashboard, start_dashboard
 from dask_serverless.graph import DAG, translate
 from dask_serverless.planning import Plan, Planner, Planning
 from dask_serverless.recording import RunRecorder
@@ -93,8 +94,10 @@ class Scheduler:
         deadline: float | str | None = None,
         memory_configs: Sequence[int] | None = None,
         history: bool | None = None,
+        dashboard: bool | None = None,
     ) -> None:
         self._closed = False
+        self._dashboard: Dashboard | None = None
         self._embedded: EmbeddedRedis | None = None
         self._backend: Backend | None = None
         url = config.setting("redis", redis)
@@ -150,6 +153,9 @@ class Scheduler:
                 else None
             )
             self._run_memory: dict[str, tuple[int | None, ...]] = {}
+            if config.setting("dashboard.enabled", dashboard):
+                self._dashboard = start_dashboard(url, int(config.setting("dashboard.port")))
+                print(f"dask-serverless dashboard: {self._dashboard.url}")
         except BaseException:
             self.close()
             raise
@@ -243,6 +249,11 @@ class Scheduler:
         A run that failed, timed out or was cancelled has one too (``status`` says so).
         """
         return None if self._last_report is None else self._last_report()
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The address of the dashboard this Scheduler started, if it started one."""
+        return None if self._dashboard is None else self._dashboard.url
 
     def _throttled(self) -> bool | None:
         return getattr(self.backend, "throttled", None)
@@ -410,6 +421,8 @@ class Scheduler:
         if self._closed:
             return
         self._closed = True
+        if self._dashboard is not None:
+            self._dashboard.stop()
         if hasattr(self, "_recorder"):
             self._recorder.close()
         if self._backend is not None:

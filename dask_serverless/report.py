@@ -101,8 +101,6 @@ RUNNING, SUCCEEDED, FAILED, TIMED_OUT, CANCELLED = (
     "timed out",
     "cancelled",
 )
-# Task states: as the client last heard of them.
-TASK_STATES = ("waiting", "running", "done", "failed", "retried")
 _JSON_VERSION = 1
 
 
