@@ -8,7 +8,8 @@ the outcome, the report with what was measured replaces it:
 
 * a run that succeeded gets a report built on first use (``sched.last_run``) and saved
   to the history from a background thread, so the compute returns without waiting for a
-  10 000-row report to be built and written;
+  10 000-row report to be built and written; the next run starts only once it is saved,
+  so that saving never competes with a run;
 * a run that failed, timed out or was cancelled gets its report at once, attached to the
   raised exception as ``run_report`` and kept as ``sched.last_run``: tasks the client
   heard of are ``done`` (with their measurements), the failing task ``failed``, a task
@@ -152,10 +153,17 @@ class RunRecorder:
     def started(
         self, run_id: str, dag: DAG, plan: Plan, progress: Any, started_unix: float
     ) -> None:
-        """Publish the run's planned report so that a dashboard can follow it."""
+        """Publish the run's planned report so that a dashboard can follow it.
+
+        Done here, before the run's first invocation, and only once the previous run's
+        report is saved: the client's dispatching must not compete with report building
+        (on the local backend the dispatcher shares the client's interpreter, and
+        invocation start-ups are measured for the planner's history).
+        """
         if self.history is None:
             return
-        self._submit(
+        self.flush()
+        self._save(
             lambda: build_report(
                 run_id, dag, plan, progress.__class__(dag), started_unix, 0.0, status=RUNNING
             )
@@ -239,9 +247,9 @@ class RunRecorder:
 
     def flush(self) -> None:
         """Wait until every report handed over so far is saved."""
-        for future in list(self._pending):
+        pending, self._pending = self._pending, []
+        for future in pending:
             future.result()
-        self._pending = []
 
     def close(self) -> None:
         self.flush()

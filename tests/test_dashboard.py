@@ -52,7 +52,7 @@ def test_dashboard_shows_a_run_while_it_runs_and_after(redis_url, tmp_path):
         dashboard = Dashboard(redis_url).start()
         browser = Chromium(tmp_path / "profile")
         try:
-            browser.open(dashboard.url, expect="dask-serverless")
+            browser.open(dashboard.url, expect="Recent runs")
             results: list = []
             runner = threading.Thread(
                 target=lambda: results.append(dask.compute(graph, scheduler=sched))

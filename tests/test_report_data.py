@@ -84,3 +84,28 @@ def test_timed_out_run_has_a_report(scheduler):
     assert scheduler.last_run is report
     assert {t.state for t in report.tasks} <= {"waiting", "ready"}
     assert report.actual_makespan_s >= 0.5
+
+
+def test_cancelled_run_has_a_report_with_what_finished(scheduler):
+    value = dask.delayed(sleep_then)(0, 0.2)
+    for _ in range(10):
+        value = dask.delayed(sleep_then)(value, 0.2)
+
+    class InterruptAfterTwoTasks(dask.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            self.seen += 1
+            if self.seen == 2:
+                raise KeyboardInterrupt
+
+    with InterruptAfterTwoTasks(), pytest.raises(KeyboardInterrupt) as info:
+        dask.compute(value, scheduler=scheduler)
+    report = info.value.run_report
+    assert scheduler.last_run is report
+    assert report.status == "cancelled"
+    states = [t.state for t in report.tasks]
+    assert states.count("done") >= 2
+    assert "waiting" in states

@@ -1,7 +1,7 @@
 """The dashboard page: one bokeh document per browser tab, refreshed from a ``RunWatcher``.
 
-The page shows, for the run chosen at the top (by default the newest run in progress,
-else the newest run):
+The page shows, for the run chosen at the top (until someone picks one there, it follows
+the newest run in progress, and stays on it when it ends):
 
 * a status line — state, tasks done of all, failed, cost so far, instances;
 * progress per function (done of all);
@@ -93,6 +93,8 @@ class DashboardPage:
     def __init__(self, watcher: RunWatcher) -> None:
         self.watcher = watcher
         self.chosen: str | None = None
+        self.picked = False
+        self._choosing = False
         self.shown_ended: str | None = None
         self._layout_of: str | None = None
         self._layout: tuple[list[int], list[int]] = ([], [])
@@ -151,6 +153,9 @@ class DashboardPage:
         )
 
     def _choose(self, _attr: str, _old: Any, new: str) -> None:
+        if self._choosing:
+            return
+        self.picked = True
         self.chosen = new or None
         self.shown_ended = None
         self.update(self.watcher.poll())
@@ -176,13 +181,19 @@ class DashboardPage:
         if [tuple(o) for o in cast("Any", self.select.options)] != options:
             self.select.options = options
         ids = [s["run_id"] for s in summaries]
+        running = [r for r in ids if r in snapshot.live]
+        if not self.picked and running and self.chosen not in running:
+            self.chosen = running[0]
         if self.chosen not in ids:
-            running = [r for r in ids if r in snapshot.live]
             self.chosen = running[0] if running else (ids[0] if ids else None)
         if self.chosen is None:
             return
         if self.select.value != self.chosen:
-            self.select.value = self.chosen
+            self._choosing = True
+            try:
+                self.select.value = self.chosen
+            finally:
+                self._choosing = False
         live = snapshot.live.get(self.chosen)
         if live is not None:
             self._show_live(live)
