@@ -19,8 +19,8 @@ from pathlib import Path
 import dask
 
 import dask_serverless
+from benchmarks.workloads import collect, inc
 from tests.browser import Chromium
-from tests.tasks import inc, total
 
 _CHAIN = 100
 
@@ -32,7 +32,7 @@ def chains(tasks: int) -> object:
         for _ in range(_CHAIN):
             x = dask.delayed(inc, pure=False)(x)
         ends.append(x)
-    return dask.delayed(total, pure=False)(ends)
+    return dask.delayed(collect, pure=False)(*ends)
 
 
 def main() -> None:

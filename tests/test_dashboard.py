@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import dask
 import pytest
@@ -61,7 +62,9 @@ def test_dashboard_shows_a_run_while_it_runs_and_after(redis_url, tmp_path):
             text = browser.wait_for(": running", timeout=60)
             run_id = re.search(r"Run ([0-9a-f]{32}): running", text).group(1)
             text = browser.wait_for("tasks done", timeout=30)
-            while done_count(text, 25) == 0:
+            deadline = time.monotonic() + 60
+            while done_count(text, 25) == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
                 text = browser.wait_for("tasks done", timeout=30)
             during = done_count(text, 25)
             assert 0 < during < 25
