@@ -47,8 +47,13 @@ def done_count(text: str, total_tasks: int) -> int:
 @needs_chromium
 def test_dashboard_shows_a_run_while_it_runs_and_after(redis_url, tmp_path):
     shots = screenshot_dir(tmp_path)
-    leaves = [dask.delayed(sleep_inc, pure=False)(i, 0.4) for i in range(24)]
-    graph = dask.delayed(total, pure=False)(leaves)
+    ends = []
+    for chain in range(6):  # six chains of four 0.4 s tasks, then their total: 25 tasks
+        value = chain
+        for _ in range(4):
+            value = dask.delayed(sleep_inc, pure=False)(value, 0.4)
+        ends.append(value)
+    graph = dask.delayed(total, pure=False)(ends)
     with Scheduler(redis=redis_url, concurrency=2, timeout=120) as sched:
         dashboard = Dashboard(redis_url).start()
         browser = Chromium(tmp_path / "profile")
@@ -72,7 +77,7 @@ def test_dashboard_shows_a_run_while_it_runs_and_after(redis_url, tmp_path):
             assert "local:" in text  # the instances table names the worker instances
             browser.screenshot(shots / "dashboard-during-run.png")
             runner.join(120)
-            assert results == [(sum(range(1, 25)),)]
+            assert results == [(sum(range(6)) + 6 * 4,)]
             text = browser.wait_for(f"Run {run_id}: succeeded", timeout=60)
             assert done_count(text, 25) == 25
             text = browser.wait_for("planner", timeout=30)  # the run's report below

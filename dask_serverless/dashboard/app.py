@@ -97,7 +97,6 @@ class DashboardPage:
         self._choosing = False
         self.shown_ended: str | None = None
         self._layout_of: str | None = None
-        self._layout: tuple[list[int], list[int]] = ([], [])
         self.status = Div(text="<h2>dask-serverless</h2><p>No runs yet.</p>", width=_WIDTH)
         self.select = Select(title="Run", options=[], width=_WIDTH // 2)
         self.select.on_change("value", self._choose)
@@ -267,26 +266,29 @@ class DashboardPage:
             "total": [totals[n] for n in names],
         }
         tasks = report.tasks[:MAX_NODES]
+        shown = list(states[: len(tasks)])
         if self._layout_of != report.run_id:
             self._layout_of = report.run_id
-            self._layout = dag_layout(report)
-            self.edges.data = {"x0": [], "y0": [], "x1": [], "y1": []}
-        xs, ys = self._layout
-        self.nodes.data = {
-            "x": xs[: len(tasks)],
-            "y": ys[: len(tasks)],
-            "color": [STATE_COLORS.get(s, "#000000") for s in states[: len(tasks)]],
-            "key": [str(t.key) for t in tasks],
-            "state": list(states[: len(tasks)]),
-        }
-        edges = [(d, i) for i, t in enumerate(tasks) for d in t.dependencies][:MAX_EDGES]
-        if len(self.edges.data["x0"]) != len(edges):
+            xs, ys = dag_layout(report)
+            self.nodes.data = {
+                "x": xs[: len(tasks)],
+                "y": ys[: len(tasks)],
+                "color": [STATE_COLORS.get(s, "#000000") for s in shown],
+                "key": [str(t.key) for t in tasks],
+                "state": shown,
+            }
+            edges = [(d, i) for i, t in enumerate(tasks) for d in t.dependencies][:MAX_EDGES]
             self.edges.data = {
                 "x0": [xs[d] for d, _ in edges],
                 "y0": [ys[d] for d, _ in edges],
                 "x1": [xs[i] for _, i in edges],
                 "y1": [ys[i] for _, i in edges],
             }
+        elif self.nodes.data["state"] != shown:
+            # Only the states change while a run goes on: send just those columns.
+            self.nodes.data.update(
+                color=[STATE_COLORS.get(s, "#000000") for s in shown], state=shown
+            )
 
 
 def make_document(watcher_factory: Any) -> Any:
