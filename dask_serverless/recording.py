@@ -149,6 +149,7 @@ class RunRecorder:
         self.history = history
         self._saving = ThreadPoolExecutor(1, thread_name_prefix="dask-serverless-history")
         self._pending: list[Future] = []
+        self._closed = False
 
     def started(
         self, run_id: str, dag: DAG, plan: Plan, progress: Any, started_unix: float
@@ -229,6 +230,8 @@ class RunRecorder:
         return lambda: built
 
     def _submit(self, build: Callable[[], RunReport]) -> None:
+        if self._closed:
+            return  # a compute that outlived its Scheduler's close: nothing is saved
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(self._saving.submit(self._save, build))
 
@@ -252,6 +255,7 @@ class RunRecorder:
             future.result()
 
     def close(self) -> None:
+        self._closed = True
         self.flush()
         self._saving.shutdown(wait=True)
 
