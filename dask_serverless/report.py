@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -243,10 +243,6 @@ class RunReport:
             invocation_records=invocations,
             **{k: v for k, v in run.items() if k in known},
         )
-
-    def with_outcome(self, status: str, error: str | None = None) -> RunReport:
-        """This report marked as ended with ``status`` (and why)."""
-        return replace(self, status=status, error=error)
 
     def plot(self) -> Model:
         """A bokeh layout: Gantt per instance, cost split, predicted vs actual."""

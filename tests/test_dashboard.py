@@ -54,7 +54,8 @@ def test_dashboard_shows_a_run_while_it_runs_and_after(redis_url, tmp_path):
             value = dask.delayed(sleep_inc, pure=False)(value, 0.4)
         ends.append(value)
     graph = dask.delayed(total, pure=False)(ends)
-    with Scheduler(redis=redis_url, concurrency=2, timeout=120) as sched:
+    # history=False: this Scheduler's cold starts stay out of the planner's shared history.
+    with Scheduler(redis=redis_url, concurrency=2, timeout=120, history=False) as sched:
         dashboard = Dashboard(redis_url).start()
         browser = Chromium(tmp_path / "profile")
         try:
@@ -91,7 +92,7 @@ def test_dashboard_shows_a_run_while_it_runs_and_after(redis_url, tmp_path):
 def test_scheduler_starts_its_dashboard_and_prints_its_address(redis_url, capsys):
     import urllib.request
 
-    with Scheduler(redis=redis_url, dashboard=True) as sched:
+    with Scheduler(redis=redis_url, dashboard=True, history=False) as sched:
         link = sched.dashboard_link
         assert link is not None and link.startswith("http://127.0.0.1:")
         assert f"dask-serverless dashboard: {link}" in capsys.readouterr().out

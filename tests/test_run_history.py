@@ -77,7 +77,8 @@ def test_history_command_shows_samples_fit_and_errors(scheduler, redis_client, r
 
 
 def test_history_keeps_only_the_newest_runs(redis_url, redis_client):
-    with dask.config.set({"serverless.history.runs": 2}), Scheduler(redis=redis_url) as sched:
+    keep_two = dask.config.set({"serverless.history.runs": 2})
+    with keep_two, Scheduler(redis=redis_url, history=False) as sched:
         ids = []
         for i in range(4):
             dask.compute(dask.delayed(inc)(i), scheduler=sched)
