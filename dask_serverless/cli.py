@@ -439,14 +439,15 @@ def runs(redis_url: str, last: int) -> None:
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write HTML here.")
 def report(run_id: str, redis_url: str, html_file: str | None) -> None:
     """Print one run's report (RUN_ID or a unique prefix), or write it as HTML."""
-    from dask_serverless.runs import find_report
+    from dask_serverless.runs import find_report, makespans, recent_summaries
 
     history = _run_history(redis_url)
     found = find_report(history, run_id, history.keep)
     if found is None:
         raise click.ClickException(f"no run {run_id!r} in the run history")
     if html_file:
-        click.echo(f"wrote {found.to_html(html_file)}")
+        others = makespans(recent_summaries(history, history.keep))
+        click.echo(f"wrote {found.to_html(html_file, others)}")
     else:
         click.echo(str(found.summary()) + "\n" + found.table(limit=None))
 

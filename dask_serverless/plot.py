@@ -10,7 +10,9 @@
   hovering a bar shows the task;
 * the **cost** (billed GB-s, as ``report.py`` computes it) by function and by memory size,
   start-ups counted apart;
-* **predicted vs actual**: each task's busy time, and the run's makespan.
+* **predicted vs actual**: each task's busy time, and the run's makespan (beside other
+  runs' when given: the other runs of a ``performance_report``, or recent runs from the
+  run history for ``dask-serverless report --html`` and the dashboard).
 
 Large runs are aggregated so the page stays light (a 10 000-task report opens in a browser
 in well under 5 s): above ``MAX_BARS`` tasks, neighbouring bars of one lane with the same
@@ -27,7 +29,7 @@ import html
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from bokeh.embed import file_html
 from bokeh.layouts import column, row
@@ -323,9 +325,24 @@ def _cost_bars(title: str, costs: dict[str, float]) -> Any:
     return fig
 
 
-def predicted_vs_actual(reports: Sequence[RunReport]) -> Any:
-    """Per task busy time, and per run makespan: predicted on x, actual on y."""
-    report = reports[-1]
+class Makespan(NamedTuple):
+    """One run's point in the makespan scatter."""
+
+    run_id: str
+    predicted_s: float
+    actual_s: float
+    status: str
+
+
+def makespan_of(report: RunReport) -> Makespan:
+    return Makespan(
+        report.run_id, report.predicted_makespan_s, report.actual_makespan_s, report.status
+    )
+
+
+def predicted_vs_actual(report: RunReport, others: Sequence[Makespan] = ()) -> Any:
+    """Per task busy time, and per run makespan (this run in red, ``others`` grey):
+    predicted on x, actual on y."""
     measured = [t for t in report.tasks if t.actual_s is not None]
     step = max(1, len(measured) // MAX_POINTS)
     sample = measured[::step]
@@ -346,26 +363,37 @@ def predicted_vs_actual(reports: Sequence[RunReport]) -> Any:
     tasks_fig.add_tools(
         HoverTool(tooltips=[("task", "@key"), ("predicted", "@predicted"), ("actual", "@actual")])
     )
-    ended = [r for r in reports if r.actual_makespan_s > 0]
+    this = makespan_of(report)
+    points = [m for m in others if m.actual_s > 0 and m.run_id != this.run_id]
+    if this.actual_s > 0:
+        points.append(this)
     makespan_fig = _scatter_figure(
-        "Makespan (s)",
-        [r.predicted_makespan_s for r in ended] + [r.actual_makespan_s for r in ended],
+        "Makespan (s)" + (f" — this run in red, {len(points) - 1} others" if others else ""),
+        [m.predicted_s for m in points] + [m.actual_s for m in points],
     )
     makespan_fig.scatter(
         "predicted",
         "actual",
         source=ColumnDataSource(
             {
-                "predicted": [r.predicted_makespan_s for r in ended],
-                "actual": [r.actual_makespan_s for r in ended],
-                "run": [r.run_id for r in ended],
+                "predicted": [m.predicted_s for m in points],
+                "actual": [m.actual_s for m in points],
+                "run": [m.run_id for m in points],
+                "status": [m.status for m in points],
+                "color": [_CRITICAL_COLOR if m is this else "#7f7f7f" for m in points],
             }
         ),
         size=9,
-        color=_CRITICAL_COLOR,
+        color="color",
     )
     makespan_fig.add_tools(
-        HoverTool(tooltips=[("run", "@run"), ("predicted", "@predicted"), ("actual", "@actual")])
+        HoverTool(
+            tooltips=[
+                ("run", "@run (@status)"),
+                ("predicted", "@predicted{0.000} s"),
+                ("actual", "@actual{0.000} s"),
+            ]
+        )
     )
     return row(tasks_fig, makespan_fig)
 
@@ -386,25 +414,26 @@ def _scatter_figure(title: str, values: Sequence[float]) -> Any:
     return fig
 
 
-def report_layout(report: RunReport, runs: Sequence[RunReport] | None = None) -> Model:
-    """The whole report of one run; ``runs`` adds other runs to the makespan scatter."""
+def report_layout(report: RunReport, others: Sequence[Makespan] = ()) -> Model:
+    """The whole report of one run; ``others`` adds other runs to the makespan scatter."""
     return column(
         header(report),
         gantt(report),
         cost_split(report),
-        predicted_vs_actual([*(runs or ()), report] if runs else [report]),
+        predicted_vs_actual(report, others),
     )
 
 
-def reports_document(reports: Sequence[RunReport]) -> Model:
-    """One layout for several runs: a tab per run (with every run's makespan beside)."""
+def reports_document(reports: Sequence[RunReport], others: Sequence[Makespan] = ()) -> Model:
+    """One layout for several runs: a tab per run, every run's makespan in each scatter."""
     if not reports:
         return Div(text="<h2>No dask-serverless run was computed.</h2>")
+    makespans = [*others, *(makespan_of(r) for r in reports)]
     if len(reports) == 1:
-        return report_layout(reports[0])
+        return report_layout(reports[0], others)
     panels = [
         TabPanel(
-            child=cast("Any", report_layout(r, [o for o in reports if o is not r])),
+            child=cast("Any", report_layout(r, makespans)),
             title=f"{i + 1}: {r.run_id[:8]} ({r.status})",
         )
         for i, r in enumerate(reports)
@@ -412,10 +441,15 @@ def reports_document(reports: Sequence[RunReport]) -> Model:
     return column(Div(text=f"<h2>{len(reports)} dask-serverless runs</h2>"), Tabs(tabs=panels))
 
 
-def save_reports(reports: Sequence[RunReport], filename: str) -> str:
-    """Write ``reports`` to ``filename`` as one standalone offline page; returns the path."""
+def save_reports(
+    reports: Sequence[RunReport], filename: str, others: Sequence[Makespan] = ()
+) -> str:
+    """Write ``reports`` to ``filename`` as one standalone offline page; returns the path.
+
+    ``others`` are more runs (from the run history) for the makespan scatter.
+    """
     page = file_html(
-        reports_document(reports), resources=INLINE, title="dask-serverless run report"
+        reports_document(reports, others), resources=INLINE, title="dask-serverless run report"
     )
     path = os.path.abspath(filename)
     with open(path, "w", encoding="utf-8") as file:

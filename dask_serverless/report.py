@@ -250,11 +250,14 @@ class RunReport:
 
         return report_layout(self)
 
-    def to_html(self, filename: str) -> str:
-        """Write a standalone, offline HTML page of ``plot()``; returns its path."""
+    def to_html(self, filename: str, others: Sequence[Any] = ()) -> str:
+        """Write a standalone, offline HTML page of ``plot()``; returns its path.
+
+        ``others`` (``plot.Makespan`` points of other runs) join the makespan scatter.
+        """
         from dask_serverless.plot import save_reports
 
-        return save_reports([self], filename)
+        return save_reports([self], filename, others)
 
 
 def _json_default(value: Any) -> Any:

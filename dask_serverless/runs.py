@@ -66,6 +66,21 @@ def runs_table(summaries: Sequence[dict[str, Any]]) -> str:
     return format_table(header, rows, None)
 
 
+def makespans(summaries: Sequence[dict[str, Any]]) -> list[Any]:
+    """Recent runs as points of a report's makespan scatter (``plot.Makespan``)."""
+    from dask_serverless.plot import Makespan
+
+    return [
+        Makespan(
+            s["run_id"],
+            float(s.get("predicted_makespan_s") or 0.0),
+            float(s.get("actual_makespan_s") or 0.0),
+            str(s.get("status")),
+        )
+        for s in summaries
+    ]
+
+
 def find_report(history: RunHistory, run_id: str, search: int) -> RunReport | None:
     """The report of ``run_id`` or of the one recent run whose id starts with it."""
     (exact,) = history.load([run_id])

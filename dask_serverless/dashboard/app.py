@@ -32,6 +32,7 @@ from bokeh.plotting import figure
 from dask_serverless.dashboard.watch import LiveRun, RunWatcher, Snapshot
 from dask_serverless.plot import report_layout
 from dask_serverless.report import RUNNING, RunReport
+from dask_serverless.runs import makespans
 
 REFRESH_MS = 500
 MAX_EDGES = 5000
@@ -93,6 +94,7 @@ class DashboardPage:
     def __init__(self, watcher: RunWatcher) -> None:
         self.watcher = watcher
         self.chosen: str | None = None
+        self.summaries: list[dict[str, Any]] = []
         self.picked = False
         self._choosing = False
         self.shown_ended: str | None = None
@@ -161,7 +163,7 @@ class DashboardPage:
 
     def update(self, snapshot: Snapshot) -> None:
         """Show what ``snapshot`` found; called at every refresh."""
-        summaries = snapshot.summaries
+        summaries = self.summaries = snapshot.summaries
         self.runs.text = html_table(
             ["run", "started", "tasks", "status", "makespan s", "GB-s"],
             [
@@ -251,7 +253,7 @@ class DashboardPage:
                 for w in workers
             ]
         )
-        drawn = cast("Any", report_layout(report))
+        drawn = cast("Any", report_layout(report, makespans(self.summaries)))
         self.report_area.children = [Div(text="<h3>Report</h3>"), drawn]
 
     def _show_tasks(self, report: RunReport, states: Sequence[str]) -> None:
