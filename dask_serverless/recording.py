@@ -2,7 +2,7 @@
 
 A run is *recorded* twice. When it starts, its planned report (every task with its
 function, configuration, dependencies and planned times; state ``running``) goes to the
-run history (``storage.runs``), which is how a dashboard learns the shape of a run in
+run history (``protocol.runs``), which is how a dashboard learns the shape of a run in
 progress — the workers' event stream only carries task numbers. When it ends, whatever
 the outcome, the report with what was measured replaces it:
 
@@ -42,6 +42,7 @@ from dask_serverless.planning.history import (
     invocation_metrics,
     task_metrics,
 )
+from dask_serverless.protocol.runs import RunHistory
 from dask_serverless.report import (
     CANCELLED,
     FAILED,
@@ -51,7 +52,6 @@ from dask_serverless.report import (
     InvocationRecord,
     RunReport,
 )
-from dask_serverless.storage.runs import RunHistory
 
 logger = logging.getLogger(__name__)
 

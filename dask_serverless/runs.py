@@ -1,8 +1,8 @@
 """Past runs and what the planner learned from them, as text for the command line.
 
-``dask-serverless runs`` lists the newest runs of the run history (``storage.runs``),
+``dask-serverless runs`` lists the newest runs of the run history (``protocol.runs``),
 ``report RUN-ID`` prints or draws one of them, and ``history FUNCTION`` shows what the
-planner knows about a function: its samples per memory size (``storage.history``), the
+planner knows about a function: its samples per memory size (``protocol.history``), the
 line it fits through them (``planning.predict``), and how far its predictions were off in
 the recent runs that ran it. Everything is read from Redis with a bounded number of
 round trips; nothing here writes.
@@ -19,9 +19,9 @@ from typing import Any
 from dask_serverless.planning.history import History
 from dask_serverless.planning.predict import Predictor
 from dask_serverless.planning.sla import SLA
+from dask_serverless.protocol.history import HistoryStore
+from dask_serverless.protocol.runs import RunHistory
 from dask_serverless.report import RunReport, format_table
-from dask_serverless.storage.history import HistoryStore
-from dask_serverless.storage.runs import RunHistory
 
 # Recent runs ``history FUNCTION`` searches for the function's prediction errors.
 ERROR_RUNS = 20

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from dask_serverless import Scheduler
 from dask_serverless.cli import main
+from dask_serverless.protocol.runs import RUNS_KEY, RunHistory
 from dask_serverless.report import RunReport
-from dask_serverless.storage.runs import RUNS_KEY, RunHistory
 from tests.tasks import fail, inc, sleep_inc, total
 
 

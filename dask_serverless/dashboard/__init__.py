@@ -16,8 +16,8 @@ import threading
 from typing import Any
 
 from dask_serverless import config
-from dask_serverless.storage.redis import client_for
-from dask_serverless.storage.runs import RunHistory
+from dask_serverless.protocol.runs import RunHistory
+from dask_serverless.protocol.store import client_for
 
 __all__ = ["Dashboard", "start_dashboard"]
 

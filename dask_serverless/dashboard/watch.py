@@ -2,7 +2,7 @@
 
 A ``RunWatcher`` polls Redis (once per page refresh, a bounded number of round trips):
 
-* the newest runs and their summaries from the run history (``storage.runs``) — runs in
+* the newest runs and their summaries from the run history (``protocol.runs``) — runs in
   progress are there too, with state ``running``, because the Scheduler saves each run's
   planned report when it starts;
 * for every run in progress, its planned report once (task keys, functions, dependencies,
@@ -28,11 +28,11 @@ from typing import Any
 
 import redis
 
-from dask_serverless import events
 from dask_serverless.planning.history import task_metrics
+from dask_serverless.protocol import events
+from dask_serverless.protocol.runs import RunHistory
+from dask_serverless.protocol.store import RunStore, Scripts
 from dask_serverless.report import RUNNING, RunReport, billed_gb_s
-from dask_serverless.storage.redis import RunStore, Scripts
-from dask_serverless.storage.runs import RunHistory
 
 RECENT_RUNS = 20
 

@@ -1,7 +1,7 @@
 """Planning: from history to a plan before a run, from measurements to history after it.
 
 A Scheduler owns one ``Planning``. Before a run, ``plan(dag)`` loads the bounded history
-of the DAG's functions (one Redis round trip; see ``storage.history``), builds a
+of the DAG's functions (one Redis round trip; see ``protocol.history``), builds a
 ``Predictor`` under the Scheduler's SLA, predicts every node at every configuration and
 asks the planner for a ``Plan``. Tasks annotated with ``dask.annotate(memory=MB)`` keep
 that configuration (rounded up to a configured size).
@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from dask_serverless.constants import MEMORY_SIZES_MB
 from dask_serverless.graph import DAG
 from dask_serverless.planning.critical_path import NodeCosts, Timeline
 from dask_serverless.planning.history import (
@@ -50,8 +51,8 @@ from dask_serverless.planning.planners import (
 )
 from dask_serverless.planning.predict import CpuModel, Predictor
 from dask_serverless.planning.sla import SLA, Deadline
+from dask_serverless.protocol.history import HistoryStore
 from dask_serverless.report import RunReport, TaskRecord, billed_gb_s
-from dask_serverless.storage.history import HistoryStore
 
 __all__ = [
     "SLA",
@@ -72,7 +73,7 @@ __all__ = [
     "pinned_memory",
 ]
 
-DEFAULT_CONFIGS = (512, 1024, 1769, 3008)
+DEFAULT_CONFIGS = MEMORY_SIZES_MB
 
 
 def parse_memory_configs(configs: Sequence[int] | None) -> tuple[int, ...]:

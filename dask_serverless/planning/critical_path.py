@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from dask_serverless.graph import DAG
 from dask_serverless.planning.predict import Line, Predictor
-from dask_serverless.worker.runtime import output_leaves_worker
+from dask_serverless.protocol.placement import output_leaves_worker
 
 ANY_MEMORY = 0
 

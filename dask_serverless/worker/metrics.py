@@ -11,12 +11,10 @@ script returned, follows in an ``up`` event of a later batch. Nothing here talks
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dask_serverless import events
-
-if TYPE_CHECKING:
-    from dask_serverless.worker.runtime import Branch
+from dask_serverless.protocol import events
+from dask_serverless.worker.branch import Branch
 
 
 class TaskMeter:

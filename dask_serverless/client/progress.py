@@ -1,79 +1,34 @@
-"""Event records the workers stream to the client, and the client's consumer of them.
+"""A run's progress as the client learns it from the event stream, and the dask callbacks
+it drives.
 
-Workers batch events (a chain of tiny tasks must not pay a Redis round trip per task for
-progress reporting) and append each batch as one stream entry. An event is a short JSON
-array:
-
-* ``["done", index, worker_id, start_unix_s, duration_s, *metrics]`` — a task finished;
-  ``metrics`` (for the planner's history, see ``planning.history``) are memory MB, cold
-  start 0/1, input bytes, output bytes, download s, execution s, downloaded bytes;
-* ``["up", index, upload_s]`` — a task's output was stored (sent in a later batch);
-* ``["inv", worker_id, memory_mb, cold, startup_s]`` — an invocation started;
-* ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
-* ``["error", index]`` — a task failed; the signed exception is in the run's error key;
-* ``["finished"]`` — the sink ran: the result is stored and intermediates are deleted.
-
-``RunProgress`` replays them into the ``state`` dictionary dask's callbacks expect
+``RunProgress`` replays the workers' events (``protocol.events``) into the run's outcome
+(finished, the first failing node), its measurements (task metrics, uploads, invocations,
+retries) and the ``state`` dictionary dask's callbacks expect
 (``waiting``/``ready``/``running``/``finished``), so ``dask.diagnostics.ProgressBar`` and
-any ``dask.callbacks.Callback`` move as remote tasks finish. Tasks run remotely, so
-``pretask`` fires when the client learns the task ran, just before ``posttask``, and
-``posttask`` gets ``None`` as the result: the value never travels to the client.
+any ``dask.callbacks.Callback`` move as remote tasks finish. Callbacks are unpacked by
+name, as ``dask.local`` does with ``unpack_callbacks``. Tasks run remotely, so ``pretask``
+fires when the client learns the task ran, just before ``posttask``, and ``posttask``
+gets ``None`` as the result: the value never travels to the client.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dask.callbacks import unpack_callbacks
+
 from dask_serverless.graph import DAG
-
-DONE = "done"
-RETRY = "retry"
-ERROR = "error"
-FINISHED = "finished"
-UPLOAD = "up"
-INVOCATION = "inv"
-
-Event = list
-
-
-def encode(events: Sequence[Event]) -> bytes:
-    return json.dumps(events, separators=(",", ":")).encode()
-
-
-def decode(batch: bytes) -> list[Event]:
-    return json.loads(batch)
-
-
-def done(
-    index: int, worker_id: str, start: float, duration: float, metrics: Sequence[Any] = ()
-) -> Event:
-    return [DONE, index, worker_id, round(start, 6), round(duration, 6), *metrics]
-
-
-def retry(index: int, attempt: int, error_repr: str) -> Event:
-    return [RETRY, index, attempt, error_repr]
-
-
-def error(index: int) -> Event:
-    return [ERROR, index]
-
-
-def finished() -> Event:
-    return [FINISHED]
-
-
-def upload(index: int, seconds: float) -> Event:
-    return [UPLOAD, index, round(seconds, 6)]
-
-
-def invocation_started(
-    worker_id: str, memory_mb: int | None, cold: bool, startup_s: float
-) -> Event:
-    return [INVOCATION, worker_id, memory_mb or 0, int(cold), round(startup_s, 6)]
-
+from dask_serverless.protocol.events import (
+    DONE,
+    ERROR,
+    FINISHED,
+    INVOCATION,
+    RETRY,
+    UPLOAD,
+    Event,
+)
 
 Callbacks = Sequence[tuple[Callable | None, ...]]
 
@@ -116,6 +71,39 @@ class RunProgress:
     retries: dict[int, int] = field(default_factory=dict)
     uploads: dict[int, float] = field(default_factory=dict)
     invocations: list[Event] = field(default_factory=list)
+    started_callbacks: list[tuple[Callable | None, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        (
+            _start,
+            self._start_state,
+            self._pretask,
+            self._posttask,
+            self._finish,
+        ) = unpack_callbacks(self.callbacks)
+        if self.callbacks:
+            self.graph = callback_graph(self.dag)
+            self.state = initial_state(self.dag)
+
+    @property
+    def follows(self) -> bool:
+        """Whether anyone watches the run as it goes (then the client follows events)."""
+        return bool(self.callbacks)
+
+    def start(self) -> None:
+        """Call every ``start`` and ``start_state`` callback, as dask's get does."""
+        for callback in self.callbacks:
+            if callback[0]:
+                callback[0](self.graph)
+            self.started_callbacks.append(callback)
+        for start_state in self._start_state:
+            start_state(self.graph, self.state)
+
+    def finish(self, failed: bool) -> None:
+        """Call ``finish`` of every callback whose ``start`` ran."""
+        for callback in self.started_callbacks:
+            if callback[4]:
+                callback[4](self.graph, self.state, failed)
 
     def apply(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -147,11 +135,9 @@ class RunProgress:
         state["waiting"].discard(key)
         state["ready"].discard(key)
         state["running"].add(key)
-        for callback in self.callbacks:
-            if callback[2]:
-                callback[2](key, self.graph, state)
+        for pretask in self._pretask:
+            pretask(key, self.graph, state)
         state["running"].discard(key)
         state["finished"].add(key)
-        for callback in self.callbacks:
-            if callback[3]:
-                callback[3](key, None, self.graph, state, event[2])
+        for posttask in self._posttask:
+            posttask(key, None, self.graph, state, event[2])

@@ -1,4 +1,4 @@
-"""The history key schema and its Redis commands: bounded samples of past runs.
+"""The history store: bounded samples of past runs, read and appended in one round trip each.
 
 History outlives runs (I-4 exempts it) and is shared by every Scheduler on the same
 Redis, so the next run learns from the last. It is kept *bounded*: every series is a
@@ -7,7 +7,7 @@ same after 10 runs as after 10 000 (I-6) — one pipelined round trip of ``LRANG
 number of keys that depends on the DAG's distinct functions and the memory sizes, never on
 the number of past runs.
 
-Keys (``H = dsl:history:v1:``), every entry a compact JSON array:
+Keys (``H = dsl:history:v1:``, named in ``protocol.keys``), every entry a compact JSON array:
 
 ==============================  =======================================================
 ``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s]`` of one function
@@ -23,32 +23,19 @@ functions nobody runs any more expires on its own. Nothing here scans the keyspa
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
 
-PREFIX = "dsl:history:v1:"
+from dask_serverless.protocol.keys import (
+    startup_history_key,
+    task_history_key,
+    transfer_history_key,
+)
 
 Sample = list[float]
-
-
-def function_digest(function: str) -> str:
-    return hashlib.sha1(function.encode(), usedforsecurity=False).hexdigest()[:20]
-
-
-def task_key(function: str, memory_mb: int) -> str:
-    return f"{PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
-
-
-def transfer_key(memory_mb: int) -> str:
-    return f"{PREFIX}transfer:{int(memory_mb)}"
-
-
-def startup_key(memory_mb: int) -> str:
-    return f"{PREFIX}startup:{int(memory_mb)}"
 
 
 class HistoryStore:
@@ -73,10 +60,12 @@ class HistoryStore:
         """
         sizes = sorted({int(m) for m in memories})
         series: list[tuple[str, Any, str]] = [
-            ("task", (f, m), task_key(f, m)) for f in dict.fromkeys(functions) for m in sizes
+            ("task", (f, m), task_history_key(f, m))
+            for f in dict.fromkeys(functions)
+            for m in sizes
         ]
-        series += [("transfer", m, transfer_key(m)) for m in sizes]
-        series += [("startup", m, startup_key(m)) for m in sizes]
+        series += [("transfer", m, transfer_history_key(m)) for m in sizes]
+        series += [("startup", m, startup_history_key(m)) for m in sizes]
         with self.client.pipeline(transaction=False) as pipe:
             for _kind, _name, key in series:
                 pipe.lrange(key, 0, self.samples - 1)
@@ -95,9 +84,9 @@ class HistoryStore:
         startups: Mapping[int, Sequence[Sample]],
     ) -> None:
         """Add samples (newest last), trimming every series to its bound; one round trip."""
-        writes = [(task_key(f, m), s) for (f, m), s in tasks.items()]
-        writes += [(transfer_key(m), s) for m, s in transfers.items()]
-        writes += [(startup_key(m), s) for m, s in startups.items()]
+        writes = [(task_history_key(f, m), s) for (f, m), s in tasks.items()]
+        writes += [(transfer_history_key(m), s) for m, s in transfers.items()]
+        writes += [(startup_history_key(m), s) for m, s in startups.items()]
         with self.client.pipeline(transaction=False) as pipe:
             for key, samples in writes:
                 if not samples:

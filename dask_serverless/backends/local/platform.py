@@ -3,8 +3,8 @@
 It behaves like AWS Lambda's asynchronous invocation model, so that what works here works
 there:
 
-* ``invoke`` is fire-and-forget: payloads join the platform's queue and the caller returns
-  at once. Workers invoke further workers the same way, by sending payloads to the
+* ``invoke`` is fire-and-forget: invocations join the platform's queue and the caller returns
+  at once. Workers invoke further workers the same way, by sending invocations to the
   dispatcher (the platform's API) over their own pipe.
 * an *instance* is a process that handles one invocation at a time. The dispatcher hands a
   queued invocation to an idle instance (a *warm* start) or, when none is idle and fewer
@@ -21,10 +21,10 @@ Recovering the invocation it was running is the worker protocol's business (leas
 a real platform.
 
 Instances are per *configuration* (memory MB), as Lambda functions are per memory size:
-an invocation's payload may ask for ``"memory"``, and runs only in an instance of that
+an invocation may ask for a ``memory_mb``, and runs only in an instance of that
 configuration (the default configuration otherwise). Where Linux cgroups are writable each
 instance is held to its configuration — ``m / 1769`` CPUs and ``m`` MB, see
-``backends.resources`` — and an instance the kernel kills for exceeding its memory is
+``backends.local.resources`` — and an instance the kernel kills for exceeding its memory is
 reported as an out-of-memory failure of the task it was running. Elsewhere instances run
 unthrottled (``throttled`` is False) after one warning. At the concurrency limit an idle
 instance of another configuration makes room for one that is needed.
@@ -41,29 +41,35 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import secrets
 import sys
 import threading
 import time
 import traceback
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from dask_serverless import events
-from dask_serverless.backends.resources import (
+from dask_serverless.backends.local.instance import (
+    INVOKE,
+    READY,
+    InstanceSettings,
+    instance_main,
+)
+from dask_serverless.backends.local.queue import InvocationQueue
+from dask_serverless.backends.local.resources import (
     Cgroups,
     InstanceGroup,
     TaskOutOfMemoryError,
     TaskSlot,
-    limit_native_threads,
 )
-from dask_serverless.storage.redis import RunStore, client_for
+from dask_serverless.constants import DEFAULT_MEMORY_MB, INVOCATION_TIMEOUT_MS
+from dask_serverless.protocol import events
+from dask_serverless.protocol.invocation import Invocation
+from dask_serverless.protocol.store import RunStore, client_for
 from dask_serverless.storage.serialize import Signer
-from dask_serverless.worker import handler
+from dask_serverless.worker.handler import WorkerEnvironment
 
 # Modules worth importing once in the fork server when the client already uses them.
 _PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
@@ -74,96 +80,6 @@ _MAIN_GUARD_HINT = (
     "main module: a script that computes with dask-serverless must do so under "
     "`if __name__ == '__main__':`, as with dask's 'processes' scheduler."
 )
-_FUNCTION_NAME = "dask-serverless-local"
-
-# Messages on an instance's pipe (instance → dispatcher): ("ready",) after booting and
-# after every invocation, ("invoke", [payload, …]) to start more workers. Dispatcher →
-# instance: a payload dict, or None to stop.
-_READY = "ready"
-_INVOKE = "invoke"
-
-
-@dataclass(frozen=True)
-class InstanceSettings:
-    """What a new instance is started with (passed over a pipe: never in argv or env)."""
-
-    redis_url: str
-    secret: bytes
-    invocation_timeout_ms: int
-    memory_mb: int
-    # Builds the instance's environment instead of the default one (a picklable callable;
-    # the local Lambda endpoint's instances fan out through its HTTP API with it).
-    worker_environment: Callable[[], handler.WorkerEnvironment] | None = None
-    # The instance's cgroup (its configuration's limits) and where it notes its task.
-    cgroup: InstanceGroup | None = None
-    task_slot: TaskSlot | None = None
-
-
-@dataclass
-class LocalContext:
-    """The subset of Lambda's context object that workers use."""
-
-    function_name: str
-    memory_limit_in_mb: int
-    aws_request_id: str
-    deadline: float
-    cold_start: bool
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self.deadline - time.monotonic()) * 1000))
-
-
-class PipeInvoker:
-    """A worker's way to invoke more workers: send the payloads to the dispatcher."""
-
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    def invoke(self, payloads: Sequence[dict]) -> None:
-        if payloads:
-            self._connection.send((_INVOKE, list(payloads)))
-
-
-def instance_main(settings: InstanceSettings, connection: Connection) -> None:
-    """The life of one instance: serve invocations until told to stop."""
-    if settings.cgroup is not None:
-        settings.cgroup.enter()
-    if settings.memory_mb:
-        limit_native_threads(settings.memory_mb, os.cpu_count() or 1)
-    if settings.worker_environment is not None:
-        environment = settings.worker_environment()
-    else:
-        environment = handler.WorkerEnvironment(
-            settings.redis_url,
-            settings.secret,
-            PipeInvoker(connection),
-            worker_id=f"local:{os.getpid()}",
-        )
-    if settings.task_slot is not None:
-        environment.on_task = settings.task_slot.note
-    handler.install(environment)
-    cold = True
-    while True:
-        connection.send((_READY,))
-        try:
-            payload = connection.recv()
-        except EOFError:
-            return
-        if payload is None:
-            return
-        context = LocalContext(
-            function_name=_FUNCTION_NAME,
-            memory_limit_in_mb=settings.memory_mb,
-            aws_request_id=secrets.token_hex(8),
-            deadline=time.monotonic() + settings.invocation_timeout_ms / 1000,
-            cold_start=cold,
-        )
-        cold = False
-        try:
-            handler.handler(payload, context)
-        except Exception:
-            # What a platform does with a crashed invocation: log it and keep the instance.
-            traceback.print_exc(file=sys.stderr)
 
 
 @dataclass
@@ -173,7 +89,7 @@ class Instance:
     process: Any
     connection: Connection
     booted: bool = False
-    payload: dict | None = None
+    invocation: Invocation | None = None
     idle_since: float = field(default_factory=time.monotonic)
     memory_mb: int = 0
     group: InstanceGroup | None = None
@@ -183,7 +99,7 @@ class Instance:
 
     @property
     def idle(self) -> bool:
-        return self.booted and self.payload is None
+        return self.booted and self.invocation is None
 
 
 class LocalBackend:
@@ -197,10 +113,10 @@ class LocalBackend:
         secret: bytes,
         concurrency: int | None = None,
         keep_alive_s: float = 60.0,
-        invocation_timeout_ms: int = 900_000,
-        memory_mb: int = 1769,
+        invocation_timeout_ms: int = INVOCATION_TIMEOUT_MS,
+        memory_mb: int = DEFAULT_MEMORY_MB,
         deliveries: int = 1,
-        worker_environment: Callable[[], handler.WorkerEnvironment] | None = None,
+        worker_environment: Callable[[], WorkerEnvironment] | None = None,
         enforce_resources: bool = True,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
@@ -214,7 +130,7 @@ class LocalBackend:
             redis_url, secret, int(invocation_timeout_ms), int(memory_mb), worker_environment
         )
         self._mp = multiprocessing.get_context("forkserver")
-        preload = ["dask_serverless.worker.handler"]
+        preload = ["dask_serverless.backends.local.instance"]
         preload += [name for name in _PRELOAD_IF_LOADED if name in sys.modules]
         self._mp.set_forkserver_preload(preload)
         self.cold_starts = 0
@@ -238,11 +154,11 @@ class LocalBackend:
 
     # -- the platform's API ------------------------------------------------------------
 
-    def invoke(self, payloads: Sequence[dict]) -> None:
+    def invoke(self, invocations: Sequence[Invocation]) -> None:
         if self._closed.is_set():
             raise RuntimeError("the local backend is closed")
         with self._lock:
-            self._enqueue(payloads)
+            self._enqueue(invocations)
         self._wake_writer.send_bytes(b"!")
 
     def live_instances(self) -> int:
@@ -256,9 +172,9 @@ class LocalBackend:
 
     # -- the dispatcher thread ---------------------------------------------------------
 
-    def _enqueue(self, payloads: Sequence[dict]) -> None:
-        for payload in payloads:
-            self._queue.extend([payload] * self.deliveries)
+    def _enqueue(self, invocations: Sequence[Invocation]) -> None:
+        for invocation in invocations:
+            self._queue.extend([invocation] * self.deliveries)
 
     def _dispatch_forever(self) -> None:
         """Serve invocations until closed; a failure is kept for clients to raise."""
@@ -292,12 +208,12 @@ class LocalBackend:
             instance = self._instances.get(connection)
             if instance is None:
                 return
-            if message[0] == _INVOKE:
+            if message[0] == INVOKE:
                 self._enqueue(message[1])
-            elif message[0] == _READY:
+            elif message[0] == READY:
                 self._failed_boots = 0
                 instance.booted = True
-                instance.payload = None
+                instance.invocation = None
                 instance.idle_since = time.monotonic()
 
     def _forget(self, connection: Connection) -> None:
@@ -310,7 +226,7 @@ class LocalBackend:
         """
         with self._lock:
             dying = self._instances.get(connection)
-        if dying is not None and dying.payload is not None and dying.group is not None:
+        if dying is not None and dying.invocation is not None and dying.group is not None:
             dying.process.join(timeout=1)
             self._report_out_of_memory(dying)
         with self._lock:
@@ -322,9 +238,9 @@ class LocalBackend:
                         f"{self._failed_boots} worker instances in a row exited before they "
                         f"started. {_MAIN_GUARD_HINT}"
                     )
-            if instance is not None and instance.payload is not None:
+            if instance is not None and instance.invocation is not None:
                 self.lost_instances += 1
-                self._queue.appendleft(instance.payload)
+                self._queue.appendleft(instance.invocation)
         connection.close()
         if instance is not None:
             instance.process.join(timeout=1)
@@ -336,20 +252,20 @@ class LocalBackend:
         if self.failure is not None:
             return
         for instance in [i for i in self._instances.values() if i.idle]:
-            payload = self._queue.popleft(instance.memory_mb)
-            if payload is None:
+            queued = self._queue.popleft(instance.memory_mb)
+            if queued is None:
                 continue
             # Start-up as Lambda reports it: from the instance's start (cold) or from the
             # hand-over (warm), not the time spent queued behind the concurrency limit.
             at = time.time() if instance.served else instance.started_at
-            payload = {**payload, "at": round(at, 6)}
+            invocation = replace(queued, sent_at=at)
             instance.served = True
-            instance.payload = payload
+            instance.invocation = invocation
             try:
-                instance.connection.send(payload)
+                instance.connection.send(invocation)
             except (BrokenPipeError, OSError):
-                self._queue.appendleft(payload)
-                instance.payload = None
+                self._queue.appendleft(invocation)
+                instance.invocation = None
         booting: dict[int, int] = {}
         for instance in self._instances.values():
             if not instance.booted:
@@ -423,11 +339,11 @@ class LocalBackend:
 
     def _report_out_of_memory(self, instance: Instance) -> None:
         """If the kernel killed ``instance`` for its memory, fail the task it ran."""
-        assert instance.group is not None and instance.payload is not None
+        assert instance.group is not None and instance.invocation is not None
         if instance.group.oom_kills() == 0 or instance.slot is None:
             return
         running = instance.slot.read()
-        if running is None or running[0] != instance.payload.get("run"):
+        if running is None or running[0] != instance.invocation.run_id:
             return
         run_id, ttl, index, key = running
         self.out_of_memory += 1
@@ -473,37 +389,3 @@ class LocalBackend:
             self._reporter[0].close()
         self._wake_reader.close()
         self._wake_writer.close()
-
-
-class InvocationQueue:
-    """Queued invocation payloads: one FIFO per configuration (memory MB)."""
-
-    def __init__(self, default_memory_mb: int) -> None:
-        self.default_memory_mb = default_memory_mb
-        self._fifos: dict[int, deque[dict]] = {}
-
-    def memory_of(self, payload: dict) -> int:
-        return int(payload.get("memory") or self.default_memory_mb)
-
-    def _fifo(self, payload: dict) -> deque[dict]:
-        return self._fifos.setdefault(self.memory_of(payload), deque())
-
-    def extend(self, payloads: Sequence[dict]) -> None:
-        for payload in payloads:
-            self._fifo(payload).append(payload)
-
-    def appendleft(self, payload: dict) -> None:
-        self._fifo(payload).appendleft(payload)
-
-    def popleft(self, memory_mb: int) -> dict | None:
-        fifo = self._fifos.get(memory_mb)
-        return fifo.popleft() if fifo else None
-
-    def counts(self) -> dict[int, int]:
-        return {memory: len(fifo) for memory, fifo in self._fifos.items() if fifo}
-
-    def clear(self) -> None:
-        self._fifos.clear()
-
-    def __len__(self) -> int:
-        return sum(len(fifo) for fifo in self._fifos.values())

@@ -2,7 +2,7 @@
 
 Every run's report (``report.RunReport``, planned next to actual) outlives the run so that
 ``dask-serverless runs``/``report`` and the dashboard can show past runs. Like the
-planner's samples (``storage.history``) it is *bounded*, whatever the number of runs:
+planner's samples (``protocol.history``) it is *bounded*, whatever the number of runs:
 
 ==============================  =======================================================
 ``H runs``                      sorted set: run id → start (Unix s); only the newest
@@ -15,9 +15,10 @@ planner's samples (``storage.history``) it is *bounded*, whatever the number of 
                                 of a run in progress) and again when it ends
 ==============================  =======================================================
 
-(``H = dsl:history:v1:``.) Adding a run drops the reports of runs that fell out of the
-newest ``keep``; every report also carries the history TTL (``planning.history-ttl``), so
-nothing is kept longer than that even if nobody runs again. Only the client writes here,
+(``H = dsl:history:v1:``, named in ``protocol.keys``.) Adding a run drops the reports of
+runs that fell out of the newest ``keep``; every report also carries the history TTL
+(``planning.history-ttl``), so nothing is kept longer than that even if nobody runs
+again. Only the client writes here,
 once at a run's start and once at its end; workers never do. Nothing here scans the
 keyspace: the sorted set is the index.
 
@@ -33,14 +34,9 @@ from typing import Any, cast
 
 import redis
 
-from dask_serverless.storage.history import PREFIX
-
-RUNS_KEY = f"{PREFIX}runs"
-SUMMARIES_KEY = f"{PREFIX}summaries"
-
-
-def report_key(run_id: str) -> str:
-    return f"{PREFIX}run:{run_id}"
+from dask_serverless.protocol.keys import RUN_SUMMARIES_KEY as SUMMARIES_KEY
+from dask_serverless.protocol.keys import RUNS_HISTORY_KEY as RUNS_KEY
+from dask_serverless.protocol.keys import run_report_key as report_key
 
 
 class RunHistory:
