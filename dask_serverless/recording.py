@@ -25,8 +25,9 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -150,6 +151,8 @@ class RunRecorder:
         self._saving = ThreadPoolExecutor(1, thread_name_prefix="dask-serverless-history")
         self._pending: list[Future] = []
         self._closed = False
+        # Computes may run from several threads at once; they share the pending saves.
+        self._lock = threading.Lock()
 
     def started(
         self, run_id: str, dag: DAG, plan: Plan, progress: Any, started_unix: float
@@ -230,12 +233,15 @@ class RunRecorder:
         return lambda: built
 
     def _submit(self, build: Callable[[], RunReport]) -> None:
-        if self._closed:
-            return  # a compute that outlived its Scheduler's close: nothing is saved
-        self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._saving.submit(self._save, build))
+        with self._lock:
+            if self._closed:
+                return  # a compute that outlived its Scheduler's close: nothing is saved
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._saving.submit(self._save, build))
 
     def _save(self, build: Callable[[], RunReport]) -> None:
+        """Build and store one report. Seeing a run must never break computing one, so
+        a failure here is logged, not raised."""
         assert self.history is not None
         try:
             built = build()
@@ -247,19 +253,18 @@ class RunRecorder:
             )
         except (redis.RedisError, OSError) as error:
             logger.warning("could not save a run report in the run history: %s", error)
+        except Exception:
+            logger.exception("could not build a run report for the run history")
 
     def flush(self) -> None:
         """Wait until every report handed over so far is saved."""
-        pending, self._pending = self._pending, []
+        with self._lock:
+            pending, self._pending = self._pending, []
         for future in pending:
             future.result()
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self.flush()
         self._saving.shutdown(wait=True)
-
-
-def recent_reports(history: RunHistory, run_ids: Sequence[str]) -> list[RunReport | None]:
-    """The saved reports of ``run_ids`` (None where gone)."""
-    return [None if j is None else RunReport.from_json(j) for j in history.load(run_ids)]
