@@ -302,5 +302,6 @@ def make_document(watcher_factory: Any) -> Any:
         document.add_root(page.layout)
         document.title = "dask-serverless dashboard"
         document.add_periodic_callback(lambda: page.update(page.watcher.poll()), REFRESH_MS)
+        document.on_session_destroyed(lambda _context: page.watcher.close())
 
     return modify

@@ -162,6 +162,10 @@ class RunWatcher:
                 run.apply(events.decode(batch))
         return Snapshot(summaries, dict(self.live), time.time())
 
+    def close(self) -> None:
+        """Close the watcher's Redis connections (its browser tab was closed)."""
+        self.client.close()
+
     def report(self, run_id: str) -> RunReport | None:
         """A run's saved report (cached once the run ended)."""
         if run_id in self._reports:
