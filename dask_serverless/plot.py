@@ -19,8 +19,10 @@ in well under 5 s): above ``MAX_BARS`` tasks, neighbouring bars of one lane with
 memory size merge into one (``tasks`` counts them in the hover) and the scatter shows at
 most ``MAX_POINTS`` tasks, an even sample. Critical-path tasks are always drawn one by one.
 
-``save_reports`` writes one or more reports to one standalone HTML file with bokeh's
-resources inline — it opens offline, no CDN.
+``save_reports`` writes one or more reports to one standalone HTML page: each run's
+summary as plain HTML (text a browser shows at once, before any script runs), its charts
+as bokeh, and bokeh's core JavaScript inline — the page opens offline, no CDN, and needs
+no widget bundle.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import html
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
-from bokeh.embed import file_html
+from bokeh.embed import components
+from bokeh.embed.bundle import bundle_for_objs_and_resources
 from bokeh.layouts import column, row
 from bokeh.model import Model
 from bokeh.models import (
@@ -39,8 +42,6 @@ from bokeh.models import (
     FactorRange,
     HoverTool,
     Range1d,
-    TabPanel,
-    Tabs,
 )
 from bokeh.models.widgets import Div
 from bokeh.palettes import Category10_10
@@ -77,8 +78,8 @@ def _short_function(function: str) -> str:
     return function.split(":", 1)[0] or "(sink)"
 
 
-def header(report: RunReport) -> Div:
-    """The run's summary as page text (searchable, and what a browser test reads)."""
+def header_html(report: RunReport) -> str:
+    """The run's summary as HTML: page text, searchable, shown before any script runs."""
     done = sum(1 for t in report.tasks if t.state == "done")
     lines = [
         f"<h2>Run {html.escape(report.run_id)}: {html.escape(report.status)}</h2>",
@@ -97,7 +98,12 @@ def header(report: RunReport) -> Div:
     if report.error:
         lines.append(f"<p><b>error:</b> {html.escape(report.error)}</p>")
     lines += [f"<p>note: {html.escape(note)}</p>" for note in report.notes]
-    return Div(text="\n".join(lines), width=_WIDTH_PX)
+    return "\n".join(lines)
+
+
+def header(report: RunReport) -> Div:
+    """The run's summary as a bokeh element (for pages bokeh serves: the dashboard)."""
+    return Div(text=header_html(report), width=_WIDTH_PX)
 
 
 def _lanes(tasks: Sequence[TaskRecord]) -> list[str]:
@@ -368,7 +374,7 @@ def predicted_vs_actual(report: RunReport, others: Sequence[Makespan] = ()) -> A
     if this.actual_s > 0:
         points.append(this)
     makespan_fig = _scatter_figure(
-        "Makespan (s)" + (f" — this run in red, {len(points) - 1} others" if others else ""),
+        "Makespan (s)" + (f" — this run in red, other runs: {len(points) - 1}" if others else ""),
         [m.predicted_s for m in points] + [m.actual_s for m in points],
     )
     makespan_fig.scatter(
@@ -414,31 +420,68 @@ def _scatter_figure(title: str, values: Sequence[float]) -> Any:
     return fig
 
 
+def charts(report: RunReport, others: Sequence[Makespan] = ()) -> Model:
+    """The charts of one run; ``others`` adds other runs to the makespan scatter."""
+    return column(gantt(report), cost_split(report), predicted_vs_actual(report, others))
+
+
 def report_layout(report: RunReport, others: Sequence[Makespan] = ()) -> Model:
-    """The whole report of one run; ``others`` adds other runs to the makespan scatter."""
-    return column(
-        header(report),
-        gantt(report),
-        cost_split(report),
-        predicted_vs_actual(report, others),
-    )
+    """The whole report of one run, summary and charts, as one bokeh layout."""
+    return column(header(report), charts(report, others))
 
 
-def reports_document(reports: Sequence[RunReport], others: Sequence[Makespan] = ()) -> Model:
-    """One layout for several runs: a tab per run, every run's makespan in each scatter."""
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>body {{ font-family: Helvetica, Arial, sans-serif; font-size: 13px; margin: 12px; }}
+section {{ margin-bottom: 32px; }} h2 {{ margin: 8px 0; }} p {{ margin: 2px 0; }}</style>
+{resources}
+{script}
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
+
+
+def reports_page(reports: Sequence[RunReport], others: Sequence[Makespan] = ()) -> str:
+    """One standalone page: per run its summary (plain HTML) and its charts (bokeh).
+
+    Only bokeh's core bundle is embedded (the summaries are not bokeh widgets), inline,
+    so the page opens offline. With several runs a list at the top links to each.
+    """
     if not reports:
-        return Div(text="<h2>No dask-serverless run was computed.</h2>")
-    makespans = [*others, *(makespan_of(r) for r in reports)]
-    if len(reports) == 1:
-        return report_layout(reports[0], others)
-    panels = [
-        TabPanel(
-            child=cast("Any", report_layout(r, makespans)),
-            title=f"{i + 1}: {r.run_id[:8]} ({r.status})",
+        return _PAGE.format(
+            title="dask-serverless run report",
+            resources="",
+            script="",
+            body="<h2>No dask-serverless run was computed.</h2>",
         )
-        for i, r in enumerate(reports)
+    makespans = [*others, *(makespan_of(r) for r in reports)]
+    layouts = [charts(r, makespans) for r in reports]
+    script, divs = components(layouts)
+    js, css = bundle_for_objs_and_resources(layouts, INLINE)
+    sections = [
+        f'<section id="run-{html.escape(r.run_id)}">{header_html(r)}\n{div}</section>'
+        for r, div in zip(reports, divs, strict=True)
     ]
-    return column(Div(text=f"<h2>{len(reports)} dask-serverless runs</h2>"), Tabs(tabs=panels))
+    index = ""
+    if len(reports) > 1:
+        links = "".join(
+            f'<li><a href="#run-{html.escape(r.run_id)}">{i + 1}: {html.escape(r.run_id[:8])}'
+            f" ({html.escape(r.status)})</a></li>"
+            for i, r in enumerate(reports)
+        )
+        index = f"<h2>{len(reports)} dask-serverless runs</h2><ul>{links}</ul>"
+    return _PAGE.format(
+        title="dask-serverless run report",
+        resources=js + css,
+        script=script,
+        body=index + "\n".join(sections),
+    )
 
 
 def save_reports(
@@ -448,10 +491,7 @@ def save_reports(
 
     ``others`` are more runs (from the run history) for the makespan scatter.
     """
-    page = file_html(
-        reports_document(reports, others), resources=INLINE, title="dask-serverless run report"
-    )
     path = os.path.abspath(filename)
     with open(path, "w", encoding="utf-8") as file:
-        file.write(page)
+        file.write(reports_page(reports, others))
     return path

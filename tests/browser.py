@@ -30,7 +30,7 @@ _PAGE_TEXT = """
     for (const el of root.querySelectorAll('*')) {
       if (el.shadowRoot) walk(el.shadowRoot);
     }
-    parts.push(root.textContent || '');
+    parts.push((root === document ? document.body.innerText : root.textContent) || '');
   };
   walk(document);
   return parts.join('\\n');
