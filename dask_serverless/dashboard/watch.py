@@ -16,7 +16,9 @@ task whose error ended the run, ``retried`` while it raised and is being retried
 ``waiting``. Workers report a task when it finishes, not when it starts — a start event
 would cost every task a write — so "ready" is as close to "running" as the stream says.
 When a run ends, the Scheduler deletes its stream and saves the final report, which the
-watcher then shows instead.
+watcher then shows instead. A run whose report still says ``running`` but whose keys are
+gone (its client died, or it just ended and its final report is on its way) is not
+followed.
 """
 
 from __future__ import annotations
@@ -147,7 +149,11 @@ class RunWatcher:
         summaries = [json.loads(t) for t in texts if t is not None]
         shown = {s["run_id"] for s in summaries}
         self._reports = {r: report for r, report in self._reports.items() if r in shown}
-        running = [s["run_id"] for s in summaries if s.get("status") == RUNNING]
+        running = [
+            s["run_id"]
+            for s in summaries
+            if s.get("status") == RUNNING and self._store(s["run_id"]).phase() != "lost"
+        ]
         for run_id in list(self.live):
             if run_id not in running:
                 del self.live[run_id]
@@ -156,11 +162,13 @@ class RunWatcher:
             if text is not None:
                 self.live[run_id] = LiveRun(RunReport.from_json(text))
         for run_id, run in self.live.items():
-            store = RunStore(self.client, run_id, self.run_ttl_s, self._scripts)
-            run.cursor, batches = store.read_events(run.cursor, None)
+            run.cursor, batches = self._store(run_id).read_events(run.cursor, None)
             for batch in batches:
                 run.apply(events.decode(batch))
         return Snapshot(summaries, dict(self.live), time.time())
+
+    def _store(self, run_id: str) -> RunStore:
+        return RunStore(self.client, run_id, self.run_ttl_s, self._scripts)
 
     def close(self) -> None:
         """Close the watcher's Redis connections (its browser tab was closed)."""
