@@ -19,6 +19,7 @@ A ``compute`` is one *run*. The Scheduler
 from __future__ import annotations
 
 import atexit
+import os
 import secrets
 import threading
 import time
@@ -32,9 +33,8 @@ from dask.local import nested_get
 from dask_serverless import config, events
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
-from dask_serverless.bundling import bundle_roots
 from dask_serverless.graph import DAG, translate
-from dask_serverless.planning import Plan, Planner, Planning
+from dask_serverless.planning import Plan, Planner, Planning, Platform
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.redis import RunStore, Scripts, connect, new_run_id
@@ -138,6 +138,7 @@ class Scheduler:
                 history_samples=int(config.setting("planning.history-samples")),
                 history_ttl_s=int(config.setting("planning.history-ttl")),
                 min_work_s=float(config.setting("planning.min-work")),
+                pricing=config.setting("planning.pricing"),
             )
             self._last_report: Callable[[], RunReport] | None = None
             self._run_memory: dict[str, tuple[int | None, ...]] = {}
@@ -169,8 +170,8 @@ class Scheduler:
             raise RuntimeError("this Scheduler is closed")
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id)
-        bundling = bundle_roots(dag, self.bundles)
-        plan = self._planning.plan(dag)
+        plan = self._planning.plan(dag, self.platform())
+        bundling = plan.bundling
         record = self._sign_record(
             RunRecord(
                 run_id,
@@ -231,7 +232,30 @@ class Scheduler:
 
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
-        return self._planning.plan(translate(dsk, keys))
+        return self._planning.plan(translate(dsk, keys), self.platform())
+
+    def platform(self) -> Platform:
+        """The platform model the planner simulates runs on (``planning.simulate``).
+
+        Its slots are the backend's concurrency (on AWS Lambda, the account's
+        ``planning.lambda-concurrency``); on the local backend every instance shares this
+        machine's cores. Idle instances found now start the run warm.
+        """
+        backend = self.backend
+        concurrency = getattr(backend, "concurrency", None)
+        warm_instances = getattr(backend, "warm_instances", None)
+        warm = warm_instances() if warm_instances is not None else {}
+        local = backend.name == "local"
+        return Platform(
+            slots=int(concurrency or config.setting("planning.lambda-concurrency")),
+            load_aware=concurrency is not None,
+            cores=float(os.cpu_count() or 1) if local else None,
+            bundles=self.bundles,
+            keep_alive_s=float(getattr(backend, "keep_alive_s", 600.0)),
+            invoke_latency_s=float(config.setting("planning.invoke-latency")),
+            cluster_output_bytes=self.cluster_output_bytes,
+            warm=tuple(sorted(warm.items())),
+        )
 
     def _sign_record(self, record: RunRecord) -> bytes:
         """The signed run record; a task that cannot be pickled is named in the error."""

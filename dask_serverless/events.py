@@ -6,9 +6,11 @@ array:
 
 * ``["done", index, worker_id, start_unix_s, duration_s, *metrics]`` — a task finished;
   ``metrics`` (for the planner's history, see ``planning.history``) are memory MB, cold
-  start 0/1, input bytes, output bytes, download s, execution s, downloaded bytes;
+  start 0/1, input bytes, output bytes, download s, execution s, downloaded bytes, CPU s
+  of the execution, peak memory MB, and the id of the invocation that ran it;
 * ``["up", index, upload_s]`` — a task's output was stored (sent in a later batch);
-* ``["inv", worker_id, memory_mb, cold, startup_s]`` — an invocation started;
+* ``["inv", worker_id, memory_mb, cold, startup_s, invocation_id, start_unix_s]`` — an
+  invocation started (``startup_s``: a cold start's boot to ready plus the hand-over);
 * ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
 * ``["error", index]`` — a task failed; the signed exception is in the run's error key;
 * ``["finished"]`` — the sink ran: the result is stored and intermediates are deleted.
@@ -70,9 +72,22 @@ def upload(index: int, seconds: float) -> Event:
 
 
 def invocation_started(
-    worker_id: str, memory_mb: int | None, cold: bool, startup_s: float
+    worker_id: str,
+    memory_mb: int | None,
+    cold: bool,
+    startup_s: float,
+    invocation_id: str = "",
+    start: float = 0.0,
 ) -> Event:
-    return [INVOCATION, worker_id, memory_mb or 0, int(cold), round(startup_s, 6)]
+    return [
+        INVOCATION,
+        worker_id,
+        memory_mb or 0,
+        int(cold),
+        round(startup_s, 6),
+        invocation_id,
+        round(start, 6),
+    ]
 
 
 Callbacks = Sequence[tuple[Callable | None, ...]]

@@ -141,6 +141,9 @@ def instance_main(settings: InstanceSettings, connection: Connection) -> None:
         )
     if settings.task_slot is not None:
         environment.on_task = settings.task_slot.note
+    probe = settings.cgroup.memory_probe() if settings.cgroup is not None else None
+    if probe is not None:
+        environment.memory_probe = probe
     handler.install(environment)
     cold = True
     while True:
@@ -179,6 +182,7 @@ class Instance:
     group: InstanceGroup | None = None
     slot: TaskSlot | None = None
     started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
     served: bool = False
 
     @property
@@ -245,6 +249,15 @@ class LocalBackend:
             self._enqueue(payloads)
         self._wake_writer.send_bytes(b"!")
 
+    def warm_instances(self) -> dict[int, int]:
+        """Idle instances per configuration (MB): what a run starting now finds warm."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for instance in self._instances.values():
+                if instance.idle:
+                    counts[instance.memory_mb] = counts.get(instance.memory_mb, 0) + 1
+            return counts
+
     def live_instances(self) -> int:
         with self._lock:
             return len(self._instances)
@@ -296,6 +309,8 @@ class LocalBackend:
                 self._enqueue(message[1])
             elif message[0] == _READY:
                 self._failed_boots = 0
+                if instance.ready_at is None:
+                    instance.ready_at = time.time()
                 instance.booted = True
                 instance.payload = None
                 instance.idle_since = time.monotonic()
@@ -339,10 +354,13 @@ class LocalBackend:
             payload = self._queue.popleft(instance.memory_mb)
             if payload is None:
                 continue
-            # Start-up as Lambda reports it: from the instance's start (cold) or from the
-            # hand-over (warm), not the time spent queued behind the concurrency limit.
-            at = time.time() if instance.served else instance.started_at
-            payload = {**payload, "at": round(at, 6)}
+            # Start-up as Lambda reports it: a cold start's boot (from the instance's start
+            # to ready, not the time it then waited for work) plus the hand-over; never the
+            # time spent queued behind the concurrency limit.
+            boot = 0.0
+            if not instance.served and instance.ready_at is not None:
+                boot = instance.ready_at - instance.started_at
+            payload = {**payload, "at": round(time.time(), 6), "boot": round(boot, 6)}
             instance.served = True
             instance.payload = payload
             try:

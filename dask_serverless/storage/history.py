@@ -7,12 +7,14 @@ same after 10 runs as after 10 000 (I-6) — one pipelined round trip of ``LRANG
 number of keys that depends on the DAG's distinct functions and the memory sizes, never on
 the number of past runs.
 
-Keys (``H = dsl:history:v1:``), every entry a compact JSON array:
+Keys (``H = dsl:history:v2:``), every entry a compact JSON array:
 
 ==============================  =======================================================
-``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s]`` of one function
-                                 at one memory size (``fn-digest``: hash of the function
-                                 identity, so no user text ever becomes key syntax)
+``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb]``
+                                 of one function at one memory size (``fn-digest``: hash
+                                 of the function identity, so no user text ever becomes
+                                 key syntax)
+``H oom:<fn-digest>``            memory sizes (MB) the function ran out of memory at
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
 ==============================  =======================================================
@@ -30,7 +32,7 @@ from typing import Any
 
 import redis
 
-PREFIX = "dsl:history:v1:"
+PREFIX = "dsl:history:v2:"
 
 Sample = list[float]
 
@@ -41,6 +43,10 @@ def function_digest(function: str) -> str:
 
 def task_key(function: str, memory_mb: int) -> str:
     return f"{PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
+
+
+def oom_key(function: str) -> str:
+    return f"{PREFIX}oom:{function_digest(function)}"
 
 
 def transfer_key(memory_mb: int) -> str:
@@ -64,38 +70,48 @@ class HistoryStore:
     def load(
         self, functions: Iterable[str], memories: Iterable[int]
     ) -> tuple[
-        dict[tuple[str, int], list[Sample]], dict[int, list[Sample]], dict[int, list[Sample]]
+        dict[tuple[str, int], list[Sample]],
+        dict[int, list[Sample]],
+        dict[int, list[Sample]],
+        dict[str, list[int]],
     ]:
         """Samples of ``functions`` at ``memories``, and transfer and start-up samples.
 
-        One pipelined round trip; returns ``(tasks, transfers, startups)`` keyed by
-        ``(function, MB)`` and ``MB``; series without samples are left out.
+        One pipelined round trip; returns ``(tasks, transfers, startups, out_of_memory)``
+        keyed by ``(function, MB)``, ``MB`` and function; series without samples are left
+        out.
         """
         sizes = sorted({int(m) for m in memories})
+        names = list(dict.fromkeys(functions))
         series: list[tuple[str, Any, str]] = [
-            ("task", (f, m), task_key(f, m)) for f in dict.fromkeys(functions) for m in sizes
+            ("task", (f, m), task_key(f, m)) for f in names for m in sizes
         ]
+        series += [("oom", f, oom_key(f)) for f in names]
         series += [("transfer", m, transfer_key(m)) for m in sizes]
         series += [("startup", m, startup_key(m)) for m in sizes]
         with self.client.pipeline(transaction=False) as pipe:
             for _kind, _name, key in series:
                 pipe.lrange(key, 0, self.samples - 1)
             replies = pipe.execute()
-        found: dict[str, dict[Any, list[Sample]]] = {"task": {}, "transfer": {}, "startup": {}}
+        found: dict[str, dict[Any, Any]] = {"task": {}, "transfer": {}, "startup": {}, "oom": {}}
         for (kind, name, _key), entries in zip(series, replies, strict=True):
             if entries:
                 # One parse per series: a JSON array of its samples.
                 found[kind][name] = json.loads(b"[" + b",".join(entries) + b"]")
-        return found["task"], found["transfer"], found["startup"]
+        return found["task"], found["transfer"], found["startup"], found["oom"]
 
     def append(
         self,
         tasks: Mapping[tuple[str, int], Sequence[Sample]],
         transfers: Mapping[int, Sequence[Sample]],
         startups: Mapping[int, Sequence[Sample]],
+        out_of_memory: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         """Add samples (newest last), trimming every series to its bound; one round trip."""
-        writes = [(task_key(f, m), s) for (f, m), s in tasks.items()]
+        writes: list[tuple[str, Sequence[Any]]] = [
+            (task_key(f, m), s) for (f, m), s in tasks.items()
+        ]
+        writes += [(oom_key(f), sizes) for f, sizes in (out_of_memory or {}).items()]
         writes += [(transfer_key(m), s) for m, s in transfers.items()]
         writes += [(startup_key(m), s) for m, s in startups.items()]
         with self.client.pipeline(transaction=False) as pipe:

@@ -28,6 +28,7 @@ from dask_serverless.storage.redis import RunStore, Scripts, client_for
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.cache import OutputCache
+from dask_serverless.worker.metrics import MemoryProbe, ProcessPeak
 from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
 
 RECORD_CACHE_SIZE = 8
@@ -110,6 +111,9 @@ class WorkerEnvironment:
         self.handoff_margin_ms = int(handoff_margin_ms)
         # Called before every task (the local backend notes the running task for OOM reports).
         self.on_task: Callable[[Branch, int], None] | None = None
+        # Measures each task's peak memory: the backend's probe (a cgroup's), else the
+        # process's peak.
+        self.memory_probe: MemoryProbe = ProcessPeak()
         self.cache = OutputCache(cache_bytes)
 
     def cached_record(self, run_id: str) -> RunRecord | None:
@@ -155,7 +159,12 @@ def handler(event: dict, context: Any) -> dict:
         environment = _bootstrap()
     environment.invocations += 1
     started = time.monotonic()
-    startup_s = max(0.0, time.time() - float(event.get("at", time.time())))
+    began_unix = time.time()
+    # Start-up as the platform reports it: the instance's boot to ready ("boot", a cold
+    # start's), plus the hand-over from the platform to this handler.
+    startup_s = float(event.get("boot", 0.0)) + max(
+        0.0, began_unix - float(event.get("at", began_unix))
+    )
     run_id = event["run"]
     store = RunStore(environment.redis, run_id, event["ttl"], environment.scripts)
     record = environment.cached_record(run_id)
@@ -190,10 +199,13 @@ def handler(event: dict, context: Any) -> dict:
         memory_mb=_memory_of(context),
         cold=environment.invocations == 1,
         on_task=environment.on_task,
+        memory_probe=environment.memory_probe,
         cache=environment.cache,
     )
     branch.pending_events.append(
-        events.invocation_started(branch.worker_id, branch.memory_mb, branch.cold, startup_s)
+        events.invocation_started(
+            branch.worker_id, branch.memory_mb, branch.cold, startup_s, event["id"], began_unix
+        )
     )
     environment.heartbeat.hold(store, event["id"], lease_ms)
     try:

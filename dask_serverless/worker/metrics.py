@@ -3,20 +3,48 @@
 ``TaskMeter`` times one task through the branch loop's stages — gather (download),
 execute, publish (upload) — and sizes its inputs and output with ``dask.sizeof`` (the
 same measure whether an input came from Redis or from this worker's memory), each value
-once (``Branch.size_of``). The metrics
+once (``Branch.size_of``). Beside the wall time of the execution it measures the CPU time
+the process spent in it (``time.process_time``: all threads, so a BLAS call counts in
+full), which tells the planner how much of the task scales with the CPU share, and the
+peak memory the task reached (``MemoryProbe``). The metrics
 ride in the task's ``done`` event; the upload's duration, known only once the publish
 script returned, follows in an ``up`` event of a later batch. Nothing here talks to Redis.
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dask_serverless import events
 
 if TYPE_CHECKING:
     from dask_serverless.worker.runtime import Branch
+
+
+class MemoryProbe(Protocol):
+    """Peak memory of the work done since the last ``reset``."""
+
+    def reset(self) -> None: ...
+
+    def peak_mb(self) -> float: ...
+
+
+class ProcessPeak:
+    """The process's peak resident memory (``getrusage``): it cannot be reset, so a task
+    is charged the highest peak of its instance so far — an upper bound, which errs on the
+    safe side for planning. Backends that can measure per task (a cgroup) install their own
+    probe."""
+
+    def reset(self) -> None:
+        return None
+
+    def peak_mb(self) -> float:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # kilobytes on Linux, bytes on macOS
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 class TaskMeter:
@@ -30,14 +58,21 @@ class TaskMeter:
         self.held = {p for p in branch.dag.dependencies[index] if p in branch.values}
         self.started = time.time()
         self.gathered_at = self.started
+        self.cpu_from = 0.0
         self.published_from = self.started
 
     def gathered(self) -> None:
+        if self.branch.memory_probe is not None:
+            self.branch.memory_probe.reset()
+        self.cpu_from = time.process_time()
         self.gathered_at = time.time()
 
     def done(self, inputs: dict[int, Any], value: Any) -> events.Event:
         """The task's ``done`` event, with its metrics."""
         branch, now = self.branch, time.time()
+        cpu_s = time.process_time() - self.cpu_from
+        probe = branch.memory_probe
+        peak_mb = probe.peak_mb() if probe is not None else 0.0
         sizes = {p: branch.size_of(p, v) for p, v in inputs.items()}
         downloaded = sum(size for p, size in sizes.items() if p not in self.held)
         metrics = [
@@ -48,6 +83,9 @@ class TaskMeter:
             round(self.gathered_at - self.started, 6),
             round(now - self.gathered_at, 6),
             downloaded,
+            round(cpu_s, 6),
+            round(peak_mb, 1),
+            branch.invocation_id,
         ]
         self.published_from = now
         return events.done(self.index, branch.worker_id, self.started, now - self.started, metrics)

@@ -52,7 +52,7 @@ from dask_serverless.storage.redis import RunStore
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.cache import OutputCache
-from dask_serverless.worker.metrics import TaskMeter
+from dask_serverless.worker.metrics import MemoryProbe, TaskMeter
 
 EVENT_FLUSH_S = 0.1
 # How often a worker with queued work re-reads the run's load (see ``WorkerLogic.share``).
@@ -159,6 +159,8 @@ class Branch:
     memory_mb: int | None = None
     cold: bool = False
     on_task: Callable[[Branch, int], None] | None = None
+    # Measures each task's peak memory (``metrics.MemoryProbe``); the backend's, or none.
+    memory_probe: MemoryProbe | None = None
     cache: OutputCache | None = None
     values: dict[int, Any] = field(default_factory=dict)
     clustered: set[int] = field(default_factory=set)
