@@ -7,7 +7,8 @@ array:
 * ``["done", index, worker_id, start_unix_s, duration_s, *metrics]`` — a task finished;
   ``metrics`` (for the planner's history, see ``planning.history``) are memory MB, cold
   start 0/1, input bytes, output bytes, download s, execution s, downloaded bytes, CPU s
-  of the execution, peak memory MB, and the id of the invocation that ran it;
+  of the execution, peak memory MB, seconds it waited for a CPU (run delay), and the id
+  of the invocation that ran it;
 * ``["up", index, upload_s]`` — a task's output was stored (sent in a later batch);
 * ``["inv", worker_id, memory_mb, cold, startup_s, invocation_id, start_unix_s]`` — an
   invocation started (``startup_s``: a cold start's boot to ready plus the hand-over);

@@ -237,9 +237,10 @@ def heavy_and_light() -> tuple[dict, History]:
     samples = {}
     for m in CONFIGS:
         share = min(m / 1769, 1.0)
-        samples[(heavy, m)] = [(0, 100, 0.5 + 0.5 / share)] * 3
-        samples[(lightf, m)] = [(0, 100, 0.05)] * 3
-        samples[(endf, m)] = [(0, 100, 0.05)] * 3
+        # Half waiting, half computing: [input, output, wall, cpu, peak MB, CPU wait].
+        samples[(heavy, m)] = [(0, 100, 0.5 + 0.5 / share, 0.5, 50, 0.5 / share - 0.5)] * 3
+        samples[(lightf, m)] = [(0, 100, 0.05, 0.001, 50, 0)] * 3
+        samples[(endf, m)] = [(0, 100, 0.05, 0.001, 50, 0)] * 3
     return graph, history_of(samples)
 
 

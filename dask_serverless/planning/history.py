@@ -2,7 +2,8 @@
 
 Workers report per task, inside their batched ``done`` events (see ``events``): the
 memory size and cold/warm start of the invocation that ran it, input and output bytes
-(``dask.sizeof``), the time spent downloading inputs, executing (wall and CPU time), the
+(``dask.sizeof``), the time spent downloading inputs, executing (wall and CPU time, and
+the time it waited for a CPU), the
 task's peak memory, and — in a later ``up`` event, because the upload's duration is only
 known after the upload — storing the output. Every invocation reports its start-up (a
 cold start's boot to ready, plus the hand-over) and when its handler began in an ``inv``
@@ -51,6 +52,7 @@ class TaskMetrics:
     upload_s: float = 0.0
     cpu_s: float | None = None
     peak_mb: float = 0.0
+    wait_s: float = 0.0
     invocation_id: str = ""
 
     @property
@@ -73,7 +75,7 @@ def task_metrics(done: Sequence[Any], upload_s: float = 0.0) -> TaskMetrics | No
     if len(done) < 12:
         return None
     _kind, index, worker_id, start, _duration, memory, cold, nin, nout, down, run, read = done[:12]
-    extra = list(done[12:15]) + [None] * (15 - max(12, len(done)))
+    extra = list(done[12:16]) + [None] * (16 - max(12, len(done)))
     return TaskMetrics(
         index=int(index),
         worker_id=str(worker_id),
@@ -88,7 +90,8 @@ def task_metrics(done: Sequence[Any], upload_s: float = 0.0) -> TaskMetrics | No
         upload_s=float(upload_s),
         cpu_s=None if extra[0] is None else float(extra[0]),
         peak_mb=float(extra[1] or 0.0),
-        invocation_id=str(extra[2] or ""),
+        wait_s=float(extra[2] or 0.0),
+        invocation_id=str(extra[3] or ""),
     )
 
 
@@ -152,8 +155,9 @@ class History:
     """Samples of past runs: per (function, MB), per MB for transfers and start-ups.
 
     ``tasks[(function, MB)]`` holds ``[input_bytes, output_bytes, exec_s, cpu_s,
-    peak_mb]`` samples, ``transfers[MB]`` ``[bytes, seconds]``, ``startups[MB]``
-    ``[cold, seconds]`` and ``out_of_memory[function]`` the sizes it ran out of memory at.
+    peak_mb, wait_s]`` samples (``wait_s``: waiting for a CPU), ``transfers[MB]``
+    ``[bytes, seconds]``, ``startups[MB]`` ``[cold, seconds]`` and
+    ``out_of_memory[function]`` the sizes it ran out of memory at.
     """
 
     tasks: Mapping[tuple[str, int], Sequence[Sample]] = field(default_factory=dict)
@@ -188,6 +192,7 @@ def run_samples(
                 round(task.exec_s, 6),
                 round(cpu_s, 6),
                 round(task.peak_mb, 1),
+                round(task.wait_s, 6),
             ]
         )
         if task.downloaded_bytes > 0:

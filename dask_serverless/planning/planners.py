@@ -69,6 +69,11 @@ _TABLE_ROWS = 200
 # that a normal approximation along the critical path stands in.
 MONTE_CARLO_DRAWS = 64
 MONTE_CARLO_BUDGET = 100_000
+# Above this many tasks a platform simulation is worth a few passes over the DAG: the
+# search simulates only the likeliest candidates and restores in one step.
+LARGE_DAG = 2_000
+# A platform makespan this many times the unconstrained one means the slots bind.
+SLOT_BOUND = 2.0
 
 
 class PlanWarning(UserWarning):
@@ -453,15 +458,25 @@ class CriticalPathPlanner:
         fixed = {i for i in range(inputs.dag.sink) if i in inputs.pinned}
         fixed |= {i for i in range(inputs.dag.sink) if not inputs.costs.known[i]}
         base = simulate(inputs, fastest_memory)
-        # The unconstrained timeline leaves out queueing: give the pass the same margin.
-        cheap_target = mean_target * base.makespan / fastest.makespan if fastest.makespan else 0
-        memory = downgrade(inputs, base, cheap_target, fixed)
-        timeline = simulate(inputs, memory)
-        if timeline.makespan > cheap_target + _EPSILON:
-            timeline = repair(timeline, base, cheap_target, fixed)
-        regroup(inputs, timeline, cheap_target, fixed)
-        memory = [timeline.effective_memory(i) for i in range(len(inputs.dag))]
-        memory, schedule = restore(inputs, memory, fastest_memory, fastest, mean_target, fixed)
+        large = len(inputs.dag) > LARGE_DAG
+        schedule: Schedule | None
+        if large and fastest.makespan > SLOT_BOUND * base.makespan:
+            # Queued behind the slots, every task's time counts: there is no slack to sell.
+            notes.append("the run is bound by the platform's slots: every task at its fastest")
+            memory, schedule = list(fastest_memory), fastest
+        else:
+            # The unconstrained timeline leaves out queueing: give the pass the same margin.
+            cheap_target = mean_target * base.makespan / fastest.makespan if fastest.makespan else 0
+            memory = downgrade(inputs, base, cheap_target, fixed)
+            timeline = simulate(inputs, memory)
+            if timeline.makespan > cheap_target + _EPSILON:
+                timeline = repair(timeline, base, cheap_target, fixed)
+            if not large:
+                regroup(inputs, timeline, cheap_target, fixed)
+            memory = [timeline.effective_memory(i) for i in range(len(inputs.dag))]
+            memory, schedule = restore(
+                inputs, memory, fastest_memory, fastest, mean_target, fixed, 1 if large else None
+            )
         unknown = sum(1 for i in range(inputs.dag.sink) if not inputs.costs.known[i])
         if unknown:
             notes.append(f"{unknown} task(s) without history kept at their fastest-plan size")
@@ -493,6 +508,15 @@ class CriticalPathPlanner:
                 else inputs.at_least(i, inputs.middle_config())
             )
         candidates.append(own)
+        if len(inputs.dag) > LARGE_DAG:
+            # Preselect on the unconstrained timeline: own sizes and the full-speed uniforms.
+            full_speed = inputs.full_speed_config()
+            likely = [candidates[-1]] + [
+                candidates[c] for c, m in enumerate(inputs.configs) if m >= full_speed
+            ]
+            timelines = [(memory, simulate(inputs, memory)) for memory in likely]
+            best = min(timelines, key=lambda mt: (round(mt[1].makespan, 6), mt[1].cost_gb_s))
+            candidates = [best[0]]
         scheduled = [(memory, inputs.schedule(memory)) for memory in candidates]
         return min(scheduled, key=lambda ms: (round(ms[1].makespan, 6), ms[1].cost_gb_s))
 
@@ -504,12 +528,14 @@ def restore(
     fastest: Schedule,
     target: float,
     fixed: set[int],
+    steps: int | None = None,
 ) -> tuple[list[int], Schedule | None]:
     """Check ``memory`` on the platform model; restore slowed tasks until it keeps ``target``.
 
     The tasks are restored to their fastest-plan size in order of how much the downgrade
     slowed them, in batches that double (a platform simulation each), so at most about
-    log2(n) simulations run. Returns the memory and its schedule.
+    log2(n) simulations run — or ``steps``, after which the fastest plan stands. Returns
+    the memory and its schedule.
     """
     schedule = inputs.schedule(memory)
     if schedule.makespan <= target + _EPSILON:
@@ -527,8 +553,12 @@ def restore(
         ),
     )
     batch, done = 1, 0
+    if steps is not None:
+        batch = max(1, len(slowed) // 2)
     current = list(memory)
-    while done < len(slowed):
+    while done < len(slowed) and (steps is None or steps > 0):
+        if steps is not None:
+            steps -= 1
         for i in slowed[done : done + batch]:
             current[i] = fastest_memory[i]
         done += batch

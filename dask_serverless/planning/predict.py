@@ -120,78 +120,83 @@ def robust_line(xs: Sequence[float], ys: Sequence[float]) -> Line:
 
 @dataclass(frozen=True)
 class ExecModel:
-    """``(io(s) + cpu(s) / speed(m)) · k(speed(m))`` of one function, and its residuals.
+    """``io(s) + cpu(s) / speed(m)`` of one function, and its relative residuals.
 
-    ``k`` corrects the model where sizes were measured (a small CPU quota runs a task
-    slower than its share says); it is 1 until measured, interpolated between measured
-    speeds, and never grows with speed, so neither does the prediction.
+    ``speed(m)`` is the CPU share's speed, ``min(m / 1769, threads)``, times the
+    *efficiency* measured at shares below the task's threads: a small CPU quota runs a task
+    slower than its share (it is throttled in slices). Efficiency is 1 until measured,
+    interpolated between measured shares, and the speed never falls with memory, so the
+    prediction never grows with it.
     """
 
     io: Line
     cpu: Line
     threads: float
     ratios: tuple[float, ...]
-    corrections: tuple[tuple[float, float], ...] = ()
+    efficiency: tuple[tuple[float, float], ...] = ()
 
-    def correction(self, speed: float) -> float:
-        points = self.corrections
-        if not points:
-            return 1.0
+    def effective(self, speed: float) -> float:
+        """The speed a task runs at, given its nominal ``speed``."""
+        points = self.efficiency
+        if not points or speed >= self.threads - 1e-9:
+            return speed
         if speed <= points[0][0]:
-            return points[0][1]
-        for (s0, k0), (s1, k1) in zip(points, points[1:], strict=False):
-            if speed <= s1:
-                return k0 + (k1 - k0) * (speed - s0) / (s1 - s0)
-        return points[-1][1]
-
-    def base(self, input_bytes: float, speed: float) -> float:
-        return self.io.at(input_bytes) + self.cpu.at(input_bytes) / max(speed, 1e-9)
+            factor = points[0][1]
+        elif speed >= points[-1][0]:
+            factor = points[-1][1] + (1 - points[-1][1]) * (speed - points[-1][0]) / max(
+                self.threads - points[-1][0], 1e-9
+            )
+        else:
+            factor = points[-1][1]
+            for (s0, e0), (s1, e1) in zip(points, points[1:], strict=False):
+                if speed <= s1:
+                    factor = e0 + (e1 - e0) * (speed - s0) / (s1 - s0)
+                    break
+        return speed * min(1.0, factor)
 
     def time(self, input_bytes: float, speed: float) -> float:
-        return self.base(input_bytes, speed) * self.correction(speed)
+        return self.io.at(input_bytes) + self.cpu.at(input_bytes) / max(self.effective(speed), 1e-9)
 
 
 def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) -> ExecModel:
     """Fit ``ExecModel`` to ``(memory MB, sample)`` pairs of every size.
 
-    A sample is ``[input_bytes, output_bytes, wall_s, cpu_s, peak_mb]``; one without CPU
-    time (``[input, output, wall]``) counts as CPU-bound. CPU time does not depend on the
-    share, so every sample gives the CPU work; the waiting part comes from the samples at
-    the highest speed seen, where a small quota's slack does not pass for waiting.
+    A sample is ``[input_bytes, output_bytes, wall_s, cpu_s, peak_mb, wait_s]``
+    (``wait_s``: runnable but waiting for a CPU — throttling, contention); shorter ones
+    come from sources that measure less: without ``wait_s`` the wall time beyond the CPU
+    time at the share's speed counts as waiting, without ``cpu_s`` the task counts as
+    CPU-bound. CPU time does not depend on the share, and neither does the time the task
+    itself waited (I/O, sleep), so every size's samples are pooled.
     """
     parallel = [s[3] / s[2] for m, s in samples if len(s) > 3 and s[2] > 0 and cpu.share(m) > 1]
     threads = max(cpu.task_threads, max(parallel, default=0.0))
-    speeds = [cpu.speed(m, threads) for m, _s in samples]
-    top = max(speeds)
-    xs, work, io_x, io = [], [], [], []
-    for speed, (_memory, sample) in zip(speeds, samples, strict=True):
+    xs, work, io = [], [], []
+    rates: dict[float, list[float]] = {}
+    for memory, sample in samples:
+        speed = cpu.speed(memory, threads)
         wall = float(sample[2])
         used = float(sample[3]) if len(sample) > 3 else wall * speed
-        # CPU time cannot exceed what the share allows; the rest of the wall time waited.
-        used = min(used, wall * speed)
         xs.append(float(sample[0]))
-        work.append(used)
-        if speed >= top - 1e-9:
-            io_x.append(float(sample[0]))
+        if len(sample) > 5:
+            delayed = float(sample[5])
+            work.append(used)
+            io.append(max(0.0, wall - used - delayed))
+            if used > 0.001 and speed < threads - 1e-9:
+                rate = used / (used + delayed) if used + delayed > 0 else speed
+                rates.setdefault(round(speed, 6), []).append(min(1.0, rate / speed))
+        else:
+            used = min(used, wall * speed)
+            work.append(used)
             io.append(max(0.0, wall - used / speed))
-    model = ExecModel(robust_line(io_x, io), robust_line(xs, work), threads, ())
-    by_speed: dict[float, list[float]] = {}
-    for speed, (_memory, sample) in zip(speeds, samples, strict=True):
-        base = model.base(float(sample[0]), speed)
-        if base > 0:
-            by_speed.setdefault(round(speed, 6), []).append(float(sample[2]) / base)
-    levels = sorted((speed, median(r)) for speed, r in by_speed.items())
-    corrections: list[tuple[float, float]] = []
-    for speed, k in reversed(levels):
-        corrections.append((speed, max(k, corrections[-1][1]) if corrections else k))
-    corrections.reverse()
-    model = ExecModel(model.io, model.cpu, threads, (), tuple(corrections))
+    # The least contended sample at each share tells its efficiency best.
+    efficiency = tuple(sorted((speed, max(values)) for speed, values in rates.items()))
+    model = ExecModel(robust_line(xs, io), robust_line(xs, work), threads, (), efficiency)
     ratios = []
-    for speed, (_memory, sample) in zip(speeds, samples, strict=True):
-        predicted = model.time(float(sample[0]), speed)
+    for memory, sample in samples:
+        predicted = model.time(float(sample[0]), cpu.speed(memory, threads))
         if predicted > 0:
             ratios.append(float(sample[2]) / predicted)
-    return ExecModel(model.io, model.cpu, threads, tuple(ratios), model.corrections)
+    return ExecModel(model.io, model.cpu, threads, tuple(ratios), efficiency)
 
 
 @dataclass(frozen=True)
@@ -259,16 +264,12 @@ class Predictor:
             return 0.0
         return model.time(input_bytes, self.cpu.speed(memory_mb, model.threads))
 
-    def exec_parts(
-        self, function: str, input_bytes: float, memory_mb: float
-    ) -> tuple[float, float]:
-        """``(io_s, cpu_s at speed 1)`` at ``memory_mb``: the parts the platform model runs
-        (the size's correction applied to both)."""
+    def exec_parts(self, function: str, input_bytes: float) -> tuple[float, float]:
+        """``(io_s, cpu_s at speed 1)``: the parts the platform model runs."""
         model = self._models.get(function)
         if model is None:
             return 0.0, 0.0
-        k = model.correction(self.cpu.speed(memory_mb, model.threads))
-        return model.io.at(input_bytes) * k, model.cpu.at(input_bytes) * k
+        return model.io.at(input_bytes), model.cpu.at(input_bytes)
 
     def ratios(self, function: str) -> tuple[float, ...]:
         """Measured / predicted time of every sample of ``function`` (empty if unknown)."""
@@ -276,8 +277,11 @@ class Predictor:
         return () if model is None else model.ratios
 
     def speed(self, function: str, memory_mb: float) -> float:
+        """The speed ``function`` computes at in ``memory_mb`` (1: one full vCPU)."""
         model = self._models.get(function)
-        return self.cpu.speed(memory_mb, None if model is None else model.threads)
+        if model is None:
+            return self.cpu.speed(memory_mb)
+        return model.effective(self.cpu.speed(memory_mb, model.threads))
 
     def work_bound_s(self, function: str, memory_mb: int) -> float | None:
         """Execution seconds at the largest input ``function`` was seen with; None if unknown."""

@@ -127,12 +127,12 @@ class NodeCosts:
             if function not in ratios:
                 ratios[function] = predictor.ratios(function)
             output_bytes[i] = predictor.output_bytes(function, input_bytes[i])
-            parts = [predictor.exec_parts(function, input_bytes[i], m) for m in configs]
+            waits, work = predictor.exec_parts(function, input_bytes[i])
             speeds = tuple(predictor.speed(function, m) for m in configs)
-            io_s.append(tuple(w for w, _c in parts))
-            cpu_s.append(tuple(c for _w, c in parts))
+            io_s.append(tuple(waits for _ in configs))
+            cpu_s.append(tuple(work for _ in configs))
             speed.append(speeds)
-            exec_s.append(tuple(w + c / v for (w, c), v in zip(parts, speeds, strict=True)))
+            exec_s.append(tuple(waits + work / v for v in speeds))
             if output_leaves_worker(dag, i):
                 upload_s.append(tuple(t.at(output_bytes[i]) for t in transfer))
             else:
@@ -457,6 +457,20 @@ class _PlatformRun:
         self.critical = [-1] * n
         self.invocation_of = [-1] * n
         self.waiting = [len(d) for d in dag.dependencies]
+        # Per node, what publishing it involves (fixed by the DAG and the bundles):
+        # children counted in this invocation, single-dependency and fan-in children.
+        self.internal_children: list[tuple[int, ...]] = []
+        self.single_children: list[tuple[int, ...]] = []
+        self.fan_in_children: list[tuple[int, ...]] = []
+        for i in range(n):
+            children = dag.dependents[i]
+            self.internal_children.append(tuple(c for c in children if c in internal))
+            self.single_children.append(
+                tuple(c for c in children if c not in internal and len(dag.dependencies[c]) == 1)
+            )
+            self.fan_in_children.append(
+                tuple(c for c in children if c not in internal and len(dag.dependencies[c]) > 1)
+            )
         self.events: list[tuple[float, int, int, int, int]] = []
         self.sequence = 0
         self.queue: list[Invocation] = []
@@ -585,17 +599,16 @@ class _PlatformRun:
     def end_cpu(self, invocation: Invocation) -> None:
         """The execution ended: publish (with its upload when the output leaves)."""
         index = invocation.previous
-        dag = self.dag
-        external_single = sum(
-            1
-            for c in dag.dependents[index]
-            if c not in self.internal and len(dag.dependencies[c]) == 1
+        external_single = len(self.single_children[index])
+        if external_single > 1:
+            spare = self.spare()
+            large = self.costs.output_bytes[index] >= self.platform.cluster_output_bytes
+            if (spare is not None and spare <= 0) or large:
+                invocation.clustered.add(index)
+        # output_leaves_worker, from the tables above
+        leaves = bool(self.fan_in_children[index]) or (
+            external_single > 1 and index not in invocation.clustered
         )
-        spare = self.spare()
-        large = self.costs.output_bytes[index] >= self.platform.cluster_output_bytes
-        if external_single > 1 and ((spare is not None and spare <= 0) or large):
-            invocation.clustered.add(index)
-        leaves = output_leaves_worker(dag, index, self.internal, index in invocation.clustered)
         upload = 0.0
         if leaves:
             upload = self.costs.upload_s[index][self.column.get(invocation.memory_mb, 0)]
@@ -612,23 +625,21 @@ class _PlatformRun:
             invocation.stack.clear()
             self.next_task(invocation)
             return
-        ready: list[int] = []
-        for child in dag.dependents[index]:
-            if child in self.internal:
-                remaining = invocation.remaining.get(child, len(dag.dependencies[child])) - 1
-                invocation.remaining[child] = remaining
-                if remaining == 0:
-                    ready.append(child)
-            elif len(dag.dependencies[child]) == 1:
-                ready.append(child)
-            else:
-                self.waiting[child] -= 1
-                if self.waiting[child] == 0:
-                    ready.append(child)
-        here = [c for c in ready if c in self.internal]
-        others = [c for c in ready if c not in self.internal]
-        fitting = [c for c in others if self.fits(invocation, c)]
-        elsewhere = [c for c in others if not self.fits(invocation, c)]
+        here: list[int] = []
+        for child in self.internal_children[index]:
+            remaining = invocation.remaining.get(child, len(dag.dependencies[child])) - 1
+            invocation.remaining[child] = remaining
+            if remaining == 0:
+                here.append(child)
+        others = list(self.single_children[index])
+        waiting = self.waiting
+        for child in self.fan_in_children[index]:
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                others.append(child)
+        memory, own = self.memory, invocation.memory_mb
+        fitting = [c for c in others if memory[c] == own or memory[c] == ANY_MEMORY]
+        elsewhere = [c for c in others if memory[c] != own and memory[c] != ANY_MEMORY]
         if index in invocation.clustered:
             here += fitting
         else:

@@ -10,10 +10,10 @@ the number of past runs.
 Keys (``H = dsl:history:v2:``), every entry a compact JSON array:
 
 ==============================  =======================================================
-``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb]``
-                                 of one function at one memory size (``fn-digest``: hash
-                                 of the function identity, so no user text ever becomes
-                                 key syntax)
+``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb,
+                                 wait_s]`` of one function at one memory size
+                                 (``fn-digest``: hash of the function identity, so no
+                                 user text ever becomes key syntax)
 ``H oom:<fn-digest>``            memory sizes (MB) the function ran out of memory at
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up

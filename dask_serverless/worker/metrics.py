@@ -5,7 +5,9 @@ execute, publish (upload) — and sizes its inputs and output with ``dask.sizeof
 same measure whether an input came from Redis or from this worker's memory), each value
 once (``Branch.size_of``). Beside the wall time of the execution it measures the CPU time
 the process spent in it (``time.process_time``: all threads, so a BLAS call counts in
-full), which tells the planner how much of the task scales with the CPU share, and the
+full), which tells the planner how much of the task scales with the CPU share, the time
+the task was ready to run but waited for a CPU (the kernel's run delay: a CPU quota's
+throttling and other processes' contention — neither is the task's own waiting), and the
 peak memory the task reached (``MemoryProbe``). The metrics
 ride in the task's ``done`` event; the upload's duration, known only once the publish
 script returned, follows in an ``up`` event of a later batch. Nothing here talks to Redis.
@@ -47,6 +49,18 @@ class ProcessPeak:
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+def run_delay_s() -> float:
+    """Seconds this thread has waited, runnable, for a CPU (0.0 where not measured)."""
+    try:
+        with open(_SCHEDSTAT) as file:
+            return int(file.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class TaskMeter:
     """Times and sizes one task; see the module docstring."""
 
@@ -59,18 +73,21 @@ class TaskMeter:
         self.started = time.time()
         self.gathered_at = self.started
         self.cpu_from = 0.0
+        self.delay_from = 0.0
         self.published_from = self.started
 
     def gathered(self) -> None:
         if self.branch.memory_probe is not None:
             self.branch.memory_probe.reset()
         self.cpu_from = time.process_time()
+        self.delay_from = run_delay_s()
         self.gathered_at = time.time()
 
     def done(self, inputs: dict[int, Any], value: Any) -> events.Event:
         """The task's ``done`` event, with its metrics."""
         branch, now = self.branch, time.time()
         cpu_s = time.process_time() - self.cpu_from
+        delay_s = run_delay_s() - self.delay_from
         probe = branch.memory_probe
         peak_mb = probe.peak_mb() if probe is not None else 0.0
         sizes = {p: branch.size_of(p, v) for p, v in inputs.items()}
@@ -85,6 +102,7 @@ class TaskMeter:
             downloaded,
             round(cpu_s, 6),
             round(peak_mb, 1),
+            round(delay_s, 6),
             branch.invocation_id,
         ]
         self.published_from = now
