@@ -33,6 +33,7 @@ from dask.local import nested_get
 from dask_serverless import config, events
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
+from dask_serverless.backends.resources import TaskOutOfMemoryError
 from dask_serverless.graph import DAG, translate
 from dask_serverless.planning import Plan, Planner, Planning, Platform
 from dask_serverless.report import RunReport
@@ -141,7 +142,7 @@ class Scheduler:
                 pricing=config.setting("planning.pricing"),
             )
             self._last_report: Callable[[], RunReport] | None = None
-            self._run_memory: dict[str, tuple[int | None, ...]] = {}
+            self._run_memory: dict[str, list[int | None]] = {}
         except BaseException:
             self.close()
             raise
@@ -185,7 +186,7 @@ class Scheduler:
                 concurrency=getattr(self.backend, "concurrency", None),
             )
         )
-        self._run_memory[run_id] = plan.worker_memory()
+        self._run_memory[run_id] = list(plan.worker_memory())
         limit = self.timeout if timeout is None else timeout
         store = RunStore(self._redis, run_id, self.run_ttl, self._scripts)
         with local_callbacks(callbacks) as active:
@@ -221,6 +222,7 @@ class Scheduler:
             run_started,
             makespan,
             throttled=getattr(self.backend, "throttled", None),
+            out_of_memory=progress.out_of_memory,
         )
         results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
         return nested_get(keys, results)
@@ -346,6 +348,7 @@ class Scheduler:
                 cursor, batches = self._with_retries(store.read_events, cursor, None)
             for batch in batches:
                 progress.apply(events.decode(batch))
+            self._retry_out_of_memory(store, progress)
             if follow and batches:
                 time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:
@@ -364,6 +367,24 @@ class Scheduler:
                     if blob is not None:
                         return self._signer.loads(blob, "run result")
                 next_watch = time.monotonic() + watch_every
+
+    def _retry_out_of_memory(self, store: RunStore, progress: events.RunProgress) -> None:
+        """Give tasks killed for their memory the next larger configuration.
+
+        The dead invocation's lease lapses and ``_watch`` re-invokes its restart point at
+        the configuration its tasks now have. A task that ran out of memory at the largest
+        configuration fails the run with ``TaskOutOfMemoryError``.
+        """
+        memory = self._run_memory.get(store.run_id)
+        if memory is None or not progress.out_of_memory:
+            return
+        configs = self._planning.configs
+        for index, killed_at in progress.out_of_memory:
+            larger = [m for m in configs if m > killed_at]
+            if not larger:
+                raise TaskOutOfMemoryError(repr(progress.dag.keys[index]), killed_at)
+            current = memory[index] or 0
+            memory[index] = max(current, larger[0])
 
     def _with_retries(self, command: Callable[..., _T], *args: Any) -> _T:
         """Run ``command``, riding out a short Redis outage; a lost run is a clear error."""

@@ -14,6 +14,8 @@ array:
   invocation started (``startup_s``: a cold start's boot to ready plus the hand-over);
 * ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
 * ``["error", index]`` — a task failed; the signed exception is in the run's error key;
+* ``["oom", index, memory_mb]`` — the platform killed the instance running a task for
+  exceeding its configuration; the client retries it one size up;
 * ``["finished"]`` — the sink ran: the result is stored and intermediates are deleted.
 
 ``RunProgress`` replays them into the ``state`` dictionary dask's callbacks expect
@@ -38,6 +40,7 @@ ERROR = "error"
 FINISHED = "finished"
 UPLOAD = "up"
 INVOCATION = "inv"
+OUT_OF_MEMORY = "oom"
 
 Event = list
 
@@ -66,6 +69,10 @@ def error(index: int) -> Event:
 
 def finished() -> Event:
     return [FINISHED]
+
+
+def out_of_memory(index: int, memory_mb: int) -> Event:
+    return [OUT_OF_MEMORY, index, int(memory_mb)]
 
 
 def upload(index: int, seconds: float) -> Event:
@@ -132,6 +139,7 @@ class RunProgress:
     retries: dict[int, int] = field(default_factory=dict)
     uploads: dict[int, float] = field(default_factory=dict)
     invocations: list[Event] = field(default_factory=list)
+    out_of_memory: list[tuple[int, int]] = field(default_factory=list)
 
     def apply(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -149,6 +157,10 @@ class RunProgress:
                 self.uploads[int(event[1])] = float(event[2])
             elif kind == INVOCATION:
                 self.invocations.append(event)
+            elif kind == OUT_OF_MEMORY:
+                index = int(event[1])
+                self.out_of_memory.append((index, int(event[2])))
+                self.retries[index] = self.retries.get(index, 0) + 1
 
     def _task_done(self, event: Event) -> None:
         index = int(event[1])

@@ -96,7 +96,9 @@ def test_cpu_share_prediction_matches_the_measured_slowdown(redis_url):
 
 
 def test_a_task_over_its_memory_fails_as_out_of_memory(redis_url):
-    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as sched:
+    # No larger configuration to retry at: the run fails with the task's name and size.
+    options = {"planner": "uniform-512", "concurrency": 2, "timeout": 60}
+    with Scheduler(redis=redis_url, memory_configs=[512], **options) as sched:
         if not sched.backend.throttled:
             pytest.skip("cgroups are not writable here: no memory limit to exceed")
         greedy = dask.delayed(allocate)(900, dask_key_name="greedy-task")
@@ -104,6 +106,21 @@ def test_a_task_over_its_memory_fails_as_out_of_memory(redis_url):
             greedy.compute(scheduler=sched)
         assert isinstance(error.value, MemoryError)
         assert dask.delayed(allocate)(50).compute(scheduler=sched) == 50 * 2**20
+
+
+def test_out_of_memory_is_retried_one_size_up_and_never_planned_there_again(redis_url):
+    graph = {"hungry-task": Task("hungry-task", allocate, 700)}
+    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as sched:
+        if not sched.backend.throttled:
+            pytest.skip("cgroups are not writable here: no memory limit to exceed")
+        assert sched.get(graph, "hungry-task") == 700 * 2**20
+        run = sched.last_run
+        assert sched.last_retries == {"hungry-task": 1}
+    assert run is not None and run.out_of_memory_retries == 1
+    assert run.tasks[0].memory_mb == 1024
+    assert "out-of-memory retries" in str(run)
+    with Scheduler(redis=redis_url, planner="critical-path", concurrency=2, timeout=60) as sched:
+        assert sched.plan(graph, "hungry-task").memory_mb[0] > 512
 
 
 def test_memory_annotation_overrides_the_planner(redis_url):

@@ -25,7 +25,8 @@ an invocation's payload may ask for ``"memory"``, and runs only in an instance o
 configuration (the default configuration otherwise). Where Linux cgroups are writable each
 instance is held to its configuration — ``m / 1769`` CPUs and ``m`` MB, see
 ``backends.resources`` — and an instance the kernel kills for exceeding its memory is
-reported as an out-of-memory failure of the task it was running. Elsewhere instances run
+reported as the out-of-memory kill of the task it was running (the client retries the
+task one size up). Elsewhere instances run
 unthrottled (``throttled`` is False) after one warning. At the concurrency limit an idle
 instance of another configuration makes room for one that is needed.
 
@@ -57,7 +58,6 @@ from dask_serverless import events
 from dask_serverless.backends.resources import (
     Cgroups,
     InstanceGroup,
-    TaskOutOfMemoryError,
     TaskSlot,
     limit_native_threads,
 )
@@ -440,23 +440,27 @@ class LocalBackend:
             self._cgroups.remove(instance.group)
 
     def _report_out_of_memory(self, instance: Instance) -> None:
-        """If the kernel killed ``instance`` for its memory, fail the task it ran."""
+        """If the kernel killed ``instance`` for its memory, report the task it ran.
+
+        An ``oom`` event in the run's stream: the client retries the task one size up
+        (the invocation's lease recovers it) or, at the largest size, fails the run with
+        ``TaskOutOfMemoryError``.
+        """
         assert instance.group is not None and instance.payload is not None
         if instance.group.oom_kills() == 0 or instance.slot is None:
             return
         running = instance.slot.read()
         if running is None or running[0] != instance.payload.get("run"):
             return
-        run_id, ttl, index, key = running
+        run_id, ttl, index, _key = running
         self.out_of_memory += 1
         if self._reporter is None:
             client = client_for(self._settings.redis_url)
             self._reporter = (client, Signer(self._settings.secret))
-        client, signer = self._reporter
-        error = TaskOutOfMemoryError(key, instance.memory_mb)
+        client, _signer = self._reporter
         with contextlib.suppress(Exception):
-            RunStore(client, run_id, ttl).fail(
-                signer.dumps_exception(error), events.encode([events.error(index)])
+            RunStore(client, run_id, ttl).flush_events(
+                events.encode([events.out_of_memory(index, instance.memory_mb)])
             )
 
     @staticmethod
