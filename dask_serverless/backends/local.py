@@ -10,7 +10,8 @@ there:
   queued invocation to an idle instance (a *warm* start) or, when none is idle and fewer
   than ``concurrency`` instances live, starts a new one (a *cold* start); otherwise the
   invocation waits in the queue, as Lambda queues asynchronous invocations beyond its
-  concurrency. An instance idle for ``keep_alive`` seconds is reaped.
+  concurrency. Queued invocations start in the order they arrived, whatever their
+  configuration. An instance idle for ``keep_alive`` seconds is reaped.
 * ``deliveries=2`` delivers every invocation twice, as Lambda's at-least-once delivery may:
   the worker protocol must (and does) give the same result with nothing counted twice.
 
@@ -40,6 +41,7 @@ scheduler, a script that uses the local backend needs the usual
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import secrets
@@ -48,7 +50,6 @@ import threading
 import time
 import traceback
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
@@ -346,43 +347,56 @@ class LocalBackend:
             self._release(instance)
 
     def _assign(self) -> None:
-        """Hand queued invocations to idle instances of their configuration; start
-        instances for the rest, replacing idle ones of other configurations at the limit."""
+        """Start queued invocations in the order they arrived, as Lambda does across its
+        functions: each on an idle instance of its configuration (warm), on a new instance
+        while fewer than ``concurrency`` live (cold), or on a new one that replaces an idle
+        instance of another configuration; an instance already booting for its
+        configuration takes the next one. The rest wait."""
         if self.failure is not None:
             return
-        for instance in [i for i in self._instances.values() if i.idle]:
-            payload = self._queue.popleft(instance.memory_mb)
-            if payload is None:
-                continue
-            # Start-up as Lambda reports it: a cold start's boot (from the instance's start
-            # to ready, not the time it then waited for work) plus the hand-over; never the
-            # time spent queued behind the concurrency limit.
-            boot = 0.0
-            if not instance.served and instance.ready_at is not None:
-                boot = instance.ready_at - instance.started_at
-            payload = {**payload, "at": round(time.time(), 6), "boot": round(boot, 6)}
-            instance.served = True
-            instance.payload = payload
-            try:
-                instance.connection.send(payload)
-            except (BrokenPipeError, OSError):
-                self._queue.appendleft(payload)
-                instance.payload = None
+        idle: dict[int, list[Instance]] = {}
         booting: dict[int, int] = {}
         for instance in self._instances.values():
-            if not instance.booted:
-                booting[instance.memory_mb] = booting.get(instance.memory_mb, 0) + 1
-        for memory_mb, waiting in self._queue.counts().items():
-            for _ in range(waiting - booting.get(memory_mb, 0)):
-                if len(self._instances) >= self.concurrency and not self._evict_idle():
-                    return
-                self._start_instance(memory_mb)
-
-    def _evict_idle(self) -> bool:
-        """Stop one idle instance (its configuration has nothing queued) to make room."""
-        for connection, instance in self._instances.items():
             if instance.idle:
-                del self._instances[connection]
+                idle.setdefault(instance.memory_mb, []).append(instance)
+            elif not instance.booted:
+                booting[instance.memory_mb] = booting.get(instance.memory_mb, 0) + 1
+        # Each payload looked at takes an idle or booting instance or a slot, or ends the
+        # pass: no more than this many can be looked at usefully.
+        useful = 2 * len(self._instances) + self.concurrency + 1
+        for number, payload in self._queue.oldest(useful):
+            memory_mb = self._queue.memory_of(payload)
+            if idle.get(memory_mb):
+                self._hand_over(idle[memory_mb].pop(), number, payload)
+            elif booting.get(memory_mb):
+                booting[memory_mb] -= 1
+            elif len(self._instances) < self.concurrency or self._evict_idle(idle):
+                self._start_instance(memory_mb)
+            else:
+                return
+
+    def _hand_over(self, instance: Instance, number: int, payload: dict) -> None:
+        # Start-up as Lambda reports it: a cold start's boot (from the instance's start
+        # to ready, not the time it then waited for work) plus the hand-over; never the
+        # time spent queued behind the concurrency limit.
+        boot = 0.0
+        if not instance.served and instance.ready_at is not None:
+            boot = instance.ready_at - instance.started_at
+        payload = {**payload, "at": round(time.time(), 6), "boot": round(boot, 6)}
+        try:
+            instance.connection.send(payload)
+        except (BrokenPipeError, OSError):
+            return
+        self._queue.remove(number)
+        instance.served = True
+        instance.payload = payload
+
+    def _evict_idle(self, idle: dict[int, list[Instance]]) -> bool:
+        """Stop one idle instance (one nothing queued ahead could use) to make room."""
+        for instances in idle.values():
+            if instances:
+                instance = instances.pop()
+                del self._instances[instance.connection]
                 self._stop(instance)
                 self._retired.append(instance)
                 return True
@@ -498,34 +512,35 @@ class LocalBackend:
 
 
 class InvocationQueue:
-    """Queued invocation payloads: one FIFO per configuration (memory MB)."""
+    """Queued invocation payloads in arrival order (a redelivery goes first)."""
 
     def __init__(self, default_memory_mb: int) -> None:
         self.default_memory_mb = default_memory_mb
-        self._fifos: dict[int, deque[dict]] = {}
+        self._payloads: dict[int, dict] = {}
+        self._first = 0
+        self._last = 0
 
     def memory_of(self, payload: dict) -> int:
         return int(payload.get("memory") or self.default_memory_mb)
 
-    def _fifo(self, payload: dict) -> deque[dict]:
-        return self._fifos.setdefault(self.memory_of(payload), deque())
-
     def extend(self, payloads: Sequence[dict]) -> None:
         for payload in payloads:
-            self._fifo(payload).append(payload)
+            self._last += 1
+            self._payloads[self._last] = payload
 
     def appendleft(self, payload: dict) -> None:
-        self._fifo(payload).appendleft(payload)
+        self._first -= 1
+        self._payloads = {self._first: payload, **self._payloads}
 
-    def popleft(self, memory_mb: int) -> dict | None:
-        fifo = self._fifos.get(memory_mb)
-        return fifo.popleft() if fifo else None
+    def oldest(self, count: int) -> list[tuple[int, dict]]:
+        """The ``count`` oldest ``(number, payload)`` pairs (a copy: safe to remove from)."""
+        return list(itertools.islice(self._payloads.items(), count))
 
-    def counts(self) -> dict[int, int]:
-        return {memory: len(fifo) for memory, fifo in self._fifos.items() if fifo}
+    def remove(self, number: int) -> None:
+        self._payloads.pop(number, None)
 
     def clear(self) -> None:
-        self._fifos.clear()
+        self._payloads.clear()
 
     def __len__(self) -> int:
-        return sum(len(fifo) for fifo in self._fifos.values())
+        return len(self._payloads)

@@ -82,6 +82,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIGS = (512, 1024, 1769, 3008)
+# Tasks planned shorter than this do not calibrate their function (their ratio is noise).
+MIN_CALIBRATED_S = 0.01
 
 
 def parse_memory_configs(configs: Sequence[int] | None) -> tuple[int, ...]:
@@ -143,10 +145,10 @@ class Planning:
     def load_history(self, functions: Sequence[str]) -> History:
         if self.store is None:
             return History()
-        tasks, transfers, startups, ooms = self.store.load(
+        tasks, transfers, startups, ooms, residuals = self.store.load(
             (f for f in functions if f), self.configs
         )
-        return History(tasks, transfers, startups, ooms)
+        return History(tasks, transfers, startups, ooms, residuals)
 
     def inputs(
         self,
@@ -208,7 +210,11 @@ class Planning:
             ooms: dict[str, list[int]] = {}
             for index, memory_mb in out_of_memory:
                 ooms.setdefault(functions[index], []).append(int(memory_mb))
-            self.store.append(*run_samples(functions, sampled, invocations, literals), ooms)
+            self.store.append(
+                *run_samples(functions, sampled, invocations, literals),
+                ooms,
+                residuals(plan, functions, sampled),
+            )
 
         def build() -> RunReport:
             measured: dict[int, TaskMetrics] = {}
@@ -230,6 +236,25 @@ class Planning:
             )
 
         return functools.cache(build)
+
+
+def residuals(
+    plan: Plan, functions: Sequence[str], tasks: Sequence[TaskMetrics]
+) -> dict[str, list[float]]:
+    """Per function, measured / planned busy time of its tasks, times the bias the plan
+    used (so each is relative to the uncalibrated model). Only plans with predictions
+    count, and only tasks the plan gave real time: a millisecond task's ratio is noise."""
+    if not plan.inputs.per_node:
+        return {}
+    predictor = plan.inputs.predictor
+    found: dict[str, list[float]] = {}
+    for task in tasks:
+        predicted = plan.predicted_s(task.index)
+        if predicted >= MIN_CALIBRATED_S and task.total_s > 0:
+            function = functions[task.index]
+            ratio = predictor.bias(function) * task.total_s / predicted
+            found.setdefault(function, []).append(round(ratio, 4))
+    return found
 
 
 def newest_per_function(

@@ -157,13 +157,15 @@ class History:
     ``tasks[(function, MB)]`` holds ``[input_bytes, output_bytes, exec_s, cpu_s,
     peak_mb, wait_s]`` samples (``wait_s``: waiting for a CPU), ``transfers[MB]``
     ``[bytes, seconds]``, ``startups[MB]`` ``[cold, seconds]`` and
-    ``out_of_memory[function]`` the sizes it ran out of memory at.
+    ``out_of_memory[function]`` the sizes it ran out of memory at, ``residuals[function]``
+    its recent tasks' measured / planned busy time (before calibration).
     """
 
     tasks: Mapping[tuple[str, int], Sequence[Sample]] = field(default_factory=dict)
     transfers: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
     startups: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
     out_of_memory: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    residuals: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
     def knows(self, function: str) -> bool:
         return any(f == function for f, _m in self.tasks)

@@ -542,15 +542,21 @@ def restore(
         return memory, schedule
     costs = inputs.costs
     column = {m: c for c, m in enumerate(costs.configs)}
+
+    def slowdown(i: int) -> float:
+        return costs.exec_s[i][column[memory[i]]] - costs.exec_s[i][column[fastest_memory[i]]]
+
+    # Only tasks that memory makes faster: a sleep restored to 1769 MB gains nothing.
     slowed = sorted(
         (
             i
             for i in range(inputs.dag.sink)
-            if i not in fixed and memory[i] != fastest_memory[i] and memory[i] != ANY_MEMORY
+            if i not in fixed
+            and memory[i] != fastest_memory[i]
+            and memory[i] != ANY_MEMORY
+            and slowdown(i) > _EPSILON
         ),
-        key=lambda i: (
-            -(costs.exec_s[i][column[memory[i]]] - costs.exec_s[i][column[fastest_memory[i]]])
-        ),
+        key=lambda i: -slowdown(i),
     )
     batch, done = 1, 0
     if steps is not None:

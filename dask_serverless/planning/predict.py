@@ -20,10 +20,14 @@ The model (see docs: "The planner's model"):
   the prediction never increases with memory. The intercept keeps a constant-time task
   constant whatever its input (the origin system, which stored time per input byte,
   predicted a fixed 500 ms task at 7 754, 15 007 … ms down a chain).
+* **Calibration**: after every run each task's measured busy time is compared with what
+  the plan's platform model predicted for it; the median of a function's recent ratios
+  (its *bias*: what the model does not see, such as other processes contending for the
+  local machine's cores) scales its predictions.
 * **Error margins are relative**: each sample's ratio of measured to predicted time is
   kept per function, and the SLA's percentile is applied to the makespan by drawing those
-  ratios (``planning.simulate.makespan_quantile``), never by adding per-task percentiles
-  along a path.
+  ratios, centred on 1 (``planning.simulate.makespan_quantile``), never by adding
+  per-task percentiles along a path.
 * **Output size** of *f*: a line with intercept in the input size, over all sizes.
 * **Memory need** of *f*: the largest peak memory measured (cgroup accounting, or the
   process's peak) for its input size, times ``MEMORY_HEADROOM``; at least the next size
@@ -65,6 +69,9 @@ DEFAULT_LATENCY_S = 0.001
 DEFAULT_BANDWIDTH_BPS = 100e6
 # Start-up samples a size needs before its own figures replace the pooled ones.
 OWN_STARTUP_SAMPLES = 3
+# Residuals a function needs before they calibrate it, and how far they may move it.
+CALIBRATION_SAMPLES = 3
+BIAS_RANGE = (0.5, 4.0)
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,11 @@ class Predictor:
                 # Upper envelope: the line raised to the highest peak it fell short of.
                 worst = max(p - line.at(x) for x, p in peaks)
                 self._peaks[function] = Line(line.intercept + max(0.0, worst), line.slope)
+        self._bias = {
+            function: min(max(median(values), BIAS_RANGE[0]), BIAS_RANGE[1])
+            for function, values in history.residuals.items()
+            if len(values) >= CALIBRATION_SAMPLES
+        }
         self._too_small = {
             function: max(sizes) for function, sizes in history.out_of_memory.items() if sizes
         }
@@ -257,24 +269,34 @@ class Predictor:
     def model(self, function: str) -> ExecModel | None:
         return self._models.get(function)
 
+    def bias(self, function: str) -> float:
+        """The calibration factor of ``function`` on this platform (1.0 until known)."""
+        return self._bias.get(function, 1.0)
+
     def exec_time(self, function: str, input_bytes: float, memory_mb: int) -> float:
         """Predicted mean execution seconds; 0.0 for a function without history."""
         model = self._models.get(function)
         if model is None:
             return 0.0
-        return model.time(input_bytes, self.cpu.speed(memory_mb, model.threads))
+        speed = self.cpu.speed(memory_mb, model.threads)
+        return model.time(input_bytes, speed) * self.bias(function)
 
     def exec_parts(self, function: str, input_bytes: float) -> tuple[float, float]:
         """``(io_s, cpu_s at speed 1)``: the parts the platform model runs."""
         model = self._models.get(function)
         if model is None:
             return 0.0, 0.0
-        return model.io.at(input_bytes), model.cpu.at(input_bytes)
+        bias = self.bias(function)
+        return model.io.at(input_bytes) * bias, model.cpu.at(input_bytes) * bias
 
     def ratios(self, function: str) -> tuple[float, ...]:
-        """Measured / predicted time of every sample of ``function`` (empty if unknown)."""
+        """Measured / predicted time of the samples of ``function``, centred on 1 (their
+        median: the bias is the calibration's); empty if unknown."""
         model = self._models.get(function)
-        return () if model is None else model.ratios
+        if model is None or not model.ratios:
+            return ()
+        centre = median(model.ratios)
+        return tuple(r / centre for r in model.ratios) if centre > 0 else model.ratios
 
     def speed(self, function: str, memory_mb: float) -> float:
         """The speed ``function`` computes at in ``memory_mb`` (1: one full vCPU)."""

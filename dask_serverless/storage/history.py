@@ -15,6 +15,9 @@ Keys (``H = dsl:history:v2:``), every entry a compact JSON array:
                                  (``fn-digest``: hash of the function identity, so no
                                  user text ever becomes key syntax)
 ``H oom:<fn-digest>``            memory sizes (MB) the function ran out of memory at
+``H resid:<fn-digest>``          measured / planned busy time of its recent tasks (the
+                                 model's calibration on this platform; ``RESIDUALS``
+                                 kept)
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
 ==============================  =======================================================
@@ -43,6 +46,14 @@ def function_digest(function: str) -> str:
 
 def task_key(function: str, memory_mb: int) -> str:
     return f"{PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
+
+
+# Residuals kept per function: the calibration follows the platform's recent behaviour.
+RESIDUALS = 32
+
+
+def residual_key(function: str) -> str:
+    return f"{PREFIX}resid:{function_digest(function)}"
 
 
 def oom_key(function: str) -> str:
@@ -74,12 +85,13 @@ class HistoryStore:
         dict[int, list[Sample]],
         dict[int, list[Sample]],
         dict[str, list[int]],
+        dict[str, list[float]],
     ]:
         """Samples of ``functions`` at ``memories``, and transfer and start-up samples.
 
-        One pipelined round trip; returns ``(tasks, transfers, startups, out_of_memory)``
-        keyed by ``(function, MB)``, ``MB`` and function; series without samples are left
-        out.
+        One pipelined round trip; returns ``(tasks, transfers, startups, out_of_memory,
+        residuals)`` keyed by ``(function, MB)``, ``MB`` and function; series without
+        samples are left out.
         """
         sizes = sorted({int(m) for m in memories})
         names = list(dict.fromkeys(functions))
@@ -87,18 +99,21 @@ class HistoryStore:
             ("task", (f, m), task_key(f, m)) for f in names for m in sizes
         ]
         series += [("oom", f, oom_key(f)) for f in names]
+        series += [("resid", f, residual_key(f)) for f in names]
         series += [("transfer", m, transfer_key(m)) for m in sizes]
         series += [("startup", m, startup_key(m)) for m in sizes]
         with self.client.pipeline(transaction=False) as pipe:
             for _kind, _name, key in series:
                 pipe.lrange(key, 0, self.samples - 1)
             replies = pipe.execute()
-        found: dict[str, dict[Any, Any]] = {"task": {}, "transfer": {}, "startup": {}, "oom": {}}
+        found: dict[str, dict[Any, Any]] = {
+            kind: {} for kind in ("task", "transfer", "startup", "oom", "resid")
+        }
         for (kind, name, _key), entries in zip(series, replies, strict=True):
             if entries:
                 # One parse per series: a JSON array of its samples.
                 found[kind][name] = json.loads(b"[" + b",".join(entries) + b"]")
-        return found["task"], found["transfer"], found["startup"], found["oom"]
+        return found["task"], found["transfer"], found["startup"], found["oom"], found["resid"]
 
     def append(
         self,
@@ -106,20 +121,22 @@ class HistoryStore:
         transfers: Mapping[int, Sequence[Sample]],
         startups: Mapping[int, Sequence[Sample]],
         out_of_memory: Mapping[str, Sequence[int]] | None = None,
+        residuals: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         """Add samples (newest last), trimming every series to its bound; one round trip."""
-        writes: list[tuple[str, Sequence[Any]]] = [
-            (task_key(f, m), s) for (f, m), s in tasks.items()
+        writes: list[tuple[str, Sequence[Any], int]] = [
+            (task_key(f, m), s, self.samples) for (f, m), s in tasks.items()
         ]
-        writes += [(oom_key(f), sizes) for f, sizes in (out_of_memory or {}).items()]
-        writes += [(transfer_key(m), s) for m, s in transfers.items()]
-        writes += [(startup_key(m), s) for m, s in startups.items()]
+        writes += [(oom_key(f), m, self.samples) for f, m in (out_of_memory or {}).items()]
+        writes += [(residual_key(f), r, RESIDUALS) for f, r in (residuals or {}).items()]
+        writes += [(transfer_key(m), s, self.samples) for m, s in transfers.items()]
+        writes += [(startup_key(m), s, self.samples) for m, s in startups.items()]
         with self.client.pipeline(transaction=False) as pipe:
-            for key, samples in writes:
+            for key, samples, bound in writes:
                 if not samples:
                     continue
-                recent = samples[-self.samples :]
+                recent = samples[-bound:]
                 pipe.lpush(key, *(json.dumps(s, separators=(",", ":")) for s in recent))
-                pipe.ltrim(key, 0, self.samples - 1)
+                pipe.ltrim(key, 0, bound - 1)
                 pipe.expire(key, self.ttl_s)
             pipe.execute()
