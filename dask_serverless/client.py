@@ -204,6 +204,9 @@ class Scheduler:
                 for callback in active:
                     if callback[1]:
                         callback[1](progress.graph, progress.state)
+                prewarm = getattr(self.backend, "prewarm", None)
+                if prewarm is not None and plan.prewarm:
+                    prewarm(dict(plan.prewarm))
                 run_started = time.time()
                 values = self._run(store, dag, record, bundling.starts, progress, limit)
                 makespan = time.time() - run_started

@@ -135,6 +135,17 @@ def test_memory_annotation_overrides_the_planner(redis_url):
     assert memory["plain-small"] == 512
 
 
+def test_pre_warming_starts_instances_of_a_configuration(redis_url):
+    with Scheduler(redis=redis_url, concurrency=2, timeout=60) as sched:
+        backend = sched.backend
+        backend.prewarm({512: 1, 3008: 5})
+        deadline = time.monotonic() + 30
+        while backend.warm_instances() != {512: 1, 3008: 1} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Within the concurrency: one of each, ready and idle.
+        assert backend.warm_instances() == {512: 1, 3008: 1}
+
+
 def test_history_can_be_turned_off(redis_url, redis_client):
     task = dask.delayed(allocate)(1, dask_key_name="no-history-task")
     function = function_identity(task.key, task.__dask_graph__()[task.key])

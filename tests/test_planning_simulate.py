@@ -179,3 +179,20 @@ def test_io_bound_tasks_get_the_smallest_size():
     plan = make_planner("critical-path").plan(inputs)
     assert plan.memory_mb[inputs.dag.index[("wait", 0)]] == 512
     assert plan.memory_mb[inputs.dag.index[("spin", 0)]] == 1769
+
+
+def test_pre_warming_takes_a_later_cold_start_off_the_critical_path():
+    # A 1 s root at 1769 MB, then its consumer at 512 MB: a new invocation at 1.1 s that
+    # would boot (0.1 s). Pre-warmed as the run starts, a 512 MB instance is ready by then.
+    graph = {("wait", 0): Task(("wait", 0), wait)}
+    graph["join"] = Task("join", join, TaskRef(("wait", 0)))
+    inputs = inputs_for(graph, Platform(slots=4, invoke_latency_s=0), TIMES)
+    memory = [1769, 512, 0]
+    cold = inputs.schedule(memory)
+    assert cold.makespan == pytest.approx(COLD + 1 + COLD)
+    prewarm = inputs.prewarm(memory, cold)
+    assert prewarm == ((512, 1),)
+    warmed = inputs.schedule(memory, prewarm=prewarm)
+    assert warmed.makespan == pytest.approx(COLD + 1 + WARM)
+    # The pre-warmed instance's boot is still billed, as its first invocation's init.
+    assert warmed.cost_gb_s == pytest.approx(cold.cost_gb_s, rel=0.05)

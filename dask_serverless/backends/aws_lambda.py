@@ -215,6 +215,14 @@ class LambdaBackend:
         for _ in self._pool.map(lambda request: self._send(*request), requests):
             pass
 
+    def prewarm(self, counts: Mapping[int, int]) -> None:
+        """Warm-up invocations (``{"warm": 1}``, answered at once by the handler): per
+        configuration, ``counts[MB]`` instances start their cold start now, ahead of the
+        invocations the plan expects of them."""
+        self.invoke(
+            [{"warm": 1, "memory": int(mb)} for mb, count in counts.items() for _ in range(count)]
+        )
+
     def _request(self, payload: dict) -> tuple[str, bytes]:
         body = json.dumps(payload, separators=(",", ":")).encode()
         if len(body) > self.settings.max_payload_bytes:

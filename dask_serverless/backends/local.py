@@ -50,7 +50,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -248,6 +248,17 @@ class LocalBackend:
             raise RuntimeError("the local backend is closed")
         with self._lock:
             self._enqueue(payloads)
+        self._wake_writer.send_bytes(b"!")
+
+    def prewarm(self, counts: Mapping[int, int]) -> None:
+        """Start ``counts[MB]`` instances of each configuration now (pre-warming), as far
+        as the concurrency allows: the next invocations of that size take them."""
+        with self._lock:
+            for memory_mb, count in counts.items():
+                for _ in range(count):
+                    if len(self._instances) >= self.concurrency:
+                        break
+                    self._start_instance(int(memory_mb))
         self._wake_writer.send_bytes(b"!")
 
     def warm_instances(self) -> dict[int, int]:

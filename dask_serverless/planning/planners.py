@@ -43,7 +43,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Protocol
 
@@ -188,21 +188,44 @@ class PlanInputs:
         memory: Sequence[int],
         bundling: Bundling | None = None,
         scale: Sequence[float] | None = None,
+        prewarm: tuple[tuple[int, int], ...] = (),
     ) -> Schedule:
-        """``memory`` run on the platform model."""
+        """``memory`` run on the platform model (with ``prewarm`` instances started)."""
         bundling = bundling or self.bundle(memory)
+        platform = replace(self.platform, prewarm=prewarm) if prewarm else self.platform
         return simulate_platform(
             self.dag,
             self.costs,
             memory,
             bundling.starts,
             bundling.internal,
-            self.platform,
+            platform,
             self.pricing,
             scale,
         )
 
-    def quantile(self, memory: Sequence[int], schedule: Schedule) -> float:
+    def prewarm(self, memory: Sequence[int], schedule: Schedule) -> tuple[tuple[int, int], ...]:
+        """Instances worth starting as the run starts: per configuration, its cold starts
+        that come late enough for a boot begun at the start to be ready (pre-warming).
+        Kept only when the platform model says the run gets faster."""
+        column = {m: c for c, m in enumerate(self.configs)}
+        counts: dict[int, int] = {}
+        for inv in schedule.invocations:
+            boot = self.costs.cold_s[column.get(inv.memory_mb, len(self.configs) // 2)]
+            if inv.cold and inv.arrived >= boot:
+                counts[inv.memory_mb] = counts.get(inv.memory_mb, 0) + 1
+        if not counts:
+            return ()
+        proposal = tuple(sorted(counts.items()))
+        warmed = self.schedule(memory, prewarm=proposal)
+        return proposal if warmed.makespan < schedule.makespan - _EPSILON else ()
+
+    def quantile(
+        self,
+        memory: Sequence[int],
+        schedule: Schedule,
+        prewarm: tuple[tuple[int, int], ...] = (),
+    ) -> float:
         """The SLA's percentile of the makespan of ``memory`` (the mean under "average")."""
         percentile = self.sla.percentile
         if percentile is None or not self.per_node:
@@ -212,7 +235,7 @@ class PlanInputs:
         if draws >= 16:
             bundling = self.bundle(memory)
             value = makespan_quantile(
-                lambda scale: self.schedule(memory, bundling, scale),
+                lambda scale: self.schedule(memory, bundling, scale, prewarm),
                 self.costs,
                 percentile / 100,
                 draws,
@@ -255,6 +278,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     functions: Sequence[str] = field(default=(), repr=False, compare=False)
     schedule: Schedule | None = field(default=None, repr=False, compare=False)
+    # Instances per configuration (MB) the backend starts ahead (pre-warming).
+    prewarm: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, name: str, inputs: PlanInputs, memory: Sequence[int], **extra: Any) -> Plan:
@@ -275,12 +300,12 @@ class Plan:
     def timeline(self) -> Schedule:
         if self.schedule is not None:
             return self.schedule
-        return self.inputs.schedule(self.memory_mb, self.bundling)
+        return self.inputs.schedule(self.memory_mb, self.bundling, prewarm=self.prewarm)
 
     @cached_property
     def quantile_s(self) -> float:
         """The SLA's percentile of the predicted makespan (the mean under "average")."""
-        return self.inputs.quantile(self.memory_mb, self.timeline)
+        return self.inputs.quantile(self.memory_mb, self.timeline, self.prewarm)
 
     @property
     def start_s(self) -> list[float]:
@@ -480,6 +505,16 @@ class CriticalPathPlanner:
         unknown = sum(1 for i in range(inputs.dag.sink) if not inputs.costs.known[i])
         if unknown:
             notes.append(f"{unknown} task(s) without history kept at their fastest-plan size")
+        if schedule is None:
+            schedule = inputs.schedule(memory)
+        prewarm = inputs.prewarm(memory, schedule)
+        if prewarm:
+            notes.append(
+                "pre-warming "
+                + ", ".join(f"{count} x {mb} MB" for mb, count in prewarm)
+                + " as the run starts"
+            )
+            schedule = inputs.schedule(memory, prewarm=prewarm)
         plan = Plan.of(
             self.name,
             inputs,
@@ -487,8 +522,9 @@ class CriticalPathPlanner:
             target_s=target,
             fastest_s=fastest_q,
             notes=tuple(notes),
+            prewarm=prewarm,
         )
-        return plan if schedule is None else _with_schedule(plan, schedule)
+        return _with_schedule(plan, schedule)
 
     @staticmethod
     def fastest(inputs: PlanInputs) -> tuple[list[int], Schedule]:
@@ -576,8 +612,6 @@ def restore(
 
 
 def _with_schedule(plan: Plan, schedule: Schedule) -> Plan:
-    from dataclasses import replace
-
     return replace(plan, schedule=schedule)
 
 
@@ -712,8 +746,6 @@ def regroup(
 
 
 def _renamed(plan: Plan, name: str, note: str) -> Plan:
-    from dataclasses import replace
-
     return replace(plan, planner=name, notes=(*plan.notes, note))
 
 

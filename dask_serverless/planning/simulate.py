@@ -337,6 +337,7 @@ class Platform:
     task_overhead_s: float = 0.0
     cluster_output_bytes: float = 2**20
     warm: tuple[tuple[int, int], ...] = ()
+    prewarm: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -478,6 +479,15 @@ class _PlatformRun:
         for memory_mb, count in platform.warm:
             self.idle.setdefault(memory_mb, []).extend([-0.0] * count)
         self.live = sum(len(v) for v in self.idle.values())
+        # Pre-warmed instances per configuration: when each is ready.
+        self.prewarmed: dict[int, list[float]] = {}
+        for memory_mb, count in platform.prewarm:
+            column = self.column.get(memory_mb, len(costs.configs) // 2)
+            for _ in range(count):
+                if platform.slots is not None and self.live >= platform.slots:
+                    break
+                self.live += 1
+                self.prewarmed.setdefault(memory_mb, []).append(costs.cold_s[column])
         self.load = 0
         self.invocations: list[Invocation] = []
         # CPU parts running now: invocation number → [remaining CPU s, cap]
@@ -515,10 +525,19 @@ class _PlatformRun:
                 idle.pop(0)
                 self.live -= 1
             column = self.column.get(invocation.memory_mb, len(self.costs.configs) // 2)
+            prewarmed = self.prewarmed.get(invocation.memory_mb)
             if idle:
                 idle.pop()
                 invocation.cold = False
                 invocation.startup_s = self.costs.warm_s[column]
+            elif prewarmed:
+                # Billed its initialisation, started once the instance is ready.
+                ready = prewarmed.pop(0)
+                invocation.cold = True
+                invocation.startup_s = self.costs.cold_s[column]
+                start = max(self.now, ready) + self.costs.warm_s[column]
+                self.push(start, _STARTED, invocation.number)
+                continue
             elif platform.slots is None or self.live < platform.slots:
                 self.live += 1
                 invocation.cold = True
@@ -741,7 +760,11 @@ def simulate_platform(
     run = _PlatformRun(dag, costs, memory, starts, internal, platform, scale)
     run.run()
     pricing = pricing or Pricing()
-    bill = pricing.bill((inv.memory_mb, inv.billed_s) for inv in run.invocations)
+    billed = [(inv.memory_mb, inv.billed_s) for inv in run.invocations]
+    # Pre-warmed instances no invocation used still booted.
+    for memory_mb, unused in run.prewarmed.items():
+        billed += [(memory_mb, ready) for ready in unused]
+    bill = pricing.bill(billed)
     memory_of = [
         run.invocations[run.invocation_of[i]].memory_mb if run.invocation_of[i] >= 0 else 0
         for i in range(len(dag))

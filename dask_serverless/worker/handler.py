@@ -153,10 +153,15 @@ def _memory_of(context: Any) -> int | None:
 
 
 def handler(event: dict, context: Any) -> dict:
-    """Run one invocation: claim it, load the run record, follow the branch."""
+    """Run one invocation: claim it, load the run record, follow the branch.
+
+    A warm-up invocation (``{"warm": 1}``, pre-warming) only starts the instance.
+    """
     environment = _environment
     if environment is None:
         environment = _bootstrap()
+    if event.get("warm"):
+        return {"status": "warm"}
     environment.invocations += 1
     started = time.monotonic()
     began_unix = time.time()
