@@ -45,6 +45,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from statistics import NormalDist, pvariance
 from typing import Any, Protocol
 
 from dask_serverless.bundling import Bundling, bundle_roots
@@ -248,8 +249,6 @@ class PlanInputs:
 
 def normal_quantile(costs: NodeCosts, schedule: Schedule, q: float) -> float:
     """The makespan's ``q`` quantile, as the critical path's sum of independent residuals."""
-    from statistics import NormalDist, pvariance
-
     variance = 0.0
     for i in schedule.critical_path():
         ratios = costs.ratios[i]
