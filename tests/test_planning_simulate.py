@@ -127,12 +127,14 @@ def test_an_idle_instance_of_another_size_is_evicted_at_the_limit():
 
 
 def test_cpu_parts_share_the_cores_sleeps_do_not():
-    # Two CPU-bound 1 s tasks on one core take 2 s each; two sleeps still take 1 s.
+    # One core: two instances boot together (0.1 s of CPU each: 0.2 s), then two
+    # CPU-bound 1 s tasks take 2 s each; two sleeps still take 1 s.
     spinning = inputs_for(fan_in(2, "spin"), Platform(slots=2, cores=1.0), TIMES)
     schedule = spinning.schedule([1769] * len(spinning.dag))
-    assert schedule.makespan == pytest.approx(COLD + 2)
+    assert schedule.makespan == pytest.approx(2 * COLD + 2)
+    assert [inv.startup_s for inv in schedule.invocations[:2]] == pytest.approx([2 * COLD] * 2)
     sleeping = inputs_for(fan_in(2), Platform(slots=2, cores=1.0), TIMES)
-    assert sleeping.schedule([1769] * len(sleeping.dag)).makespan == pytest.approx(COLD + 1)
+    assert sleeping.schedule([1769] * len(sleeping.dag)).makespan == pytest.approx(2 * COLD + 1)
 
 
 def test_a_worker_keeps_children_when_the_platform_is_full():
@@ -196,3 +198,18 @@ def test_pre_warming_takes_a_later_cold_start_off_the_critical_path():
     assert warmed.makespan == pytest.approx(COLD + 1 + WARM)
     # The pre-warmed instance's boot is still billed, as its first invocation's init.
     assert warmed.cost_gb_s == pytest.approx(cold.cost_gb_s, rel=0.05)
+
+
+def test_roots_on_the_longest_path_are_invoked_first():
+    # A lone 1 s root beside the root of a 3-task chain: the chain's root goes first, so
+    # on a platform with one free slot the critical path does not queue behind the side.
+    graph = {("wait", 0): Task(("wait", 0), wait)}
+    graph[("spin", 0)] = Task(("spin", 0), spin)
+    for step in (1, 2):
+        graph[("spin", step)] = Task(("spin", step), spin, TaskRef(("spin", step - 1)))
+    graph["join"] = Task("join", join, TaskRef(("wait", 0)), TaskRef(("spin", 2)))
+    inputs = inputs_for(graph, Platform(slots=1, invoke_latency_s=0), TIMES)
+    memory = [1769] * len(inputs.dag)
+    assert inputs.bundle(memory).starts[0] == [inputs.dag.index[("spin", 0)]]
+    schedule = inputs.schedule(memory)
+    assert schedule.start[inputs.dag.index[("spin", 0)]] == pytest.approx(COLD)

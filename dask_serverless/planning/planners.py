@@ -181,8 +181,26 @@ class PlanInputs:
         return next((m for m in allowed if m >= memory_mb), allowed[-1])
 
     def bundle(self, memory: Sequence[int]) -> Bundling:
-        """The root bundles the client will invoke for ``memory`` (one size per bundle)."""
-        return bundle_roots(self.dag, self.platform.bundles, memory)
+        """The root bundles the client will invoke for ``memory`` (one size per bundle),
+        the longest remaining path first: a platform with fewer slots than bundles starts
+        them in that order, and the critical path should not wait behind side branches."""
+        bundling = bundle_roots(self.dag, self.platform.bundles, memory)
+        if not self.per_node or len(bundling.starts) < 2:
+            return bundling
+        remaining = self.remaining_work(memory)
+        starts = sorted(bundling.starts, key=lambda group: -max(remaining[r] for r in group))
+        return Bundling(starts, bundling.internal)
+
+    def remaining_work(self, memory: Sequence[int]) -> list[float]:
+        """Per node, the predicted time of the longest path from its start to the sink."""
+        dag, costs = self.dag, self.costs
+        column = {m: c for c, m in enumerate(self.configs)}
+        middle = len(self.configs) // 2
+        remaining = [0.0] * len(dag)
+        for i in range(len(dag) - 1, -1, -1):
+            own = costs.exec_s[i][column.get(memory[i], middle)]
+            remaining[i] = own + max((remaining[c] for c in dag.dependents[i]), default=0.0)
+        return remaining
 
     def schedule(
         self,

@@ -36,7 +36,9 @@ The model (see docs: "The planner's model"):
 * **Transfer time** of *n* bytes at memory *m*: a line ``latency + n / bandwidth``
   fitted to measured reads and writes at *m* (or at any size when *m* has none).
 * **Start-up** of an invocation: cold (an instance's boot to ready, plus the hand-over)
-  and warm (the hand-over) separately, per size when measured there, else pooled. Whether
+  and warm (the hand-over) separately, per size when measured there, else pooled; the
+  quickest cold start is the boot's own work, which instances booting together on one
+  machine share. Whether
   an invocation starts cold is the platform model's business (``planning.simulate``),
   not history's.
 
@@ -208,8 +210,12 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
 
 @dataclass(frozen=True)
 class Startup:
+    """Mean cold and warm start-up, and ``boot_s``: the quickest cold start seen — the
+    boot's own work, which instances booting at once on one machine share."""
+
     cold_s: float
     warm_s: float
+    boot_s: float = 0.0
 
 
 class Predictor:
@@ -359,7 +365,8 @@ def _startup_of(samples: Sequence[Sequence[float]], pooled: Startup | None) -> S
             else fallback
         )
 
-    return Startup(
-        pick(cold, pooled.cold_s if pooled else DEFAULT_COLD_START_S),
-        pick(warm, pooled.warm_s if pooled else DEFAULT_WARM_START_S),
-    )
+    cold_s = pick(cold, pooled.cold_s if pooled else DEFAULT_COLD_START_S)
+    boot_s = min(cold) if len(cold) >= OWN_STARTUP_SAMPLES or pooled is None and cold else 0.0
+    if not boot_s:
+        boot_s = pooled.boot_s if pooled and pooled.boot_s else cold_s
+    return Startup(cold_s, pick(warm, pooled.warm_s if pooled else DEFAULT_WARM_START_S), boot_s)

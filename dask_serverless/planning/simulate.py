@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dask_serverless.graph import DAG
-from dask_serverless.planning.predict import Line, Predictor
+from dask_serverless.planning.predict import MB_PER_VCPU, Line, Predictor
 from dask_serverless.planning.sla import quantile
 from dask_serverless.report import Pricing
 from dask_serverless.worker.runtime import output_leaves_worker
@@ -84,6 +84,7 @@ class NodeCosts:
     speed: tuple[tuple[float, ...], ...] = ()
     cold_s: tuple[float, ...] = ()
     warm_s: tuple[float, ...] = ()
+    boot_s: tuple[float, ...] = ()
     ratios: tuple[tuple[float, ...], ...] = ()
 
     @classmethod
@@ -154,6 +155,7 @@ class NodeCosts:
             speed=tuple(speed),
             cold_s=tuple(s.cold_s for s in startups),
             warm_s=tuple(s.warm_s for s in startups),
+            boot_s=tuple(s.boot_s for s in startups),
             ratios=tuple(ratios.get(f, ()) for f in functions),
         )
 
@@ -490,8 +492,10 @@ class _PlatformRun:
                 self.prewarmed.setdefault(memory_mb, []).append(costs.cold_s[column])
         self.load = 0
         self.invocations: list[Invocation] = []
-        # CPU parts running now: invocation number → [remaining CPU s, cap]
+        # CPU parts running now: invocation number → [remaining CPU s, cap]; those of
+        # instances still booting are in ``booting``.
         self.cpu: dict[int, list[float]] = {}
+        self.booting: set[int] = set()
         self.now = 0.0
         self.makespan = 0.0
         self.first_needed: dict[int, float] = {}
@@ -540,16 +544,36 @@ class _PlatformRun:
                 continue
             elif platform.slots is None or self.live < platform.slots:
                 self.live += 1
-                invocation.cold = True
-                invocation.startup_s = self.costs.cold_s[column]
+                self.boot(invocation, column)
+                continue
             elif self.evict_idle():
-                invocation.cold = True
-                invocation.startup_s = self.costs.cold_s[column]
+                self.boot(invocation, column)
+                continue
             else:
                 waiting.append(invocation)
                 continue
             self.push(self.now + invocation.startup_s, _STARTED, invocation.number)
         self.queue = waiting
+
+    def boot(self, invocation: Invocation, column: int) -> None:
+        """A cold start. On a shared machine the boot is CPU work in the instance's share,
+        contending with everything else running; the hand-over follows."""
+        invocation.cold = True
+        invocation.startup_s = self.costs.cold_s[column]
+        if self.platform.cores is None:
+            self.push(self.now + invocation.startup_s, _STARTED, invocation.number)
+            return
+        invocation.arrived = self.now
+        share = min(1.0, self.costs.configs[column] / MB_PER_VCPU)
+        self.booting.add(invocation.number)
+        self.cpu[invocation.number] = [self.costs.boot_s[column], share]
+
+    def booted(self, invocation: Invocation) -> None:
+        self.booting.discard(invocation.number)
+        column = self.column.get(invocation.memory_mb, len(self.costs.configs) // 2)
+        handover = max(0.0, self.costs.cold_s[column] - self.costs.boot_s[column])
+        invocation.startup_s = self.now - invocation.arrived + handover
+        self.push(self.now + handover, _STARTED, invocation.number)
 
     def evict_idle(self) -> bool:
         for idle in self.idle.values():
@@ -736,7 +760,10 @@ class _PlatformRun:
                 self.begin_cpu(invocation)
             elif data == 2:
                 self.cpu.pop(number, None)
-                self.end_cpu(invocation)
+                if number in self.booting:
+                    self.booted(invocation)
+                else:
+                    self.end_cpu(invocation)
             elif data == 3:
                 self.complete(invocation)
             else:
