@@ -73,6 +73,8 @@ MONTE_CARLO_BUDGET = 100_000
 # Above this many tasks a platform simulation is worth a few passes over the DAG: the
 # search simulates only the likeliest candidates and restores in one step.
 LARGE_DAG = 2_000
+# Candidates for the fastest plan within this fraction of the quickest count as as fast.
+AS_FAST = 0.01
 # A platform makespan this many times the unconstrained one means the slots bind.
 SLOT_BOUND = 2.0
 
@@ -571,7 +573,12 @@ class CriticalPathPlanner:
             best = min(timelines, key=lambda mt: (round(mt[1].makespan, 6), mt[1].cost_gb_s))
             candidates = [best[0]]
         scheduled = [(memory, inputs.schedule(memory)) for memory in candidates]
-        return min(scheduled, key=lambda ms: (round(ms[1].makespan, 6), ms[1].cost_gb_s))
+        # Within a percent of the fastest is as fast: take the cheapest of those.
+        quickest = min(schedule.makespan for _memory, schedule in scheduled)
+        return min(
+            (ms for ms in scheduled if ms[1].makespan <= quickest * (1 + AS_FAST)),
+            key=lambda ms: ms[1].cost_gb_s,
+        )
 
 
 def restore(

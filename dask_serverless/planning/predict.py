@@ -36,9 +36,9 @@ The model (see docs: "The planner's model"):
 * **Transfer time** of *n* bytes at memory *m*: a line ``latency + n / bandwidth``
   fitted to measured reads and writes at *m* (or at any size when *m* has none).
 * **Start-up** of an invocation: cold (an instance's boot to ready, plus the hand-over)
-  and warm (the hand-over) separately, per size when measured there, else pooled; the
-  quickest cold start is the boot's own work, which instances booting together on one
-  machine share. Whether
+  and warm (the hand-over) separately, measured at every size together; the quickest
+  cold start is the boot's own work, which instances booting together on one machine
+  share. Whether
   an invocation starts cold is the platform model's business (``planning.simulate``),
   not history's.
 
@@ -69,8 +69,6 @@ DEFAULT_COLD_START_S = 0.1
 DEFAULT_WARM_START_S = 0.005
 DEFAULT_LATENCY_S = 0.001
 DEFAULT_BANDWIDTH_BPS = 100e6
-# Start-up samples a size needs before its own figures replace the pooled ones.
-OWN_STARTUP_SAMPLES = 3
 # Residuals a function needs before they calibrate it, and how far they may move it.
 CALIBRATION_SAMPLES = 3
 BIAS_RANGE = (0.5, 4.0)
@@ -261,11 +259,11 @@ class Predictor:
             if pooled_transfers
             else Line(DEFAULT_LATENCY_S, 1 / DEFAULT_BANDWIDTH_BPS)
         )
+        # One start-up for every size: an instance boots the same code whatever its size
+        # (measured boots do not depend on it), and per-size figures would let noise
+        # pick sizes.
         everything = [s for ss in history.startups.values() for s in ss]
-        self._pooled_startup = _startup_of(everything, None)
-        self._startups = {
-            m: _startup_of(ss, self._pooled_startup) for m, ss in history.startups.items()
-        }
+        self._startup = _startup_of(everything)
 
     # -- execution -----------------------------------------------------------------------
 
@@ -350,23 +348,13 @@ class Predictor:
     # -- start-up ------------------------------------------------------------------------
 
     def startup(self, memory_mb: int) -> Startup:
-        """Cold and warm start-up at ``memory_mb`` (pooled over sizes where unmeasured)."""
-        return self._startups.get(memory_mb, self._pooled_startup)
+        """Cold and warm start-up at ``memory_mb`` (measured at every size together)."""
+        return self._startup
 
 
-def _startup_of(samples: Sequence[Sequence[float]], pooled: Startup | None) -> Startup:
+def _startup_of(samples: Sequence[Sequence[float]]) -> Startup:
     cold = [s[1] for s in samples if s[0]]
     warm = [s[1] for s in samples if not s[0]]
-
-    def pick(values: list[float], fallback: float) -> float:
-        return (
-            mean(values)
-            if len(values) >= OWN_STARTUP_SAMPLES or pooled is None and values
-            else fallback
-        )
-
-    cold_s = pick(cold, pooled.cold_s if pooled else DEFAULT_COLD_START_S)
-    boot_s = min(cold) if len(cold) >= OWN_STARTUP_SAMPLES or pooled is None and cold else 0.0
-    if not boot_s:
-        boot_s = pooled.boot_s if pooled and pooled.boot_s else cold_s
-    return Startup(cold_s, pick(warm, pooled.warm_s if pooled else DEFAULT_WARM_START_S), boot_s)
+    cold_s = mean(cold) if cold else DEFAULT_COLD_START_S
+    warm_s = mean(warm) if warm else DEFAULT_WARM_START_S
+    return Startup(cold_s, warm_s, min(cold) if cold else cold_s)

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dask_serverless.graph import DAG
-from dask_serverless.planning.predict import MB_PER_VCPU, Line, Predictor
+from dask_serverless.planning.predict import Line, Predictor
 from dask_serverless.planning.sla import quantile
 from dask_serverless.report import Pricing
 from dask_serverless.worker.runtime import output_leaves_worker
@@ -556,17 +556,17 @@ class _PlatformRun:
         self.queue = waiting
 
     def boot(self, invocation: Invocation, column: int) -> None:
-        """A cold start. On a shared machine the boot is CPU work in the instance's share,
-        contending with everything else running; the hand-over follows."""
+        """A cold start. On a shared machine the boot is CPU work contending with
+        everything else running; the hand-over follows."""
         invocation.cold = True
         invocation.startup_s = self.costs.cold_s[column]
         if self.platform.cores is None:
             self.push(self.now + invocation.startup_s, _STARTED, invocation.number)
             return
         invocation.arrived = self.now
-        share = min(1.0, self.costs.configs[column] / MB_PER_VCPU)
         self.booting.add(invocation.number)
-        self.cpu[invocation.number] = [self.costs.boot_s[column], share]
+        # Measured boots do not depend on the size: one CPU's worth at most.
+        self.cpu[invocation.number] = [self.costs.boot_s[column], 1.0]
 
     def booted(self, invocation: Invocation) -> None:
         self.booting.discard(invocation.number)
