@@ -206,7 +206,7 @@ class Planning:
                 for event in newest
                 if (metrics := task_metrics(event, uploads.get(int(event[1]), 0.0))) is not None
             ]
-            literals = literal_bytes(dag)
+            literals = plan.inputs.literals
             ooms: dict[str, list[int]] = {}
             for index, memory_mb in out_of_memory:
                 ooms.setdefault(functions[index], []).append(int(memory_mb))
