@@ -69,7 +69,7 @@ _TABLE_ROWS = 200
 # Monte Carlo draws of the makespan, and the most node simulations they may cost; above
 # that a normal approximation along the critical path stands in.
 MONTE_CARLO_DRAWS = 64
-MONTE_CARLO_BUDGET = 100_000
+MONTE_CARLO_BUDGET = 8_000
 # Above this many tasks a platform simulation is worth a few passes over the DAG: the
 # search simulates only the likeliest candidates and restores in one step.
 LARGE_DAG = 2_000

@@ -495,6 +495,7 @@ class _PlatformRun:
         # CPU parts running now: invocation number → [remaining CPU s, cap]; those of
         # instances still booting are in ``booting``.
         self.cpu: dict[int, list[float]] = {}
+        self.cpu_changes = 0
         self.booting: set[int] = set()
         self.now = 0.0
         self.makespan = 0.0
@@ -567,6 +568,7 @@ class _PlatformRun:
         self.booting.add(invocation.number)
         # Measured boots do not depend on the size: one CPU's worth at most.
         self.cpu[invocation.number] = [self.costs.boot_s[column], 1.0]
+        self.cpu_changes += 1
 
     def booted(self, invocation: Invocation) -> None:
         self.booting.discard(invocation.number)
@@ -638,6 +640,7 @@ class _PlatformRun:
             self.push(self.now + work / cap, _PHASE, invocation.number, 2)
         else:
             self.cpu[invocation.number] = [work, cap]
+            self.cpu_changes += 1
 
     def end_cpu(self, invocation: Invocation) -> None:
         """The execution ended: publish (with its upload when the output leaves)."""
@@ -728,17 +731,23 @@ class _PlatformRun:
 
     def run(self) -> None:
         events = self.events
+        rates: dict[int, float] = {}
+        shared = -1
         while events or self.cpu:
-            rates: dict[int, float] = {}
             next_cpu, cpu_number = float("inf"), -1
             if self.cpu:
-                numbers = list(self.cpu)
-                shares = water_fill([self.cpu[k][1] for k in numbers], self.platform.cores)
-                for number, rate in zip(numbers, shares, strict=True):
-                    rates[number] = rate
+                if shared != self.cpu_changes:
+                    # Who computes changed: share the cores anew.
+                    shared = self.cpu_changes
+                    members = list(self.cpu)
+                    shares = water_fill([self.cpu[k][1] for k in members], self.platform.cores)
+                    rates = dict(zip(members, shares, strict=True))
+                for number, rate in rates.items():
                     at = self.now + self.cpu[number][0] / rate
                     if at < next_cpu:
                         next_cpu, cpu_number = at, number
+            else:
+                rates = {}
             if events and events[0][0] <= next_cpu:
                 at, _seq, kind, number, data = heapq.heappop(events)
             else:
@@ -759,7 +768,8 @@ class _PlatformRun:
             elif data == 1:
                 self.begin_cpu(invocation)
             elif data == 2:
-                self.cpu.pop(number, None)
+                if self.cpu.pop(number, None) is not None:
+                    self.cpu_changes += 1
                 if number in self.booting:
                     self.booted(invocation)
                 else:
