@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import string
@@ -17,6 +18,8 @@ from dask_serverless.planning.history import function_identity
 from dask_serverless.storage.history import task_key
 
 TASK_S = 0.2
+# Above this load per core even a 1024 MB instance gets less CPU than its quota.
+BUSY_LOAD_PER_CORE = 4
 SPIN_LOOPS = 4_000_000
 
 
@@ -77,26 +80,38 @@ def test_fixed_time_workflow_is_predicted_within_tolerance(redis_url):
 
 
 def test_cpu_share_prediction_matches_the_measured_slowdown(redis_url):
-    with Scheduler(redis=redis_url, planner="uniform-1769", concurrency=2, timeout=60) as sched:
-        if not sched.backend.throttled:
+    """Measured at 1024 MB only, a CPU-bound task is predicted at 512 MB from its CPU share.
+
+    Both sizes are below one vCPU, so their quotas bind even on a machine busy with other
+    work; runs alternate and the quickest of each size counts.
+    """
+    task = dask.delayed(spin)(SPIN_LOOPS, dask_key_name="cpu-spin")
+    graph, key = task.__dask_graph__(), task.key
+    options = {"redis": redis_url, "concurrency": 2, "timeout": 60}
+    with (
+        Scheduler(planner="uniform-1024", **options) as medium,
+        Scheduler(planner="uniform-512", **options) as small,
+    ):
+        if not medium.backend.throttled:
             pytest.skip("cgroups are not writable here: the local backend runs unthrottled")
-        task = dask.delayed(spin)(SPIN_LOOPS, dask_key_name="cpu-spin")
-        measured_1769 = []
-        for _ in range(3):
-            task.compute(scheduler=sched)
-            measured_1769.append(sched.last_run.tasks[0].actual_s)
-        predicted_1769 = sched.plan(task.__dask_graph__(), task.key).predicted_s(0)
-    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as small:
-        predicted_512 = small.plan(task.__dask_graph__(), task.key).predicted_s(0)
-        measured_512 = []
+        load = os.getloadavg()[0]
+        if load > BUSY_LOAD_PER_CORE * (os.cpu_count() or 1):
+            pytest.skip(f"load {load:.0f}: a 0.6-vCPU quota cannot bind on a machine this busy")
+        measured = {1024: [], 512: []}
         for _ in range(2):
-            task.compute(scheduler=small)
-            measured_512.append(small.last_run.tasks[0].actual_s)
-    assert predicted_512 > predicted_1769
-    predicted_ratio = predicted_512 / predicted_1769
-    measured_ratio = min(measured_512) / statistics.median(measured_1769)
-    details = f"1769 MB: {measured_1769}, 512 MB: {measured_512}"
-    assert predicted_ratio == pytest.approx(measured_ratio, rel=0.25), details
+            medium.get(graph, key)
+            measured[1024].append(medium.last_run.tasks[0].actual_s)
+        predicted_1024 = medium.plan(graph, key).predicted_s(0)
+        predicted_512 = small.plan(graph, key).predicted_s(0)
+        for _ in range(2):
+            small.get(graph, key)
+            measured[512].append(small.last_run.tasks[0].actual_s)
+            medium.get(graph, key)
+            measured[1024].append(medium.last_run.tasks[0].actual_s)
+    assert predicted_512 > predicted_1024
+    predicted_ratio = predicted_512 / predicted_1024
+    measured_ratio = min(measured[512]) / min(measured[1024])
+    assert predicted_ratio == pytest.approx(measured_ratio, rel=0.25), str(measured)
 
 
 def test_a_task_over_its_memory_fails_as_out_of_memory(redis_url):
