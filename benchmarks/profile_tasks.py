@@ -2,10 +2,11 @@
 
 ``python -m benchmarks.profile_tasks [--workload noop-tree] [--quick] [--top 25]``
 
-The workers normally live in other processes, out of a profiler's sight. Here an
-``InlineBackend`` runs every invocation in this process, one after another, with the
-same handler, Redis scripts and record as the local pool (only the pipe to an instance
-and the parallelism are left out), so one cProfile sees the whole path of a task:
+The workers normally live in other processes, out of a profiler's sight. Here the inline
+backend (``Scheduler(backend="inline")``) runs every invocation in this process, one after
+another, with the same worker, Redis scripts and record as the local pool (only the pipe
+to an instance and the parallelism are left out), so one cProfile sees the whole path of
+a task:
 the client translating, planning and signing, the workers loading the record,
 gathering, executing, publishing and reporting. The output groups the profile by stage
 and divides each stage by the task count.
@@ -14,9 +15,7 @@ and divides each stage by the task count.
 from __future__ import annotations
 
 import argparse
-import collections
 import cProfile
-import importlib
 import pstats
 import time
 from collections.abc import Sequence
@@ -30,45 +29,17 @@ from benchmarks.workloads import WORKLOADS, count_tasks
 STAGES: tuple[tuple[str, str, str], ...] = (
     ("client: translate (incl. dask's graph optimization)", "graph.py", "translate"),
     ("client: plan", "planning/__init__.py", "plan"),
-    ("client: sign the record", "client.py", "_sign_record"),
+    ("client: sign the record", "record.py", "seal_record"),
     ("client: finish (history, report)", "planning/__init__.py", "finish"),
     ("worker: load the run record", "serialize.py", "loads"),
-    ("worker: gather inputs", "runtime.py", "gather"),
-    ("worker: execute", "runtime.py", "execute"),
-    ("worker: publish (Redis script, events)", "runtime.py", "publish"),
+    ("worker: gather inputs", "loop.py", "gather"),
+    ("worker: execute", "loop.py", "execute"),
+    ("worker: publish (Redis script, events)", "loop.py", "publish"),
     ("worker: metrics", "metrics.py", "done"),
     ("worker: task slot / OOM note", "resources.py", "note"),
-    ("worker: split and share", "runtime.py", "split"),
-    ("worker: whole branch loop", "runtime.py", "run_branch"),
+    ("worker: split and share", "loop.py", "split"),
+    ("worker: whole branch loop", "loop.py", "run_branch"),
 )
-
-
-class InlineBackend:
-    """Runs invocations in the calling process, in order, until none are left."""
-
-    name = "inline"
-    concurrency = 2
-
-    def __init__(self, redis_url: str, secret: bytes) -> None:
-        handler = importlib.import_module("dask_serverless.worker.handler")
-        self._handler = handler
-        self._queue: collections.deque[dict] = collections.deque()
-        self._draining = False
-        handler.install(handler.WorkerEnvironment(redis_url, secret, self, "inline:0"))
-
-    def invoke(self, payloads: Sequence[dict]) -> None:
-        self._queue.extend(payloads)
-        if self._draining:
-            return
-        self._draining = True
-        try:
-            while self._queue:
-                self._handler.handler(self._queue.popleft(), None)
-        finally:
-            self._draining = False
-
-    def close(self) -> None:
-        self._queue.clear()
 
 
 def stage_table(stats: pstats.Stats, tasks: int) -> list[tuple[str, float, float]]:
@@ -92,23 +63,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     workload = next(w for w in WORKLOADS if w.name == args.workload)
     ours = import_ours()
-    embedded = importlib.import_module("dask_serverless.storage.embedded").EmbeddedRedis()
-    secret = importlib.import_module("dask_serverless.storage.serialize").new_secret()
-    backend = InlineBackend(embedded.url, secret)
-    try:
-        with ours.Scheduler(redis=embedded.url, secret=secret, backend=backend) as sched:
-            tasks = count_tasks(workload.build(args.quick)) or 1
-            for _ in range(2):  # warm-up, and history for the planner
-                dask.compute(*workload.build(args.quick), scheduler=sched)
-            collections_ = workload.build(args.quick)
-            profiler = cProfile.Profile()
-            started = time.perf_counter()
-            profiler.enable()
-            dask.compute(*collections_, scheduler=sched)
-            profiler.disable()
-            wall = time.perf_counter() - started
-    finally:
-        embedded.stop()
+    # Two workers' worth of concurrency for the plan and the workers' load checks, as the
+    # smallest local pool would have; the invocations still run one at a time.
+    with ours.Scheduler(backend="inline", concurrency=2) as sched:
+        tasks = count_tasks(workload.build(args.quick)) or 1
+        for _ in range(2):  # warm-up, and history for the planner
+            dask.compute(*workload.build(args.quick), scheduler=sched)
+        collections_ = workload.build(args.quick)
+        profiler = cProfile.Profile()
+        started = time.perf_counter()
+        profiler.enable()
+        dask.compute(*collections_, scheduler=sched)
+        profiler.disable()
+        wall = time.perf_counter() - started
     stats = pstats.Stats(profiler)
     print(f"{workload.name}: {tasks} tasks, {wall:.3f} s in one process under cProfile")
     print(f"{'stage':55} {'s':>8} {'µs/task':>8}")

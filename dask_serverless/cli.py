@@ -3,7 +3,7 @@
 ``dask-serverless lambda …`` deploys, inspects, checks and removes the AWS Lambda worker
 functions, and ``serve-local`` runs a local endpoint that speaks Lambda's Invoke API so the
 Lambda backend can be tried without an AWS account. The commands only parse options and
-call ``backends.lambda_deploy`` and ``backends.lambda_endpoint``; boto3 (the ``aws`` extra)
+call ``backends.aws_lambda.deploy`` and ``backends.aws_lambda.endpoint``; boto3 (the ``aws`` extra)
 is imported only when a lambda command runs.
 
 Secrets stay off the command line (I-5): the HMAC secret comes from an environment
@@ -166,7 +166,7 @@ def deploy(
     dask-serverless lambda deploy --name dsl-worker --memory 512 1024 1769 3008 \\
         --redis rediss://… --requirements requirements.txt
     """
-    from dask_serverless.backends import lambda_deploy
+    from dask_serverless.backends.aws_lambda import deploy as lambda_deploy
 
     if sum(map(bool, (image_uri, package_zip, requirements or no_deps))) > 1:
         raise click.UsageError(
@@ -235,7 +235,7 @@ def deploy(
 @region_option
 def status(name: str, region: str | None) -> None:
     """Show the deployed worker functions (without their variables' values)."""
-    from dask_serverless.backends import lambda_deploy
+    from dask_serverless.backends.aws_lambda import deploy as lambda_deploy
 
     try:
         found = lambda_deploy.functions(_session(region), name)
@@ -261,7 +261,8 @@ def check(
     endpoint_url: str | None,
 ) -> None:
     """Invoke each function once: does it start, read its settings and reach Redis?"""
-    from dask_serverless.backends import aws_lambda, lambda_deploy
+    from dask_serverless.backends import aws_lambda
+    from dask_serverless.backends.aws_lambda import deploy as lambda_deploy
 
     sizes = _memory_sizes(memory, more_memory)
     try:
@@ -282,7 +283,7 @@ def check(
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def remove(name: str, region: str | None, delete_role: bool, yes: bool) -> None:
     """Delete the worker functions <name>-<MB> (and, if asked, their role)."""
-    from dask_serverless.backends import lambda_deploy
+    from dask_serverless.backends.aws_lambda import deploy as lambda_deploy
 
     if not yes:
         click.confirm(f"Delete every function {name}-<MB>?", abort=True)
@@ -303,7 +304,7 @@ def policy(
     name: str, region: str | None, s3_bucket: str | None, secret_arns: Sequence[str]
 ) -> None:
     """Print the IAM policy the workers' role needs (besides AWSLambdaBasicExecutionRole)."""
-    from dask_serverless.backends import lambda_deploy
+    from dask_serverless.backends.aws_lambda import deploy as lambda_deploy
 
     try:
         account = lambda_deploy.Account.of(_session(region))
@@ -329,8 +330,21 @@ def policy(
 @more_memory_argument
 @click.option("--default-memory", type=int)
 @click.option("--concurrency", type=int, help="Instances per function at most (default: CPUs).")
-@click.option("--invocation-timeout-ms", default=900_000, show_default=True)
-@click.option("--handoff-margin-ms", default=0, show_default=True)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=900,
+    show_default=True,
+    help="Seconds an invocation may run, as a function's timeout.",
+)
+@click.option(
+    "--handoff-margin",
+    "handoff_margin_s",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seconds before the timeout at which a worker hands its branch to a fresh one.",
+)
 @click.option("--throttle-first", default=0, help="Answer 429 to the first N requests.")
 @click.option("--throttle-every", default=0, help="Answer 429 to every N-th request.")
 @click.option("--s3-bucket", help="Large outputs bucket (S3 endpoint: $AWS_ENDPOINT_URL_S3).")
@@ -345,8 +359,8 @@ def serve_local(
     more_memory: Sequence[int],
     default_memory: int | None,
     concurrency: int | None,
-    invocation_timeout_ms: int,
-    handoff_margin_ms: int,
+    timeout_s: int,
+    handoff_margin_s: int,
     throttle_first: int,
     throttle_every: int,
     s3_bucket: str | None,
@@ -360,7 +374,7 @@ def serve_local(
     AWS_ENDPOINT_URL_LAMBDA=<url>.
     """
     from dask_serverless.backends import aws_lambda
-    from dask_serverless.backends.lambda_endpoint import LambdaEndpoint
+    from dask_serverless.backends.aws_lambda.endpoint import LambdaEndpoint
 
     secret = os.environ.get(secret_env)
     if not secret:
@@ -368,7 +382,7 @@ def serve_local(
     variables = {
         aws_lambda.ENV_REDIS_URL: redis_url,
         aws_lambda.ENV_SECRET: secret,
-        aws_lambda.ENV_HANDOFF_MARGIN: str(handoff_margin_ms),
+        aws_lambda.ENV_HANDOFF_MARGIN: str(handoff_margin_s * 1000),
         **_pairs(env),
     }
     if s3_bucket:
@@ -384,7 +398,7 @@ def serve_local(
         memory_sizes=sizes,
         default_memory=_default_memory(sizes, default_memory),
         concurrency=concurrency,
-        invocation_timeout_ms=invocation_timeout_ms,
+        invocation_timeout_ms=timeout_s * 1000,
         throttle_first=throttle_first,
         throttle_every=throttle_every,
     )

@@ -26,10 +26,12 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
 from dask_serverless import Scheduler
-from dask_serverless.backends import aws_lambda, lambda_deploy
+from dask_serverless.backends import aws_lambda
 from dask_serverless.backends.aws_lambda import LambdaBackend, LambdaSettings
-from dask_serverless.backends.lambda_endpoint import LambdaEndpoint
+from dask_serverless.backends.aws_lambda import deploy as lambda_deploy
+from dask_serverless.backends.aws_lambda.endpoint import LambdaEndpoint
 from dask_serverless.cli import main
+from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.storage.s3 import POINTER, S3OutputStore
 from dask_serverless.storage.serialize import Signer, UntrustedBlobError
 from tests.lambda_tasks import add, inc, payload, total_length
@@ -127,7 +129,12 @@ def test_memory_picks_the_function_of_that_size(endpoint):
     try:
         # A run that does not exist: the worker starts, finds it gone and writes nothing.
         probe = {"run": secrets.token_hex(16), "id": "probe", "tasks": [0], "ttl": 60}
-        backend.invoke([{**probe, "memory": 3008}, {**probe, "id": "p2", "memory": 700}])
+        backend.invoke(
+            [
+                Invocation.from_payload({**probe, "memory": 3008}),
+                Invocation.from_payload({**probe, "id": "p2", "memory": 700}),
+            ]
+        )
     finally:
         backend.close()
     assert endpoint.invocations["dsl-mem-3008"] == 1
@@ -174,7 +181,7 @@ def test_endpoint_answers_like_lambda(endpoint):
     assert json.loads(response["Payload"].read()) == {"status": "run-gone"}
     response = client.invoke(FunctionName="dsl-sync-1769", Payload=b"{}")
     assert response["FunctionError"] == "Unhandled"
-    assert json.loads(response["Payload"].read())["errorType"] == "KeyError"
+    assert json.loads(response["Payload"].read())["errorType"] == "InvalidInvocationError"
     response = client.invoke(FunctionName="dsl-sync-1769", InvocationType="DryRun")
     assert response["StatusCode"] == 204
     with pytest.raises(client.exceptions.RequestTooLargeException):
@@ -325,8 +332,8 @@ def test_worker_environment_from_variables_and_secrets_manager(redis_url, secret
 def test_handler_bootstraps_itself_as_on_lambda(redis_url, secret):
     """No backend installs anything on Lambda: the handler builds its environment."""
     code = (
-        "import json; from dask_serverless.worker import handler; "
-        "print(json.dumps(handler.handler("
+        "import json; from dask_serverless.backends.aws_lambda import entry; "
+        "print(json.dumps(entry.handler("
         f"{{'run': '{secrets.token_hex(16)}', 'id': 'probe', 'tasks': [], 'ttl': 5}}, None)))"
     )
     variables = {
@@ -402,7 +409,7 @@ def test_deploy_status_remove(aws, package_zip):
     configuration = lam.get_function_configuration(FunctionName="dsl-worker-1024")
     assert configuration["MemorySize"] == 1024
     assert configuration["Timeout"] == 900
-    assert configuration["Handler"] == "dask_serverless.worker.handler.handler"
+    assert configuration["Handler"] == "dask_serverless.backends.aws_lambda.entry.handler"
     assert configuration["Runtime"] == "python3.11"
     variables = configuration["Environment"]["Variables"]
     assert variables[aws_lambda.ENV_REDIS_URL] == redis_url
@@ -508,7 +515,8 @@ def test_deploy_waits_for_a_new_role_to_propagate(aws):
 def test_zip_package_from_local_source_and_pip_command(tmp_path):
     archive = zipfile.ZipFile(io.BytesIO(lambda_deploy.build_package(with_dependencies=False)))
     names = archive.namelist()
-    assert "dask_serverless/worker/handler.py" in names
+    assert "dask_serverless/backends/aws_lambda/entry.py" in names
+    assert "dask_serverless/protocol/scripts/complete.lua" in names
     assert "dask_serverless/serverless.yaml" in names
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
 

@@ -24,7 +24,7 @@ from dask_serverless.backends.local import LocalBackend
 from dask_serverless.client import RedisUnavailableError
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import new_secret
-from dask_serverless.worker.runtime import OutputTooLargeError
+from dask_serverless.worker.branch import OutputTooLargeError
 from tests.conftest import run_keys
 from tests.tasks import (
     add_all,

@@ -13,9 +13,9 @@ import pytest
 from dask._task_spec import Task, TaskRef
 
 from dask_serverless import Scheduler
-from dask_serverless.backends.resources import TaskOutOfMemoryError
+from dask_serverless.backends.local.resources import TaskOutOfMemoryError
 from dask_serverless.planning.history import function_identity
-from dask_serverless.storage.history import task_key
+from dask_serverless.protocol.keys import task_history_key
 
 TASK_S = 0.2
 # Above this load per core even a 1024 MB instance gets less CPU than its quota.
@@ -172,4 +172,4 @@ def test_history_can_be_turned_off(redis_url, redis_client):
         task.compute(scheduler=sched)
         assert sched.last_run is not None
         assert sched.last_run.planner.startswith("critical-path (no history)")
-    assert not redis_client.exists(task_key(function, 1769))
+    assert not redis_client.exists(task_history_key(function, 1769))

@@ -8,7 +8,6 @@ import warnings
 import pytest
 from dask._task_spec import Task, TaskRef
 
-from dask_serverless.bundling import bundle_roots
 from dask_serverless.graph import translate
 from dask_serverless.planning import (
     SLA,
@@ -22,6 +21,7 @@ from dask_serverless.planning import (
     Pricing,
     make_planner,
 )
+from dask_serverless.planning.bundling import bundle_roots
 from dask_serverless.planning.history import function_identities
 
 CONFIGS = (512, 1024, 1769, 3008)

@@ -12,7 +12,8 @@ import redis
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
-from dask_serverless.storage.redis import RunStore, new_run_id, redact
+from dask_serverless.protocol.keys import new_run_id
+from dask_serverless.protocol.store import RunStore, redact
 from dask_serverless.storage.serialize import Signer, new_secret
 from tests.tasks import inc, slow_inc, total
 
@@ -37,18 +38,18 @@ def test_a_worker_with_pending_work_keeps_its_old_restart_point(store, redis_cli
     store.begin("inv", [0], 5000, want_record=False)
     store.complete(1, None, [(5, 2)], None, "inv", pending=True)
     assert store.complete(2, None, [(5, 2)], None, "inv", pending=True) == (1, [5])
-    assert sorted(json.loads(redis_client.hget(store.restart_key, "inv"))) == [0, 5]
+    assert sorted(json.loads(redis_client.hget(store.keys.restart, "inv"))) == [0, 5]
     assert store.complete(3, None, [(6, 1)], None, "inv", pending=False) == (1, [6])
-    assert json.loads(redis_client.hget(store.restart_key, "inv")) == [6]
+    assert json.loads(redis_client.hget(store.keys.restart, "inv")) == [6]
 
 
 def test_a_large_output_is_stored_and_never_outlives_its_run(store, redis_client):
     large = b"x" * (1 << 20)
     assert store.complete(1, large, [(3, 2)], None) == (0, [])
-    assert redis_client.get(store.output_key(1)) == large
+    assert redis_client.get(store.keys.output(1)) == large
     store.purge(8)
     assert store.complete(2, large, [(3, 2)], None) is None
-    assert not redis_client.exists(store.output_key(2))
+    assert not redis_client.exists(store.keys.output(2))
 
 
 def test_the_load_counts_queued_and_running_invocations(redis_client):
@@ -87,7 +88,7 @@ def test_writes_stop_once_the_run_is_gone(store, redis_client):
     store.purge(8)
     assert store.complete(1, b"value", [(3, 2)], b"[]") is None
     assert store.begin("invocation", [0], 1000, want_record=True) is None
-    assert redis_client.exists(store.output_key(1), store.inbox_key(3), store.events_key) == 0
+    assert redis_client.exists(store.keys.output(1), store.keys.inbox(3), store.keys.events) == 0
 
 
 def test_duplicate_invocation_is_claimed_once(store):
@@ -97,7 +98,7 @@ def test_duplicate_invocation_is_claimed_once(store):
 
 def test_every_run_key_has_a_ttl(store, redis_client):
     store.complete(1, b"value", [(3, 2)], b"[]")
-    for key in (store.record_key, store.output_key(1), store.inbox_key(3), store.events_key):
+    for key in (store.keys.record, store.keys.output(1), store.keys.inbox(3), store.keys.events):
         assert 0 < redis_client.ttl(key) <= 60
 
 

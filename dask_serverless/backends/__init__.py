@@ -23,8 +23,12 @@ def create_backend(
             keep_alive_s=options["keep-alive"],
             invocation_timeout_ms=options["invocation-timeout-ms"],
         )
+    if backend == "inline":
+        from dask_serverless.backends.inline import InlineBackend
+
+        return InlineBackend(redis_url, secret, concurrency=options.get("concurrency") or 1)
     if backend == "lambda":
         from dask_serverless.backends.aws_lambda import LambdaBackend, LambdaSettings
 
         return LambdaBackend(LambdaSettings.from_config(options.get("lambda")))
-    raise ValueError(f"unknown backend {backend!r}; available: 'local', 'lambda'")
+    raise ValueError(f"unknown backend {backend!r}; available: 'local', 'inline', 'lambda'")

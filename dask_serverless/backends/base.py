@@ -1,20 +1,46 @@
-"""The protocol every backend implements."""
+"""The protocol every backend implements: everything the client asks of a platform."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
+
+from dask_serverless.protocol.invocation import Invocation
 
 
 class Backend(Protocol):
-    """A serverless platform: fire-and-forget invocations of the worker handler.
+    """A serverless platform: fire-and-forget invocations of the worker.
 
-    ``invoke`` returns as soon as the platform accepted the payloads; the workers report
-    through Redis, never through the backend. ``close`` releases what the backend started.
+    ``invoke`` returns as soon as the platform accepted the invocations; the workers report
+    through Redis, never through the backend. ``concurrency`` is how many invocations the
+    platform runs at once when it is known (None: it scales out, as AWS Lambda does);
+    the client sizes root bundles by it and workers weigh the run's load against it.
+    ``throttled`` says whether configurations get their CPU share (None: not known),
+    recorded next to the run's measurements. ``failure`` is why the platform stopped
+    serving invocations, if it did: the waiting client raises it instead of waiting for
+    its timeout. ``warm_instances`` is how many idle instances of each configuration (MB)
+    a run starting now would find (empty when the platform does not say), and ``prewarm``
+    starts instances of the given configurations ahead of the invocations that will need
+    them (pre-warming) — the planner models both. ``close`` releases what the backend
+    started.
     """
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
-    def invoke(self, payloads: Sequence[dict]) -> None: ...
+    @property
+    def concurrency(self) -> int | None: ...
+
+    @property
+    def throttled(self) -> bool | None: ...
+
+    @property
+    def failure(self) -> BaseException | None: ...
+
+    def invoke(self, invocations: Sequence[Invocation]) -> None: ...
+
+    def warm_instances(self) -> Mapping[int, int]: ...
+
+    def prewarm(self, counts: Mapping[int, int]) -> None: ...
 
     def close(self) -> None: ...

@@ -1,7 +1,7 @@
 """Planning: from history to a plan before a run, from measurements to history after it.
 
 A Scheduler owns one ``Planning``. Before a run, ``plan(dag, platform)`` loads the
-bounded history of the DAG's functions (one Redis round trip; see ``storage.history``),
+bounded history of the DAG's functions (one Redis round trip; see ``protocol.history``),
 builds a ``Predictor``, predicts every node at every configuration and asks the planner
 for a ``Plan`` on the platform the run goes to (``simulate.Platform``: its concurrency
 slots, root bundles, warm instances, shared cores). Tasks annotated with
@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 
+from dask_serverless.constants import MEMORY_SIZES_MB
 from dask_serverless.graph import DAG
 from dask_serverless.planning.history import (
     History,
@@ -55,8 +56,8 @@ from dask_serverless.planning.planners import (
 from dask_serverless.planning.predict import CpuModel, Predictor
 from dask_serverless.planning.simulate import NodeCosts, Platform, Schedule, Timeline
 from dask_serverless.planning.sla import SLA, Deadline
+from dask_serverless.protocol.history import HistoryStore
 from dask_serverless.report import Pricing, RunReport, TaskRecord
-from dask_serverless.storage.history import HistoryStore
 
 __all__ = [
     "SLA",
@@ -81,7 +82,7 @@ __all__ = [
     "pinned_memory",
 ]
 
-DEFAULT_CONFIGS = (512, 1024, 1769, 3008)
+DEFAULT_CONFIGS = MEMORY_SIZES_MB
 # Tasks planned shorter than this do not calibrate their function (their ratio is noise).
 MIN_CALIBRATED_S = 0.01
 

@@ -48,8 +48,8 @@ from functools import cached_property
 from statistics import NormalDist, pvariance
 from typing import Any, Protocol
 
-from dask_serverless.bundling import Bundling, bundle_roots
 from dask_serverless.graph import DAG
+from dask_serverless.planning.bundling import Bundling, bundle_roots
 from dask_serverless.planning.predict import Predictor
 from dask_serverless.planning.simulate import (
     ANY_MEMORY,

@@ -54,10 +54,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import median
 
+from dask_serverless.constants import MB_PER_VCPU
 from dask_serverless.planning.history import History
 from dask_serverless.planning.sla import SLA, mean
 
-MB_PER_VCPU = 1769.0
 # Memory a worker needs besides its data: the interpreter and the preloaded libraries.
 RUNTIME_MB = 128.0
 # Bytes of memory per byte of input or output a task holds (copies, deserialisation).

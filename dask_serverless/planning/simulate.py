@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from dask_serverless.graph import DAG
 from dask_serverless.planning.predict import Line, Predictor
 from dask_serverless.planning.sla import quantile
+from dask_serverless.protocol.placement import output_leaves_worker
 from dask_serverless.report import Pricing
-from dask_serverless.worker.runtime import output_leaves_worker
 
 ANY_MEMORY = 0
 

@@ -1,19 +1,22 @@
-"""The one entry point every backend calls: ``handler(event, context)``.
+"""The worker's entry: ``handler(event, context)`` runs one invocation.
 
 A serverless instance is reused for many invocations, so what is costly to build — the
 Redis connection, the run records already loaded, the lease-renewing heartbeat thread —
 lives in a ``WorkerEnvironment`` that the instance keeps between invocations (a warm start
-pays neither an import nor a connection). The backend that starts an instance installs its
-environment with ``install``; this module-level slot is the only state a worker process
-keeps, and it holds no run's data beyond a small LRU of run records keyed by unguessable
-run ids. On AWS Lambda no backend starts the instance: the first invocation builds the
-environment from the function's environment variables (``_bootstrap``).
+pays neither an import nor a connection). A backend's entry point (the local instance's
+main, the Lambda handler in ``backends.aws_lambda.entry``, the inline backend) builds the
+environment once and calls ``serve`` (or ``handle`` with a JSON payload) for every
+invocation; this module knows no backend. The environment holds no run's data beyond a
+small LRU of run records keyed by unguessable run ids.
+
+``serve`` reads top to bottom: claim the invocation (a duplicate delivery stops here),
+open the run record (once per process and run), then follow the branch (``worker.loop``)
+while the heartbeat keeps the lease.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import threading
 import time
@@ -23,65 +26,104 @@ from typing import Any
 
 import redis
 
-from dask_serverless import events
-from dask_serverless.storage.redis import RunStore, Scripts, client_for
+from dask_serverless.constants import HEARTBEATS_PER_LEASE
+from dask_serverless.protocol import events
+from dask_serverless.protocol.invocation import Invocation
+from dask_serverless.protocol.record import RunRecord, RunSigner, open_record
+from dask_serverless.protocol.store import RunStore, Scripts, client_for
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
+from dask_serverless.worker.branch import Branch, Invoker, MemoryProbe
 from dask_serverless.worker.cache import OutputCache
-from dask_serverless.worker.metrics import MemoryProbe, ProcessPeak
-from dask_serverless.worker.runtime import Branch, Invoker, RunRecord, WorkerLogic, run_branch
+from dask_serverless.worker.loop import WorkerLogic, run_branch
+from dask_serverless.worker.metrics import ProcessPeak
 
 RECORD_CACHE_SIZE = 8
+# How often an idle heartbeat thread looks for a lease to renew.
+_IDLE_WAKE_S = 1.0
 # Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
 CACHE_BYTES = 256 * 2**20
 
 
-class Heartbeat:
-    """Renews the lease of the invocation this instance is running, in the background.
+def handle(environment: WorkerEnvironment, event: dict, context: Any) -> dict:
+    """Run the invocation whose JSON payload is ``event`` (a malformed one is refused).
 
-    One daemon thread per instance, started on first use. It renews every third of the
-    lease so that one missed beat does not lapse it, and remembers when Redis says the
-    run is gone so the branch loop stops before its next task.
+    A warm-up invocation (``{"warm": 1}``, pre-warming) only starts the instance.
     """
+    if event.get("warm"):
+        return {"status": "warm"}
+    return serve(environment, Invocation.from_payload(event), context)
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._lease: tuple[RunStore, str, int] | None = None
-        self._gone_run: str | None = None
-        self._thread: threading.Thread | None = None
 
-    def hold(self, store: RunStore, invocation_id: str, lease_ms: int) -> None:
-        with self._lock:
-            self._lease = (store, invocation_id, lease_ms)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._beat, name="dask-serverless-heartbeat", daemon=True
-                )
-                self._thread.start()
+def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) -> dict:
+    """Claim ``invocation``, open its run record, follow its branch under a lease."""
+    environment.invocations += 1
+    started = time.monotonic()
+    now = time.time()
+    # Start-up as the platform reports it: a cold start's boot to ready (``boot_s``, where
+    # the platform measures it), plus the hand-over to this handler.
+    handover = now - (invocation.sent_at if invocation.sent_at is not None else now)
+    startup_s = invocation.boot_s + max(0.0, handover)
+    run_id = invocation.run_id
+    store = RunStore(environment.redis, run_id, invocation.ttl_s, environment.scripts)
+    record = environment.cached_record(run_id)
+    lease_ms = invocation.lease_ms
+    begun = store.begin(
+        invocation.invocation_id, invocation.tasks, lease_ms, want_record=record is None
+    )
+    if begun is None:
+        return {"status": "run-gone"}
+    claimed, blob = begun
+    if not claimed:
+        return {"status": "duplicate"}
+    if record is None:
+        try:
+            record = open_record(environment.signer, blob or b"", run_id)
+        except Exception as exc:
+            store.fail(environment.signer.dumps_exception(exc), events.encode([events.error(-1)]))
+            return {"status": "bad-record"}
+        environment.remember(record)
+    branch = Branch(
+        record=record,
+        store=store,
+        signer=RunSigner(environment.signer, run_id),
+        invoker=environment.invoker,
+        worker_id=environment.worker_id,
+        invocation_id=invocation.invocation_id,
+        lease_ms=lease_ms,
+        cancelled=lambda: environment.heartbeat.run_gone(run_id),
+        large_outputs=environment.large_outputs,
+        time_left_ms=getattr(context, "get_remaining_time_in_millis", None),
+        handoff_margin_ms=environment.handoff_margin_ms,
+        done_before=invocation.done,
+        memory_mb=_memory_of(context),
+        cold=environment.invocations == 1,
+        on_task=environment.on_task,
+        memory_probe=environment.memory_probe,
+        cache=environment.cache,
+    )
+    branch.pending_events.append(
+        events.invocation_started(
+            branch.worker_id,
+            branch.memory_mb,
+            branch.cold,
+            startup_s,
+            invocation.invocation_id,
+            now,
+        )
+    )
+    environment.heartbeat.hold(store, invocation.invocation_id, lease_ms)
+    try:
+        run_branch(branch, invocation.tasks, environment.logic)
+    finally:
+        environment.heartbeat.drop()
+    return {"status": "done", "seconds": time.monotonic() - started}
 
-    def drop(self) -> None:
-        with self._lock:
-            self._lease = None
 
-    def run_gone(self, run_id: str) -> bool:
-        return self._gone_run == run_id
-
-    def _beat(self) -> None:
-        while True:
-            with self._lock:
-                lease = self._lease
-            interval = (lease[2] if lease else 3000) / 3000
-            self._wake.wait(interval)
-            if lease is None:
-                continue
-            store, invocation_id, lease_ms = lease
-            try:
-                alive = store.renew_lease(invocation_id, lease_ms)
-            except redis.RedisError:
-                continue
-            if not alive:
-                self._gone_run = store.run_id
+def _memory_of(context: Any) -> int | None:
+    """The invocation's configuration (MB), as Lambda's context (and the local one) tell."""
+    memory = getattr(context, "memory_limit_in_mb", None)
+    return int(memory) if memory else None
 
 
 class WorkerEnvironment:
@@ -128,93 +170,49 @@ class WorkerEnvironment:
             self.records.popitem(last=False)
 
 
-_environment: WorkerEnvironment | None = None
+class Heartbeat:
+    """Renews the lease of the invocation this instance is running, in the background.
 
-
-def install(environment: WorkerEnvironment) -> None:
-    """Called once by the backend in each new instance, before the first invocation."""
-    global _environment
-    _environment = environment
-
-
-def _bootstrap() -> WorkerEnvironment:
-    """No backend installed an environment: this is an AWS Lambda instance's first call."""
-    from dask_serverless.backends.aws_lambda import worker_environment
-
-    environment = worker_environment(os.environ)
-    install(environment)
-    return environment
-
-
-def _memory_of(context: Any) -> int | None:
-    """The invocation's configuration (MB), as Lambda's context (and the local one) tell."""
-    memory = getattr(context, "memory_limit_in_mb", None)
-    return int(memory) if memory else None
-
-
-def handler(event: dict, context: Any) -> dict:
-    """Run one invocation: claim it, load the run record, follow the branch.
-
-    A warm-up invocation (``{"warm": 1}``, pre-warming) only starts the instance.
+    One daemon thread per instance, started on first use. It renews every third of the
+    lease so that one missed beat does not lapse it, and remembers when Redis says the
+    run is gone so the branch loop stops before its next task.
     """
-    environment = _environment
-    if environment is None:
-        environment = _bootstrap()
-    if event.get("warm"):
-        return {"status": "warm"}
-    environment.invocations += 1
-    started = time.monotonic()
-    began_unix = time.time()
-    # Start-up as the platform reports it: the instance's boot to ready ("boot", a cold
-    # start's), plus the hand-over from the platform to this handler.
-    startup_s = float(event.get("boot", 0.0)) + max(
-        0.0, began_unix - float(event.get("at", began_unix))
-    )
-    run_id = event["run"]
-    store = RunStore(environment.redis, run_id, event["ttl"], environment.scripts)
-    record = environment.cached_record(run_id)
-    lease_ms = int(event.get("lease", 5000))
-    begun = store.begin(event["id"], event["tasks"], lease_ms, want_record=record is None)
-    if begun is None:
-        return {"status": "run-gone"}
-    claimed, blob = begun
-    if not claimed:
-        return {"status": "duplicate"}
-    if record is None:
-        try:
-            record = environment.signer.loads(blob or b"", "run record")
-        except Exception as exc:
-            store.fail(environment.signer.dumps_exception(exc), events.encode([events.error(-1)]))
-            return {"status": "bad-record"}
-        environment.remember(record)
-    branch = Branch(
-        record=record,
-        store=store,
-        signer=environment.signer,
-        invoker=environment.invoker,
-        worker_id=environment.worker_id,
-        new_invocation_id=lambda: secrets.token_hex(8),
-        invocation_id=event["id"],
-        lease_ms=lease_ms,
-        cancelled=lambda: environment.heartbeat.run_gone(run_id),
-        large_outputs=environment.large_outputs,
-        time_left_ms=getattr(context, "get_remaining_time_in_millis", None),
-        handoff_margin_ms=environment.handoff_margin_ms,
-        done_before=event.get("done", ()),
-        memory_mb=_memory_of(context),
-        cold=environment.invocations == 1,
-        on_task=environment.on_task,
-        memory_probe=environment.memory_probe,
-        cache=environment.cache,
-    )
-    branch.pending_events.append(
-        events.invocation_started(
-            branch.worker_id, branch.memory_mb, branch.cold, startup_s, event["id"], began_unix
-        )
-    )
-    environment.heartbeat.hold(store, event["id"], lease_ms)
-    try:
-        run_branch(branch, event["tasks"], environment.logic)
-    finally:
-        environment.heartbeat.drop()
-    return {"status": "done", "seconds": time.monotonic() - started}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._lease: tuple[RunStore, str, int] | None = None
+        self._gone_run: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def hold(self, store: RunStore, invocation_id: str, lease_ms: int) -> None:
+        with self._lock:
+            self._lease = (store, invocation_id, lease_ms)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._beat, name="dask-serverless-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._lease = None
+
+    def run_gone(self, run_id: str) -> bool:
+        return self._gone_run == run_id
+
+    def _beat(self) -> None:
+        while True:
+            with self._lock:
+                lease = self._lease
+            interval = lease[2] / 1000 / HEARTBEATS_PER_LEASE if lease else _IDLE_WAKE_S
+            self._wake.wait(interval)
+            if lease is None:
+                continue
+            store, invocation_id, lease_ms = lease
+            try:
+                alive = store.renew_lease(invocation_id, lease_ms)
+            except redis.RedisError:
+                continue
+            if not alive:
+                self._gone_run = store.run_id

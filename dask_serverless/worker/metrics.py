@@ -18,27 +18,17 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-from dask_serverless import events
-
-if TYPE_CHECKING:
-    from dask_serverless.worker.runtime import Branch
-
-
-class MemoryProbe(Protocol):
-    """Peak memory of the work done since the last ``reset``."""
-
-    def reset(self) -> None: ...
-
-    def peak_mb(self) -> float: ...
+from dask_serverless.protocol import events
+from dask_serverless.worker.branch import Branch
 
 
 class ProcessPeak:
-    """The process's peak resident memory (``getrusage``): it cannot be reset, so a task
-    is charged the highest peak of its instance so far — an upper bound, which errs on the
-    safe side for planning. Backends that can measure per task (a cgroup) install their own
-    probe."""
+    """A ``MemoryProbe`` (``worker.branch``): the process's peak resident memory
+    (``getrusage``). It cannot be reset, so a task is charged the highest peak of its
+    instance so far — an upper bound, which errs on the safe side for planning. Backends
+    that can measure per task (a cgroup) install their own probe."""
 
     def reset(self) -> None:
         return None

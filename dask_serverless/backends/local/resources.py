@@ -34,7 +34,8 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
-MB_PER_VCPU = 1769
+from dask_serverless.constants import MB_PER_VCPU
+
 # A short period spreads a small share evenly: with 100 ms, a 0.3-CPU instance runs a
 # short task at full speed for 30 ms and then stalls for 70, so its slowdown depends on
 # where the task falls in the period.

@@ -1,8 +1,8 @@
 """Deploy, inspect and remove the worker functions on AWS Lambda (``dask-serverless lambda``).
 
 ``deploy`` makes the functions ``aws_lambda`` invokes: one per memory size, named
-``<name>-<MB>``, all running ``dask_serverless.worker.handler.handler`` from the same code —
-a zip package built here (this package plus its worker requirements and the user's, as
+``<name>-<MB>``, all running ``dask_serverless.backends.aws_lambda.entry.handler`` from the
+same code — a zip package built here (this package plus its worker requirements and the user's, as
 wheels for the Lambda runtime's Python and architecture) or a container image the user
 built. It creates what is missing and updates what exists, so running it again is how a
 deployment is upgraded. The functions get the environment ``aws_lambda.worker_environment``
@@ -40,6 +40,7 @@ from packaging.requirements import Requirement
 
 import dask_serverless
 from dask_serverless.backends import aws_lambda
+from dask_serverless.constants import LAMBDA_MAX_MEMORY_MB, LAMBDA_MIN_MEMORY_MB
 from dask_serverless.storage.s3 import KEY_PREFIX
 
 DIRECT_UPLOAD_LIMIT = 50 * 1024 * 1024  # a zip sent with CreateFunction itself
@@ -94,8 +95,11 @@ class DeploySpec:
 
     def __post_init__(self) -> None:
         aws_lambda.LambdaSettings(self.name, self.memory_sizes, self.default_memory)
-        if any(not 128 <= m <= 10240 for m in self.memory_sizes):
-            raise DeployError("Lambda memory sizes are between 128 and 10240 MB")
+        if any(not LAMBDA_MIN_MEMORY_MB <= m <= LAMBDA_MAX_MEMORY_MB for m in self.memory_sizes):
+            raise DeployError(
+                f"Lambda memory sizes are between {LAMBDA_MIN_MEMORY_MB} and "
+                f"{LAMBDA_MAX_MEMORY_MB} MB"
+            )
         if not 1 <= self.timeout_s <= 900:
             raise DeployError("a Lambda timeout is between 1 and 900 seconds")
         if not 0 <= self.handoff_margin_s < self.timeout_s:

@@ -1,6 +1,7 @@
-"""AWS Lambda: invoke workers through boto3, and start a worker inside a Lambda instance.
+"""AWS Lambda: invoke workers through boto3.
 
-Two halves that must agree on names and settings live here.
+The other half, starting a worker inside a Lambda instance, is ``entry``; the names and
+settings both halves agree on live here.
 
 **Invoking** (the client's roots and every worker's fan-out): ``LambdaBackend.invoke``
 sends ``InvocationType="Event"`` requests — Lambda queues them and answers 202 at once,
@@ -18,14 +19,15 @@ functions rather than aliases of one function: an alias points at a published ve
 every change would mean publishing and re-pointing one version per size, while separate
 functions are updated independently and show their own metrics, logs and concurrency.
 
-**Starting a worker.** On Lambda no backend calls ``handler.install``: the first time
-``handler`` runs in an instance it builds its ``WorkerEnvironment`` with
-``worker_environment(os.environ)`` — the Redis URL and the HMAC secret from environment
-variables or Secrets Manager (never from the payload, I-5), a ``LambdaBackend`` as the
-invoker for fan-out, an S3 store for large outputs when a bucket is configured, and the
-margin before the time limit at which a worker hands its branch to a fresh invocation.
-``dask-serverless lambda deploy`` (``lambda_deploy``) sets exactly these variables, and the
-local endpoint (``lambda_endpoint``) passes the same mapping to its instances.
+**Starting a worker** (``entry``). The function's handler,
+``dask_serverless.backends.aws_lambda.entry.handler``, builds the instance's
+``WorkerEnvironment`` on its first call with ``worker_environment(os.environ)``: the
+Redis URL and the HMAC secret from environment variables or Secrets Manager (never from
+the payload, I-5), a ``LambdaBackend`` as the invoker for fan-out, an S3 store for large
+outputs when a bucket is configured, and the margin before the time limit at which a
+worker hands its branch to a fresh invocation.
+``dask-serverless lambda deploy`` (``deploy``) sets exactly these variables, and the
+local endpoint (``endpoint``) passes the same mapping to its instances.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import boto3
 from botocore.config import Config
 
 from dask_serverless import config
-from dask_serverless.storage.s3 import S3OutputStore
-from dask_serverless.worker.handler import WorkerEnvironment
+from dask_serverless.constants import DEFAULT_MEMORY_MB, MEMORY_SIZES_MB
+from dask_serverless.protocol.invocation import Invocation
 
 # Environment variables of a deployed worker function (set by `lambda deploy`).
 ENV_REDIS_URL = "DASK_SERVERLESS_REDIS_URL"
@@ -56,7 +58,7 @@ ENV_S3_BUCKET = "DASK_SERVERLESS_S3_BUCKET"
 ENV_S3_THRESHOLD = "DASK_SERVERLESS_S3_THRESHOLD_BYTES"
 ENV_HANDOFF_MARGIN = "DASK_SERVERLESS_HANDOFF_MARGIN_MS"
 
-HANDLER = "dask_serverless.worker.handler.handler"
+HANDLER = "dask_serverless.backends.aws_lambda.entry.handler"
 DEFAULT_S3_THRESHOLD = 1024 * 1024
 _FUNCTION_NAME = re.compile(r"^(?P<base>[A-Za-z0-9_-]+)-(?P<memory>[0-9]+)$")
 
@@ -89,8 +91,8 @@ class LambdaSettings:
     """How to reach the worker functions; see ``serverless.lambda`` in serverless.yaml."""
 
     function: str
-    memory_sizes: tuple[int, ...] = (512, 1024, 1769, 3008)
-    default_memory: int = 1769
+    memory_sizes: tuple[int, ...] = MEMORY_SIZES_MB
+    default_memory: int = DEFAULT_MEMORY_MB
     region: str | None = None
     endpoint_url: str | None = None
     max_payload_bytes: int = 1024 * 1024
@@ -196,6 +198,11 @@ class LambdaBackend:
     """
 
     name = "lambda"
+    # Lambda scales out: no known concurrency, no CPU throttling to report, and a failed
+    # Invoke raises in the caller rather than stopping the platform.
+    concurrency: int | None = None
+    throttled: bool | None = None
+    failure: BaseException | None = None
 
     def __init__(self, settings: LambdaSettings, client: Any = None) -> None:
         self.settings = settings
@@ -205,33 +212,42 @@ class LambdaBackend:
         )
         self._closed = False
 
-    def invoke(self, payloads: Sequence[dict]) -> None:
+    def invoke(self, invocations: Sequence[Invocation]) -> None:
         if self._closed:
             raise RuntimeError("the lambda backend is closed")
-        requests = [self._request(payload) for payload in payloads]
+        requests = [self._request(invocation) for invocation in invocations]
         if len(requests) == 1:
             self._send(*requests[0])
             return
         for _ in self._pool.map(lambda request: self._send(*request), requests):
             pass
 
+    def warm_instances(self) -> Mapping[int, int]:
+        """Unknown: Lambda does not say which instances are warm."""
+        return {}
+
     def prewarm(self, counts: Mapping[int, int]) -> None:
         """Warm-up invocations (``{"warm": 1}``, answered at once by the handler): per
         configuration, ``counts[MB]`` instances start their cold start now, ahead of the
         invocations the plan expects of them."""
-        self.invoke(
-            [{"warm": 1, "memory": int(mb)} for mb, count in counts.items() for _ in range(count)]
-        )
+        body = json.dumps({"warm": 1}).encode()
+        requests = [
+            (self.settings.function_for(int(mb)), body)
+            for mb, count in counts.items()
+            for _ in range(count)
+        ]
+        for _ in self._pool.map(lambda request: self._send(*request), requests):
+            pass
 
-    def _request(self, payload: dict) -> tuple[str, bytes]:
-        body = json.dumps(payload, separators=(",", ":")).encode()
+    def _request(self, invocation: Invocation) -> tuple[str, bytes]:
+        body = json.dumps(invocation.to_payload(), separators=(",", ":")).encode()
         if len(body) > self.settings.max_payload_bytes:
             raise PayloadTooLargeError(
                 f"an invocation payload of {len(body)} bytes is over the asynchronous "
                 f"payload limit of {self.settings.max_payload_bytes} bytes "
                 "(serverless.lambda.max-payload-bytes)"
             )
-        return self.settings.function_for(payload.get("memory")), body
+        return self.settings.function_for(invocation.memory_mb), body
 
     def _send(self, function: str, body: bytes) -> None:
         response = self._client.invoke(FunctionName=function, InvocationType="Event", Payload=body)
@@ -247,54 +263,3 @@ class LambdaBackend:
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
-
-
-def _setting_or_secret(session: Any, variables: Mapping[str, str], name: str, arn: str) -> str:
-    value = variables.get(name)
-    if value:
-        return value
-    secret_arn = variables.get(arn)
-    if secret_arn:
-        client = session.client(
-            "secretsmanager", endpoint_url=variables.get("AWS_ENDPOINT_URL_SECRETS_MANAGER")
-        )
-        return str(client.get_secret_value(SecretId=secret_arn)["SecretString"])
-    raise RuntimeError(
-        f"no worker environment installed in this process, and neither {name} nor {arn} "
-        "is set (deploy the function with `dask-serverless lambda deploy`)"
-    )
-
-
-def worker_environment(variables: Mapping[str, str]) -> WorkerEnvironment:
-    """The ``WorkerEnvironment`` of a Lambda instance, from its environment ``variables``.
-
-    Called once per instance (``os.environ`` on Lambda; the local endpoint passes its own
-    mapping). AWS credentials, region and endpoints come from the same mapping, so the
-    fan-out invoker uses the instance's execution role.
-    """
-    session = boto3.session.Session(
-        aws_access_key_id=variables.get("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=variables.get("AWS_SECRET_ACCESS_KEY"),
-        aws_session_token=variables.get("AWS_SESSION_TOKEN"),
-        region_name=variables.get("AWS_REGION") or variables.get("AWS_DEFAULT_REGION"),
-    )
-    redis_url = _setting_or_secret(session, variables, ENV_REDIS_URL, ENV_REDIS_URL_ARN)
-    secret = _setting_or_secret(session, variables, ENV_SECRET, ENV_SECRET_ARN)
-    settings = LambdaSettings.from_environment(variables)
-    invoker = LambdaBackend(settings, lambda_client(settings, session))
-    large_outputs = None
-    bucket = variables.get(ENV_S3_BUCKET)
-    if bucket:
-        s3 = session.client("s3", endpoint_url=variables.get("AWS_ENDPOINT_URL_S3"))
-        threshold = int(variables.get(ENV_S3_THRESHOLD) or DEFAULT_S3_THRESHOLD)
-        large_outputs = S3OutputStore(s3, bucket, threshold)
-    stream = variables.get("AWS_LAMBDA_LOG_STREAM_NAME")
-    worker_id = f"{variables.get('AWS_LAMBDA_FUNCTION_NAME')}:{stream}" if stream else None
-    return WorkerEnvironment(
-        redis_url,
-        secret.encode(),
-        invoker,
-        worker_id=worker_id,
-        large_outputs=large_outputs,
-        handoff_margin_ms=int(variables.get(ENV_HANDOFF_MARGIN) or 0),
-    )

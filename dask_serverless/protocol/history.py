@@ -1,4 +1,4 @@
-"""The history key schema and its Redis commands: bounded samples of past runs.
+"""The history store: bounded samples of past runs, read and appended in one round trip each.
 
 History outlives runs (I-4 exempts it) and is shared by every Scheduler on the same
 Redis, so the next run learns from the last. It is kept *bounded*: every series is a
@@ -7,7 +7,7 @@ same after 10 runs as after 10 000 (I-6) — one pipelined round trip of ``LRANG
 number of keys that depends on the DAG's distinct functions and the memory sizes, never on
 the number of past runs.
 
-Keys (``H = dsl:history:v2:``), every entry a compact JSON array:
+Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compact JSON array:
 
 ==============================  =======================================================
 ``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb,
@@ -28,44 +28,24 @@ functions nobody runs any more expires on its own. Nothing here scans the keyspa
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
 
-PREFIX = "dsl:history:v2:"
-
-Sample = list[float]
-
-
-def function_digest(function: str) -> str:
-    return hashlib.sha1(function.encode(), usedforsecurity=False).hexdigest()[:20]
-
-
-def task_key(function: str, memory_mb: int) -> str:
-    return f"{PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
-
+from dask_serverless.protocol.keys import (
+    out_of_memory_history_key,
+    residual_history_key,
+    startup_history_key,
+    task_history_key,
+    transfer_history_key,
+)
 
 # Residuals kept per function: the calibration follows the platform's recent behaviour.
 RESIDUALS = 32
 
-
-def residual_key(function: str) -> str:
-    return f"{PREFIX}resid:{function_digest(function)}"
-
-
-def oom_key(function: str) -> str:
-    return f"{PREFIX}oom:{function_digest(function)}"
-
-
-def transfer_key(memory_mb: int) -> str:
-    return f"{PREFIX}transfer:{int(memory_mb)}"
-
-
-def startup_key(memory_mb: int) -> str:
-    return f"{PREFIX}startup:{int(memory_mb)}"
+Sample = list[float]
 
 
 class HistoryStore:
@@ -96,12 +76,12 @@ class HistoryStore:
         sizes = sorted({int(m) for m in memories})
         names = list(dict.fromkeys(functions))
         series: list[tuple[str, Any, str]] = [
-            ("task", (f, m), task_key(f, m)) for f in names for m in sizes
+            ("task", (f, m), task_history_key(f, m)) for f in names for m in sizes
         ]
-        series += [("oom", f, oom_key(f)) for f in names]
-        series += [("resid", f, residual_key(f)) for f in names]
-        series += [("transfer", m, transfer_key(m)) for m in sizes]
-        series += [("startup", m, startup_key(m)) for m in sizes]
+        series += [("oom", f, out_of_memory_history_key(f)) for f in names]
+        series += [("resid", f, residual_history_key(f)) for f in names]
+        series += [("transfer", m, transfer_history_key(m)) for m in sizes]
+        series += [("startup", m, startup_history_key(m)) for m in sizes]
         with self.client.pipeline(transaction=False) as pipe:
             for _kind, _name, key in series:
                 pipe.lrange(key, 0, self.samples - 1)
@@ -125,12 +105,15 @@ class HistoryStore:
     ) -> None:
         """Add samples (newest last), trimming every series to its bound; one round trip."""
         writes: list[tuple[str, Sequence[Any], int]] = [
-            (task_key(f, m), s, self.samples) for (f, m), s in tasks.items()
+            (task_history_key(f, m), s, self.samples) for (f, m), s in tasks.items()
         ]
-        writes += [(oom_key(f), m, self.samples) for f, m in (out_of_memory or {}).items()]
-        writes += [(residual_key(f), r, RESIDUALS) for f, r in (residuals or {}).items()]
-        writes += [(transfer_key(m), s, self.samples) for m, s in transfers.items()]
-        writes += [(startup_key(m), s, self.samples) for m, s in startups.items()]
+        writes += [
+            (out_of_memory_history_key(f), m, self.samples)
+            for f, m in (out_of_memory or {}).items()
+        ]
+        writes += [(residual_history_key(f), r, RESIDUALS) for f, r in (residuals or {}).items()]
+        writes += [(transfer_history_key(m), s, self.samples) for m, s in transfers.items()]
+        writes += [(startup_history_key(m), s, self.samples) for m, s in startups.items()]
         with self.client.pipeline(transaction=False) as pipe:
             for key, samples, bound in writes:
                 if not samples:

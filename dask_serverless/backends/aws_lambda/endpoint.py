@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import re
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -44,8 +45,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dask_serverless.backends import aws_lambda
+from dask_serverless.backends.aws_lambda import entry
 from dask_serverless.backends.local import LocalBackend, LocalContext
-from dask_serverless.worker import handler
+from dask_serverless.constants import DEFAULT_MEMORY_MB, MEMORY_SIZES_MB
+from dask_serverless.protocol.invocation import InvalidInvocationError, Invocation
 
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations$")
 _SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
@@ -53,7 +56,7 @@ _SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
 
 def _install_worker(variables: Mapping[str, str]) -> None:
     """Initializer of a RequestResponse process: the same bootstrap as a Lambda instance."""
-    handler.install(aws_lambda.worker_environment(variables))
+    entry.install(entry.worker_environment(variables))
 
 
 def _run_request_response(
@@ -68,7 +71,7 @@ def _run_request_response(
         cold_start=False,
     )
     try:
-        return True, handler.handler(payload, context)
+        return True, entry.handler(payload, context)
     except Exception as exc:
         return False, {
             "errorMessage": str(exc),
@@ -91,8 +94,8 @@ class LambdaEndpoint:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        memory_sizes: tuple[int, ...] = (512, 1024, 1769, 3008),
-        default_memory: int = 1769,
+        memory_sizes: tuple[int, ...] = MEMORY_SIZES_MB,
+        default_memory: int = DEFAULT_MEMORY_MB,
         concurrency: int | None = None,
         keep_alive_s: float = 60.0,
         invocation_timeout_ms: int = 900_000,
@@ -178,6 +181,15 @@ class LambdaEndpoint:
 
     def invoke_event(self, function: str, payload: dict) -> None:
         base, memory = _parse(function)
+        warm_up = bool(payload.get("warm"))
+        invocation = None
+        if not warm_up:
+            try:
+                invocation = Invocation.from_payload(payload)
+            except InvalidInvocationError:
+                # Lambda accepts any asynchronous payload and the function fails on it.
+                traceback.print_exc(file=sys.stderr)
+                return
         with self._lock:
             if self._closed:
                 raise RuntimeError("the endpoint is closed")
@@ -198,7 +210,11 @@ class LambdaEndpoint:
                 )
                 self._backends[function] = backend
             self.invocations[function] += 1
-        backend.invoke([payload])
+        if invocation is None:
+            # A warm-up invocation (pre-warming) only starts an instance.
+            backend.prewarm({memory: 1})
+        else:
+            backend.invoke([invocation])
 
     def invoke_request_response(self, function: str, payload: dict) -> tuple[bool, Any]:
         base, memory = _parse(function)

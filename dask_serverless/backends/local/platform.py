@@ -3,8 +3,8 @@
 It behaves like AWS Lambda's asynchronous invocation model, so that what works here works
 there:
 
-* ``invoke`` is fire-and-forget: payloads join the platform's queue and the caller returns
-  at once. Workers invoke further workers the same way, by sending payloads to the
+* ``invoke`` is fire-and-forget: invocations join the platform's queue and the caller returns
+  at once. Workers invoke further workers the same way, by sending invocations to the
   dispatcher (the platform's API) over their own pipe.
 * an *instance* is a process that handles one invocation at a time. The dispatcher hands a
   queued invocation to an idle instance (a *warm* start) or, when none is idle and fewer
@@ -22,10 +22,10 @@ Recovering the invocation it was running is the worker protocol's business (leas
 a real platform.
 
 Instances are per *configuration* (memory MB), as Lambda functions are per memory size:
-an invocation's payload may ask for ``"memory"``, and runs only in an instance of that
+an invocation may ask for a ``memory_mb``, and runs only in an instance of that
 configuration (the default configuration otherwise). Where Linux cgroups are writable each
 instance is held to its configuration — ``m / 1769`` CPUs and ``m`` MB, see
-``backends.resources`` — and an instance the kernel kills for exceeding its memory is
+``backends.local.resources`` — and an instance the kernel kills for exceeding its memory is
 reported as the out-of-memory kill of the task it was running (the client retries the
 task one size up). Elsewhere instances run
 unthrottled (``throttled`` is False) after one warning. At the concurrency limit an idle
@@ -41,10 +41,8 @@ scheduler, a script that uses the local backend needs the usual
 from __future__ import annotations
 
 import contextlib
-import itertools
 import multiprocessing
 import os
-import secrets
 import sys
 import threading
 import time
@@ -55,16 +53,23 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from dask_serverless import events
-from dask_serverless.backends.resources import (
+from dask_serverless.backends.local.instance import (
+    INVOKE,
+    READY,
+    InstanceSettings,
+    instance_main,
+)
+from dask_serverless.backends.local.queue import InvocationQueue
+from dask_serverless.backends.local.resources import (
     Cgroups,
     InstanceGroup,
     TaskSlot,
-    limit_native_threads,
 )
-from dask_serverless.storage.redis import RunStore, client_for
-from dask_serverless.storage.serialize import Signer
-from dask_serverless.worker import handler
+from dask_serverless.constants import DEFAULT_MEMORY_MB, INVOCATION_TIMEOUT_MS
+from dask_serverless.protocol import events
+from dask_serverless.protocol.invocation import Invocation
+from dask_serverless.protocol.store import RunStore, client_for
+from dask_serverless.worker.handler import WorkerEnvironment
 
 # Modules worth importing once in the fork server when the client already uses them.
 _PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
@@ -75,99 +80,6 @@ _MAIN_GUARD_HINT = (
     "main module: a script that computes with dask-serverless must do so under "
     "`if __name__ == '__main__':`, as with dask's 'processes' scheduler."
 )
-_FUNCTION_NAME = "dask-serverless-local"
-
-# Messages on an instance's pipe (instance → dispatcher): ("ready",) after booting and
-# after every invocation, ("invoke", [payload, …]) to start more workers. Dispatcher →
-# instance: a payload dict, or None to stop.
-_READY = "ready"
-_INVOKE = "invoke"
-
-
-@dataclass(frozen=True)
-class InstanceSettings:
-    """What a new instance is started with (passed over a pipe: never in argv or env)."""
-
-    redis_url: str
-    secret: bytes
-    invocation_timeout_ms: int
-    memory_mb: int
-    # Builds the instance's environment instead of the default one (a picklable callable;
-    # the local Lambda endpoint's instances fan out through its HTTP API with it).
-    worker_environment: Callable[[], handler.WorkerEnvironment] | None = None
-    # The instance's cgroup (its configuration's limits) and where it notes its task.
-    cgroup: InstanceGroup | None = None
-    task_slot: TaskSlot | None = None
-
-
-@dataclass
-class LocalContext:
-    """The subset of Lambda's context object that workers use."""
-
-    function_name: str
-    memory_limit_in_mb: int
-    aws_request_id: str
-    deadline: float
-    cold_start: bool
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self.deadline - time.monotonic()) * 1000))
-
-
-class PipeInvoker:
-    """A worker's way to invoke more workers: send the payloads to the dispatcher."""
-
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    def invoke(self, payloads: Sequence[dict]) -> None:
-        if payloads:
-            self._connection.send((_INVOKE, list(payloads)))
-
-
-def instance_main(settings: InstanceSettings, connection: Connection) -> None:
-    """The life of one instance: serve invocations until told to stop."""
-    if settings.cgroup is not None:
-        settings.cgroup.enter()
-    if settings.memory_mb:
-        limit_native_threads(settings.memory_mb, os.cpu_count() or 1)
-    if settings.worker_environment is not None:
-        environment = settings.worker_environment()
-    else:
-        environment = handler.WorkerEnvironment(
-            settings.redis_url,
-            settings.secret,
-            PipeInvoker(connection),
-            worker_id=f"local:{os.getpid()}",
-        )
-    if settings.task_slot is not None:
-        environment.on_task = settings.task_slot.note
-    probe = settings.cgroup.memory_probe() if settings.cgroup is not None else None
-    if probe is not None:
-        environment.memory_probe = probe
-    handler.install(environment)
-    cold = True
-    while True:
-        connection.send((_READY,))
-        try:
-            payload = connection.recv()
-        except EOFError:
-            return
-        if payload is None:
-            return
-        context = LocalContext(
-            function_name=_FUNCTION_NAME,
-            memory_limit_in_mb=settings.memory_mb,
-            aws_request_id=secrets.token_hex(8),
-            deadline=time.monotonic() + settings.invocation_timeout_ms / 1000,
-            cold_start=cold,
-        )
-        cold = False
-        try:
-            handler.handler(payload, context)
-        except Exception:
-            # What a platform does with a crashed invocation: log it and keep the instance.
-            traceback.print_exc(file=sys.stderr)
 
 
 @dataclass
@@ -177,7 +89,7 @@ class Instance:
     process: Any
     connection: Connection
     booted: bool = False
-    payload: dict | None = None
+    invocation: Invocation | None = None
     idle_since: float = field(default_factory=time.monotonic)
     memory_mb: int = 0
     group: InstanceGroup | None = None
@@ -188,7 +100,7 @@ class Instance:
 
     @property
     def idle(self) -> bool:
-        return self.booted and self.payload is None
+        return self.booted and self.invocation is None
 
 
 class LocalBackend:
@@ -202,10 +114,10 @@ class LocalBackend:
         secret: bytes,
         concurrency: int | None = None,
         keep_alive_s: float = 60.0,
-        invocation_timeout_ms: int = 900_000,
-        memory_mb: int = 1769,
+        invocation_timeout_ms: int = INVOCATION_TIMEOUT_MS,
+        memory_mb: int = DEFAULT_MEMORY_MB,
         deliveries: int = 1,
-        worker_environment: Callable[[], handler.WorkerEnvironment] | None = None,
+        worker_environment: Callable[[], WorkerEnvironment] | None = None,
         enforce_resources: bool = True,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
@@ -219,7 +131,7 @@ class LocalBackend:
             redis_url, secret, int(invocation_timeout_ms), int(memory_mb), worker_environment
         )
         self._mp = multiprocessing.get_context("forkserver")
-        preload = ["dask_serverless.worker.handler"]
+        preload = ["dask_serverless.backends.local.instance"]
         preload += [name for name in _PRELOAD_IF_LOADED if name in sys.modules]
         self._mp.set_forkserver_preload(preload)
         self.cold_starts = 0
@@ -231,7 +143,8 @@ class LocalBackend:
         self._queue = InvocationQueue(int(memory_mb))
         self._cgroups, self.throttled = self._resources(enforce_resources)
         self._retired: list[Instance] = []
-        self._reporter: tuple[Any, Signer] | None = None
+        # The Redis client that reports out-of-memory kills, made on the first one.
+        self._reporter: Any = None
         self._instances: dict[Connection, Instance] = {}
         self._lock = threading.Lock()
         self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
@@ -243,11 +156,11 @@ class LocalBackend:
 
     # -- the platform's API ------------------------------------------------------------
 
-    def invoke(self, payloads: Sequence[dict]) -> None:
+    def invoke(self, invocations: Sequence[Invocation]) -> None:
         if self._closed.is_set():
             raise RuntimeError("the local backend is closed")
         with self._lock:
-            self._enqueue(payloads)
+            self._enqueue(invocations)
         self._wake_writer.send_bytes(b"!")
 
     def prewarm(self, counts: Mapping[int, int]) -> None:
@@ -281,9 +194,9 @@ class LocalBackend:
 
     # -- the dispatcher thread ---------------------------------------------------------
 
-    def _enqueue(self, payloads: Sequence[dict]) -> None:
-        for payload in payloads:
-            self._queue.extend([payload] * self.deliveries)
+    def _enqueue(self, invocations: Sequence[Invocation]) -> None:
+        for invocation in invocations:
+            self._queue.extend([invocation] * self.deliveries)
 
     def _dispatch_forever(self) -> None:
         """Serve invocations until closed; a failure is kept for clients to raise."""
@@ -317,14 +230,14 @@ class LocalBackend:
             instance = self._instances.get(connection)
             if instance is None:
                 return
-            if message[0] == _INVOKE:
+            if message[0] == INVOKE:
                 self._enqueue(message[1])
-            elif message[0] == _READY:
+            elif message[0] == READY:
                 self._failed_boots = 0
                 if instance.ready_at is None:
                     instance.ready_at = time.time()
                 instance.booted = True
-                instance.payload = None
+                instance.invocation = None
                 instance.idle_since = time.monotonic()
 
     def _forget(self, connection: Connection) -> None:
@@ -337,7 +250,7 @@ class LocalBackend:
         """
         with self._lock:
             dying = self._instances.get(connection)
-        if dying is not None and dying.payload is not None and dying.group is not None:
+        if dying is not None and dying.invocation is not None and dying.group is not None:
             dying.process.join(timeout=1)
             self._report_out_of_memory(dying)
         with self._lock:
@@ -349,9 +262,9 @@ class LocalBackend:
                         f"{self._failed_boots} worker instances in a row exited before they "
                         f"started. {_MAIN_GUARD_HINT}"
                     )
-            if instance is not None and instance.payload is not None:
+            if instance is not None and instance.invocation is not None:
                 self.lost_instances += 1
-                self._queue.appendleft(instance.payload)
+                self._queue.appendleft(instance.invocation)
         connection.close()
         if instance is not None:
             instance.process.join(timeout=1)
@@ -372,13 +285,13 @@ class LocalBackend:
                 idle.setdefault(instance.memory_mb, []).append(instance)
             elif not instance.booted:
                 booting[instance.memory_mb] = booting.get(instance.memory_mb, 0) + 1
-        # Each payload looked at takes an idle or booting instance or a slot, or ends the
-        # pass: no more than this many can be looked at usefully.
+        # Each invocation looked at takes an idle or booting instance or a slot, or ends
+        # the pass: no more than this many can be looked at usefully.
         useful = 2 * len(self._instances) + self.concurrency + 1
-        for number, payload in self._queue.oldest(useful):
-            memory_mb = self._queue.memory_of(payload)
+        for number, queued in self._queue.oldest(useful):
+            memory_mb = self._queue.memory_of(queued)
             if idle.get(memory_mb):
-                self._hand_over(idle[memory_mb].pop(), number, payload)
+                self._hand_over(idle[memory_mb].pop(), number, queued)
             elif booting.get(memory_mb):
                 booting[memory_mb] -= 1
             elif len(self._instances) < self.concurrency or self._evict_idle(idle):
@@ -386,21 +299,21 @@ class LocalBackend:
             else:
                 return
 
-    def _hand_over(self, instance: Instance, number: int, payload: dict) -> None:
+    def _hand_over(self, instance: Instance, number: int, queued: Invocation) -> None:
         # Start-up as Lambda reports it: a cold start's boot (from the instance's start
         # to ready, not the time it then waited for work) plus the hand-over; never the
         # time spent queued behind the concurrency limit.
         boot = 0.0
         if not instance.served and instance.ready_at is not None:
             boot = instance.ready_at - instance.started_at
-        payload = {**payload, "at": round(time.time(), 6), "boot": round(boot, 6)}
+        invocation = replace(queued, sent_at=time.time(), boot_s=round(boot, 6))
         try:
-            instance.connection.send(payload)
+            instance.connection.send(invocation)
         except (BrokenPipeError, OSError):
             return
         self._queue.remove(number)
         instance.served = True
-        instance.payload = payload
+        instance.invocation = invocation
 
     def _evict_idle(self, idle: dict[int, list[Instance]]) -> bool:
         """Stop one idle instance (one nothing queued ahead could use) to make room."""
@@ -471,20 +384,18 @@ class LocalBackend:
         (the invocation's lease recovers it) or, at the largest size, fails the run with
         ``TaskOutOfMemoryError``.
         """
-        assert instance.group is not None and instance.payload is not None
+        assert instance.group is not None and instance.invocation is not None
         if instance.group.oom_kills() == 0 or instance.slot is None:
             return
         running = instance.slot.read()
-        if running is None or running[0] != instance.payload.get("run"):
+        if running is None or running[0] != instance.invocation.run_id:
             return
         run_id, ttl, index, _key = running
         self.out_of_memory += 1
         if self._reporter is None:
-            client = client_for(self._settings.redis_url)
-            self._reporter = (client, Signer(self._settings.secret))
-        client, _signer = self._reporter
+            self._reporter = client_for(self._settings.redis_url)
         with contextlib.suppress(Exception):
-            RunStore(client, run_id, ttl).flush_events(
+            RunStore(self._reporter, run_id, ttl).append_events(
                 events.encode([events.out_of_memory(index, instance.memory_mb)])
             )
 
@@ -517,41 +428,6 @@ class LocalBackend:
         if self._cgroups is not None:
             self._cgroups.close()
         if self._reporter is not None:
-            self._reporter[0].close()
+            self._reporter.close()
         self._wake_reader.close()
         self._wake_writer.close()
-
-
-class InvocationQueue:
-    """Queued invocation payloads in arrival order (a redelivery goes first)."""
-
-    def __init__(self, default_memory_mb: int) -> None:
-        self.default_memory_mb = default_memory_mb
-        self._payloads: dict[int, dict] = {}
-        self._first = 0
-        self._last = 0
-
-    def memory_of(self, payload: dict) -> int:
-        return int(payload.get("memory") or self.default_memory_mb)
-
-    def extend(self, payloads: Sequence[dict]) -> None:
-        for payload in payloads:
-            self._last += 1
-            self._payloads[self._last] = payload
-
-    def appendleft(self, payload: dict) -> None:
-        self._first -= 1
-        self._payloads = {self._first: payload, **self._payloads}
-
-    def oldest(self, count: int) -> list[tuple[int, dict]]:
-        """The ``count`` oldest ``(number, payload)`` pairs (a copy: safe to remove from)."""
-        return list(itertools.islice(self._payloads.items(), count))
-
-    def remove(self, number: int) -> None:
-        self._payloads.pop(number, None)
-
-    def clear(self) -> None:
-        self._payloads.clear()
-
-    def __len__(self) -> int:
-        return len(self._payloads)

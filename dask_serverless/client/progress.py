@@ -1,0 +1,149 @@
+"""A run's progress as the client learns it from the event stream, and the dask callbacks
+it drives.
+
+``RunProgress`` replays the workers' events (``protocol.events``) into the run's outcome
+(finished, the first failing node), its measurements (task metrics, uploads, invocations,
+retries) and the ``state`` dictionary dask's callbacks expect
+(``waiting``/``ready``/``running``/``finished``), so ``dask.diagnostics.ProgressBar`` and
+any ``dask.callbacks.Callback`` move as remote tasks finish. Callbacks are unpacked by
+name, as ``dask.local`` does with ``unpack_callbacks``. Tasks run remotely, so ``pretask``
+fires when the client learns the task ran, just before ``posttask``, and ``posttask``
+gets ``None`` as the result: the value never travels to the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dask.callbacks import unpack_callbacks
+
+from dask_serverless.graph import DAG
+from dask_serverless.protocol.events import (
+    DONE,
+    ERROR,
+    FINISHED,
+    INVOCATION,
+    OUT_OF_MEMORY,
+    RETRY,
+    UPLOAD,
+    Event,
+)
+
+Callbacks = Sequence[tuple[Callable | None, ...]]
+
+
+def callback_graph(dag: DAG) -> dict:
+    """The graph callbacks receive: dask key → task-spec node, without our sink."""
+    return {dag.keys[i]: dag.nodes[i] for i in range(dag.sink)}
+
+
+def initial_state(dag: DAG) -> dict[str, Any]:
+    """A dask.local-shaped scheduler state: every task waiting, roots ready."""
+    keys = dag.keys[: dag.sink]
+    return {
+        "dependencies": {k: {dag.keys[d] for d in dag.dependencies[i]} for i, k in enumerate(keys)},
+        "dependents": {
+            k: {dag.keys[c] for c in dag.dependents[i] if c != dag.sink} for i, k in enumerate(keys)
+        },
+        "waiting": {k for i, k in enumerate(keys) if dag.dependencies[i]},
+        "ready": {k for i, k in enumerate(keys) if not dag.dependencies[i]},
+        "running": set(),
+        "finished": set(),
+        "released": set(),
+        "cache": {},
+        "waiting_data": {},
+    }
+
+
+@dataclass
+class RunProgress:
+    """Folds a run's events into its outcome and drives the dask callbacks."""
+
+    dag: DAG
+    callbacks: Callbacks = ()
+    graph: dict = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
+    finished: bool = False
+    failed_index: int | None = None
+    task_events: list[Event] = field(default_factory=list)
+    retries: dict[int, int] = field(default_factory=dict)
+    uploads: dict[int, float] = field(default_factory=dict)
+    invocations: list[Event] = field(default_factory=list)
+    out_of_memory: list[tuple[int, int]] = field(default_factory=list)
+    started_callbacks: list[tuple[Callable | None, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        (
+            _start,
+            self._start_state,
+            self._pretask,
+            self._posttask,
+            self._finish,
+        ) = unpack_callbacks(self.callbacks)
+        if self.callbacks:
+            self.graph = callback_graph(self.dag)
+            self.state = initial_state(self.dag)
+
+    @property
+    def follows(self) -> bool:
+        """Whether anyone watches the run as it goes (then the client follows events)."""
+        return bool(self.callbacks)
+
+    def start(self) -> None:
+        """Call every ``start`` and ``start_state`` callback, as dask's get does."""
+        for callback in self.callbacks:
+            if callback[0]:
+                callback[0](self.graph)
+            self.started_callbacks.append(callback)
+        for start_state in self._start_state:
+            start_state(self.graph, self.state)
+
+    def finish(self, failed: bool) -> None:
+        """Call ``finish`` of every callback whose ``start`` ran."""
+        for callback in self.started_callbacks:
+            if callback[4]:
+                callback[4](self.graph, self.state, failed)
+
+    def apply(self, events: Iterable[Event]) -> None:
+        for event in events:
+            kind = event[0]
+            if kind == DONE:
+                self._task_done(event)
+            elif kind == RETRY:
+                index = int(event[1])
+                self.retries[index] = max(self.retries.get(index, 0), int(event[2]))
+            elif kind == ERROR and self.failed_index is None:
+                self.failed_index = int(event[1])
+            elif kind == FINISHED:
+                self.finished = True
+            elif kind == UPLOAD:
+                self.uploads[int(event[1])] = float(event[2])
+            elif kind == INVOCATION:
+                self.invocations.append(event)
+            elif kind == OUT_OF_MEMORY:
+                index = int(event[1])
+                self.out_of_memory.append((index, int(event[2])))
+                self.retries[index] = self.retries.get(index, 0) + 1
+
+    def _task_done(self, event: Event) -> None:
+        index = int(event[1])
+        if index in self.seen:
+            return
+        self.seen.add(index)
+        self.task_events.append(event)
+        if not self.callbacks:
+            return
+        key = self.dag.keys[index]
+        state = self.state
+        state["waiting"].discard(key)
+        state["ready"].discard(key)
+        state["running"].add(key)
+        for pretask in self._pretask:
+            pretask(key, self.graph, state)
+        state["running"].discard(key)
+        state["finished"].add(key)
+        for posttask in self._posttask:
+            posttask(key, None, self.graph, state, event[2])

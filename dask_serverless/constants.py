@@ -1,0 +1,46 @@
+"""Platform facts and protocol numbers, each in one place with where its value comes from.
+
+Tunable settings (timeouts, retries, sizes a user may change) live in ``serverless.yaml``
+and ``config.py``; what is here is either a fact about the platform we model or a ratio
+that the client and the workers must agree on.
+"""
+
+from __future__ import annotations
+
+# AWS Lambda allocates CPU in proportion to memory: a function gets one full vCPU at
+# 1769 MB ("Lambda memory and computing power", AWS Lambda developer guide). The planner's
+# speed model and the local backend's CPU quota both use it.
+MB_PER_VCPU = 1769
+
+# The memory configurations (MB) a task may get by default: Lambda's classic 512 MB and
+# 1 GB, one full vCPU (1769 MB), and 3008 MB (the largest size before the 2020 10 GB raise,
+# still the default maximum of many accounts). Mirrors ``planning.memory-configs`` and
+# ``lambda.memory-sizes`` in serverless.yaml.
+MEMORY_SIZES_MB: tuple[int, ...] = (512, 1024, 1769, 3008)
+
+# The configuration of an invocation that asks for none: one vCPU.
+DEFAULT_MEMORY_MB = MB_PER_VCPU
+
+# The memory sizes AWS Lambda accepts for a function (developer guide, "Configuring
+# function memory").
+LAMBDA_MIN_MEMORY_MB = 128
+LAMBDA_MAX_MEMORY_MB = 10240
+
+# AWS Lambda stops an invocation at its timeout, 15 minutes at most; the local platform
+# gives its invocations the same limit.
+INVOCATION_TIMEOUT_MS = 900_000
+
+# A lease that no payload names lasts ``serverless.lease-timeout`` (5 s in serverless.yaml).
+DEFAULT_LEASE_MS = 5000
+
+# A worker renews its lease every third of the lease, so one missed beat does not lapse it.
+HEARTBEATS_PER_LEASE = 3
+
+# The client looks for lapsed leases every half lease: a dead worker's work is re-invoked
+# at most one and a half leases after its last renewal.
+WATCHES_PER_LEASE = 2
+
+# Arguments at least this long are sent to Redis as they are rather than copied into one
+# command buffer (hiredis copies; redis-py's own packer does not): measured, a 2 MB output
+# costs a copy that small commands do not notice.
+LARGE_ARGUMENT_BYTES = 64 * 1024

@@ -1,0 +1,141 @@
+"""Every Redis key name the project uses: the keys of one run, and the history keys.
+
+A run's keys all start with ``dsl:{<run-id>}:``. The braces are a Redis Cluster hash tag,
+so every key of one run lives in one hash slot and each multi-key step can be a single
+atomic Lua script, while different runs spread over the shards of a cluster.
+
+Keys of one run (``P = dsl:{<run-id>}:``):
+
+============  ========  ============================================================
+``P record``  string    signed, compressed run record; its existence means "the run is
+                        alive" — every worker write is a script that checks it first,
+                        so nothing can be written after the run was finished or purged
+``P o:<i>``   string    signed output of node ``i`` (only when a consumer lives elsewhere)
+``P d:<i>``   hash      fan-in inbox of node ``i``: one field per finished parent, plus
+                        ``!`` once a worker has claimed the ready node
+``P inv``     hash      invocation ids already started (drops duplicate deliveries)
+``P leases``  zset      running invocation id → lease expiry (Redis clock, ms); a worker
+                        renews its lease while it works, a lapsed lease means it died
+``P restart`` hash      running invocation id → JSON list of the nodes to restart it from
+``P queued``  string    invocations sent but not begun; with ``leases`` it is the run's
+                        load, which workers weigh against the platform's concurrency
+``P events``  stream    batched events for the client (progress, errors, finished)
+``P signal``  list      one entry per decisive event (first error, finished): a client
+                        that shows no progress sleeps in BLPOP on it, not on the stream
+``P error``   string    signed exception of the first task that failed
+``P result``  string    signed values of the requested keys, read once by the client
+============  ========  ============================================================
+
+History keys (``H = dsl:history:v2:``) outlive runs; see ``protocol.history``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+
+HISTORY_PREFIX = "dsl:history:v2:"
+
+
+def new_run_id() -> str:
+    """An unguessable run id (128 random bits): one run cannot name another's keys."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """The key names of one run."""
+
+    run_id: str
+    prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", f"dsl:{{{self.run_id}}}:")
+
+    @property
+    def record(self) -> str:
+        return self.prefix + "record"
+
+    @property
+    def events(self) -> str:
+        return self.prefix + "events"
+
+    @property
+    def signal(self) -> str:
+        return self.prefix + "signal"
+
+    @property
+    def result(self) -> str:
+        return self.prefix + "result"
+
+    @property
+    def error(self) -> str:
+        return self.prefix + "error"
+
+    @property
+    def invocations(self) -> str:
+        return self.prefix + "inv"
+
+    @property
+    def leases(self) -> str:
+        return self.prefix + "leases"
+
+    @property
+    def restart(self) -> str:
+        return self.prefix + "restart"
+
+    @property
+    def queued(self) -> str:
+        return self.prefix + "queued"
+
+    def output(self, index: int) -> str:
+        return f"{self.prefix}o:{index}"
+
+    def inbox(self, index: int) -> str:
+        return f"{self.prefix}d:{index}"
+
+    def all_keys(self, node_count: int) -> list[str]:
+        """Every key the run may have written except its record: known from the DAG's
+        size, so deleting a run never scans the keyspace (I-4, I-6)."""
+        keys = [self.events, self.result, self.error, self.invocations]
+        keys += [self.leases, self.restart, self.signal, self.queued]
+        keys += [self.output(i) for i in range(node_count)]
+        keys += [self.inbox(i) for i in range(node_count)]
+        return keys
+
+    def intermediates(self, node_count: int) -> list[str]:
+        """What the sink's worker deletes: everything but the result and the events,
+        which the client still reads."""
+        return [k for k in self.all_keys(node_count) if k not in (self.result, self.events)]
+
+
+def function_digest(function: str) -> str:
+    """A hash of a function identity, so no user text ever becomes key syntax."""
+    return hashlib.sha1(function.encode(), usedforsecurity=False).hexdigest()[:20]
+
+
+def task_history_key(function: str, memory_mb: int) -> str:
+    """``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb, wait_s]`` samples of one
+    function at one size."""
+    return f"{HISTORY_PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
+
+
+def transfer_history_key(memory_mb: int) -> str:
+    """``[bytes, seconds]`` samples of output reads and writes at one size."""
+    return f"{HISTORY_PREFIX}transfer:{int(memory_mb)}"
+
+
+def startup_history_key(memory_mb: int) -> str:
+    """``[cold 0|1, seconds]`` samples of invocation start-ups at one size."""
+    return f"{HISTORY_PREFIX}startup:{int(memory_mb)}"
+
+
+def out_of_memory_history_key(function: str) -> str:
+    """The sizes (MB) one function ran out of memory at."""
+    return f"{HISTORY_PREFIX}oom:{function_digest(function)}"
+
+
+def residual_history_key(function: str) -> str:
+    """Measured / planned busy time of one function's recent tasks (calibration)."""
+    return f"{HISTORY_PREFIX}resid:{function_digest(function)}"

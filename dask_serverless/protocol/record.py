@@ -1,0 +1,102 @@
+"""The run record — everything a worker needs to know about a run — and how blobs of a
+run are signed.
+
+The client builds one ``RunRecord`` per run, seals it (cloudpickle, zlib, HMAC) and stores
+it under the run's ``record`` key; a worker opens it once per process and run. Every other
+blob of the run (outputs, the first error, the result) is signed the same way through a
+``RunSigner``, which names the blob by run, *kind* and *slot* (the node index, for
+outputs). The name is what error messages say today ("output of 'x'"); it is also the
+seam where the MAC is to be bound to run, kind and slot, so that a blob copied to another
+key is refused — ``Signer`` would then take the label as associated data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dask_serverless.graph import DAG
+from dask_serverless.storage.serialize import Signer, UntrustedBlobError
+
+# Kinds of signed blob in a run.
+RECORD = "run record"
+OUTPUT = "output"
+ERROR = "task error"
+RESULT = "run result"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything a worker needs to know about a run, stored once by the client."""
+
+    run_id: str
+    dag: DAG
+    retries: int = 0
+    retry_backoff_s: float = 0.1
+    max_output_bytes: int = 512 * 2**20
+    # Nodes of a bundle whose dependencies all run in the same invocation: counted in the
+    # worker's memory, never in Redis (see ``dask_serverless.planning.bundling``).
+    internal: frozenset[int] = frozenset()
+    # Outputs at least this large are not fanned out: their single-dependency children
+    # run in the worker that holds them (WUKONG's task clustering).
+    cluster_output_bytes: int = 2**20
+    # The configuration (memory MB) the plan gives each node, None for "any" (the sink);
+    # no plan: every node runs wherever it is ready (see ``dask_serverless.planning``).
+    memory: tuple[int | None, ...] | None = None
+    # The platform's concurrency limit, when known. Workers then invoke new workers for
+    # ready children only while the run's load (running plus queued invocations) is below
+    # it, and run the others themselves: an invocation that would only wait in the
+    # platform's queue costs more than running its task here. Unknown (AWS Lambda scales
+    # out): every ready child beyond the first gets a new worker, as in WUKONG.
+    concurrency: int | None = None
+
+    def memory_of(self, index: int) -> int | None:
+        return None if self.memory is None else self.memory[index]
+
+    def planned_memory(self, tasks: tuple[int, ...] | list[int]) -> int | None:
+        """The configuration an invocation starting with ``tasks`` needs (the largest)."""
+        if self.memory is None:
+            return None
+        return max((self.memory[t] or 0 for t in tasks), default=0) or None
+
+
+class RunSigner:
+    """Signs and checks the blobs of one run, each named by kind and slot."""
+
+    def __init__(self, signer: Signer, run_id: str) -> None:
+        self.signer = signer
+        self.run_id = run_id
+
+    def dumps(self, value: Any, kind: str, slot: int | None = None) -> bytes:
+        return self.signer.dumps(value)
+
+    def loads(self, blob: bytes, kind: str, label: str | None = None) -> Any:
+        """The value of ``blob``; ``label`` names it in errors (``output of 'x'``)."""
+        return self.signer.loads(blob, label or kind)
+
+    def dumps_exception(self, exc: BaseException) -> bytes:
+        return self.signer.dumps_exception(exc)
+
+
+def seal_record(signer: Signer, record: RunRecord) -> bytes:
+    """The signed, compressed record; a task that cannot be pickled is named in the error."""
+    try:
+        return signer.dumps(record, compress=True)
+    except Exception as error:
+        dag = record.dag
+        for index in range(dag.sink):
+            try:
+                signer.dumps(dag.nodes[index])
+            except Exception as node_error:
+                raise TypeError(
+                    f"task {dag.keys[index]!r} cannot be pickled for the workers: {node_error}"
+                ) from node_error
+        raise TypeError(f"the run cannot be pickled for the workers: {error}") from error
+
+
+def open_record(signer: Signer, blob: bytes, run_id: str) -> RunRecord:
+    """The record ``blob`` holds, refused unless it is signed and is run ``run_id``'s."""
+    record = signer.loads(blob, RECORD)
+    if not isinstance(record, RunRecord) or record.run_id != run_id:
+        raise UntrustedBlobError(f"the {RECORD} stored for run {run_id} is not that run's")
+    return record

@@ -1,0 +1,319 @@
+"""The run store: every Redis command of the run protocol, one named method per script.
+
+The client and the workers talk to Redis only through a ``RunStore`` (key names in
+``protocol.keys``, scripts in ``protocol/scripts``). Every multi-key step is one Lua
+script over keys of one hash slot, so it is atomic on a single server and on a cluster
+(I-3); every key is written with the run's TTL as the last line of defence (I-4). Per task
+a worker sends at most one script call, pipelined; no command here scans the keyspace
+(I-6). Connection helpers (``connect``, ``client_for``, ``redact``) live here too: what
+talks to Redis, and how, is in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.commands.core import Script
+from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRespSerializer
+
+from dask_serverless.constants import LARGE_ARGUMENT_BYTES
+from dask_serverless.protocol import scripts
+from dask_serverless.protocol.keys import RunKeys
+
+# Keys per UNLINK when a run is deleted: one pipelined round trip, no giant command.
+_DELETE_CHUNK = 5000
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+class CommandPacker:
+    """hiredis packs small commands fastest, but copies a 2 MB output into its buffer;
+    redis-py's own packer sends large arguments as they are. Each command takes the one
+    that suits it."""
+
+    def __init__(self) -> None:
+        self._small = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+        self._large = PythonRespSerializer(
+            6000, redis.connection.Encoder("utf-8", "strict", False).encode
+        )
+
+    def pack(self, *args: Any) -> list[bytes | memoryview]:
+        if self._small is None or any(
+            isinstance(arg, (bytes, memoryview)) and len(arg) >= LARGE_ARGUMENT_BYTES
+            for arg in args
+        ):
+            return cast("list[bytes | memoryview]", self._large.pack(*args))
+        return cast("list[bytes | memoryview]", self._small.pack(*args))
+
+
+def client_for(url: str) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); not yet connected."""
+    return redis.Redis.from_url(url, health_check_interval=30, command_packer=CommandPacker())
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url``, checked with PING.
+
+    Raises ``ConnectionError`` naming the URL without its password.
+    """
+    client = client_for(url)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+        client.close()
+        raise ConnectionError(f"cannot reach Redis at {redact(url)}: {error}") from None
+    return client
+
+
+class Scripts:
+    """The Lua scripts, registered once per Redis client (registering hashes the source)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.by_name: dict[str, Script] = {
+            name: client.register_script(scripts.source(name)) for name in scripts.NAMES
+        }
+
+    def __getitem__(self, name: str) -> Script:
+        return self.by_name[name]
+
+
+class RunStore:
+    """All Redis reads and writes of one run, for the client and the workers alike."""
+
+    def __init__(
+        self, client: redis.Redis, run_id: str, ttl_s: int, scripts: Scripts | None = None
+    ) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.ttl_s = int(ttl_s)
+        self.keys = RunKeys(run_id)
+        scripts = scripts or Scripts(client)
+        self._begin = scripts["begin"]
+        self._renew = scripts["renew"]
+        self._release = scripts["release"]
+        self._lapsed = scripts["lapsed"]
+        self._complete = scripts["complete"]
+        self._append_events = scripts["append_events"]
+        self._fail = scripts["fail"]
+        self._seal = scripts["seal"]
+        self._announce = scripts["announce"]
+
+    # -- client side -------------------------------------------------------------------
+
+    def create(self, record: bytes, invocations: int = 0) -> None:
+        """Store the run record, counting the ``invocations`` about to start the run."""
+        keys = self.keys
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(keys.record, record, ex=self.ttl_s, nx=True)
+            pipe.set(keys.queued, invocations, ex=self.ttl_s)
+            created, _ = pipe.execute()
+        if not created:
+            raise RuntimeError(f"run {self.run_id} already exists")
+
+    def load(self) -> int:
+        """How many invocations of the run are running or queued."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.leases)
+            pipe.get(self.keys.queued)
+            running, queued = pipe.execute()
+        return int(running) + int(queued or 0)
+
+    def note_invoked(self, count: int) -> None:
+        """Count ``count`` invocations about to be sent in the run's load."""
+        if count > 0:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.incrby(self.keys.queued, count)
+                pipe.expire(self.keys.queued, self.ttl_s)
+                pipe.execute()
+
+    def read_events(self, cursor: bytes, block_ms: int | None) -> tuple[bytes, list[bytes]]:
+        """Event batches after ``cursor``, waiting up to ``block_ms`` (None: not) for one."""
+        block = None if block_ms is None else max(block_ms, 1)
+        reply: Any = self.client.xread({self.keys.events: cursor}, block=block)
+        batches: list[bytes] = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                cursor = entry_id
+                batches.append(fields[b"e"])
+        return cursor, batches
+
+    def wait_signal(self, timeout_s: float) -> bool:
+        """Sleep until a decisive event (first error, finished) or ``timeout_s``."""
+        return self.client.blpop([self.keys.signal], timeout=max(timeout_s, 0.001)) is not None
+
+    def get_result(self) -> bytes | None:
+        return cast("bytes | None", self.client.get(self.keys.result))
+
+    def take_result(self) -> bytes | None:
+        """Read the result and delete what the sink's worker left: result, events, signal."""
+        blob = self.get_result()
+        self.delete([self.keys.result, self.keys.events, self.keys.signal])
+        return blob
+
+    def get_error(self) -> bytes | None:
+        return cast("bytes | None", self.client.get(self.keys.error))
+
+    def phase(self) -> str:
+        """``"running"`` (record present), ``"sealed"`` (only the result), or ``"lost"``."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.record)
+            pipe.exists(self.keys.result)
+            running, sealed = pipe.execute()
+        return "running" if running else "sealed" if sealed else "lost"
+
+    def purge(self, node_count: int) -> None:
+        """Delete every key of the run, the record first so that no worker writes again."""
+        self.client.delete(self.keys.record)
+        self.delete(self.keys.all_keys(node_count))
+
+    # -- worker side -------------------------------------------------------------------
+
+    def begin(
+        self, invocation_id: str, tasks: Sequence[int], lease_ms: int, want_record: bool
+    ) -> tuple[bool, bytes | None] | None:
+        """Claim an invocation and take its lease.
+
+        None if the run is gone, ``(False, None)`` for a duplicate delivery, else
+        ``(True, record-or-None)``.
+        """
+        keys = self.keys
+        reply = self._begin(
+            keys=[keys.record, keys.invocations, keys.leases, keys.restart, keys.queued],
+            args=[
+                invocation_id,
+                self.ttl_s,
+                "send" if want_record else "skip",
+                lease_ms,
+                json.dumps(list(tasks)),
+            ],
+        )
+        if reply is None:
+            return None
+        return bool(reply[0]), (reply[1] if len(reply) > 1 else None)
+
+    def renew_lease(self, invocation_id: str, lease_ms: int) -> bool:
+        """Extend a running invocation's lease; False when the run is gone."""
+        return bool(
+            self._renew(keys=[self.keys.record, self.keys.leases], args=[invocation_id, lease_ms])
+        )
+
+    def release_lease(self, invocation_id: str) -> None:
+        self._release(keys=[self.keys.leases, self.keys.restart], args=[invocation_id])
+
+    def take_lapsed_leases(self) -> list[list[int]]:
+        """Restart points of invocations whose worker stopped renewing its lease."""
+        keys = self.keys
+        reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart])
+        return [json.loads(reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
+        if not indices:
+            return []
+        return cast("list[bytes | None]", self.client.mget([self.keys.output(i) for i in indices]))
+
+    def complete(
+        self,
+        index: int,
+        output: bytes | None,
+        fan_in: Sequence[tuple[int, int]],
+        events: bytes | None,
+        invocation_id: str = "",
+        last_step: bool = False,
+        pending: bool = False,
+    ) -> tuple[int, list[int]] | None:
+        """Publish node ``index``; returns the run's load and the fan-in children won.
+
+        ``fan_in`` holds ``(child, dependency_count)`` pairs. ``last_step`` says the caller
+        has nothing else to run unless it wins a child: its lease is then released.
+        ``pending`` says it has other work queued, which only its old restart point leads
+        back to. The load is how many invocations of the run are running or queued.
+        ``None`` means the run was finished or purged meanwhile and the caller should stop.
+        """
+        keys = self.keys
+        script_keys = [
+            keys.record,
+            keys.events,
+            keys.output(index),
+            keys.leases,
+            keys.restart,
+            keys.queued,
+        ]
+        script_keys += [keys.inbox(child) for child, _ in fan_in]
+        large = output is not None and len(output) >= LARGE_ARGUMENT_BYTES
+        mode = "none" if output is None else "preset" if large else "value"
+        after = "release" if last_step else "keep" if pending else "replace"
+        args: list[Any] = [
+            self.ttl_s,
+            mode,
+            b"" if large or output is None else output,
+            index,
+            events or b"",
+            invocation_id,
+            after,
+        ]
+        for child, count in fan_in:
+            args += [child, count]
+        if large:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(keys.output(index), cast(bytes, output), ex=self.ttl_s)
+                self._complete(keys=script_keys, args=args, client=pipe)
+                _, reply = pipe.execute()
+        else:
+            reply = self._complete(keys=script_keys, args=args)
+        if reply is None:
+            return None
+        load, *won = reply
+        return int(load), [fan_in[position - 1][0] for position in won]
+
+    def append_events(self, events: bytes) -> bool:
+        """Append a batch of events; False when the run is gone."""
+        keys = self.keys
+        return bool(self._append_events(keys=[keys.record, keys.events], args=[self.ttl_s, events]))
+
+    def fail(self, error: bytes, events: bytes) -> bool:
+        """Record the run's first error and wake the client; False when the run is gone."""
+        keys = self.keys
+        reply = self._fail(
+            keys=[keys.record, keys.events, keys.error, keys.signal],
+            args=[self.ttl_s, error, events],
+        )
+        return reply is not None
+
+    def seal(self, result: bytes) -> bool:
+        """Store the result and delete the record: from now on no worker writes."""
+        keys = self.keys
+        return self._seal(keys=[keys.record, keys.result], args=[self.ttl_s, result]) == 1
+
+    def delete_intermediates(self, node_count: int) -> None:
+        """After ``seal``: every key but the result and the events the client still reads."""
+        self.delete(self.keys.intermediates(node_count))
+
+    def announce(self, events: bytes) -> bool:
+        """Append the ``finished`` events and wake the client, unless it purged the run."""
+        keys = self.keys
+        reply = self._announce(
+            keys=[keys.result, keys.events, keys.signal], args=[self.ttl_s, events]
+        )
+        return reply is not None
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """UNLINK ``keys`` in pipelined chunks: one round trip for a whole run."""
+        keys = list(keys)
+        with self.client.pipeline(transaction=False) as pipe:
+            for start in range(0, len(keys), _DELETE_CHUNK):
+                pipe.unlink(*keys[start : start + _DELETE_CHUNK])
+            pipe.execute()
