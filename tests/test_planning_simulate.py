@@ -170,7 +170,7 @@ def test_an_infeasible_deadline_warns_with_the_fastest_makespan():
         plan = make_planner("critical-path").plan(inputs)
     messages = [str(w.message) for w in caught if issubclass(w.category, PlanWarning)]
     assert messages and f"{plan.fastest_s:.3f} s" in messages[0]
-    assert plan.predicted_makespan_s == pytest.approx(plan.fastest_s)
+    assert plan.predicted_makespan_s <= plan.fastest_s + 1e-9
 
 
 def test_io_bound_tasks_get_the_smallest_size():

@@ -518,6 +518,7 @@ class CriticalPathPlanner:
             if not large:
                 regroup(inputs, timeline, cheap_target, fixed)
             memory = [timeline.effective_memory(i) for i in range(len(inputs.dag))]
+            memory = smallest_when_memory_buys_nothing(inputs, memory, fixed)
             memory, schedule = restore(
                 inputs, memory, fastest_memory, fastest, mean_target, fixed, 1 if large else None
             )
@@ -549,7 +550,8 @@ class CriticalPathPlanner:
     def fastest(inputs: PlanInputs) -> tuple[list[int], Schedule]:
         """The fastest on the platform model of: every uniform plan, every task at the
         smallest of its fastest sizes (equal speeds are one speed: no 3008 MB for a
-        single-threaded task)."""
+        single-threaded task) — in each, tasks memory does not speed up at their smallest
+        size."""
         n = len(inputs.dag)
         costs = inputs.costs
         column = {m: c for c, m in enumerate(costs.configs)}
@@ -563,6 +565,9 @@ class CriticalPathPlanner:
                 else inputs.at_least(i, inputs.middle_config())
             )
         candidates.append(own)
+        # Whatever the candidate, memory buys an I/O-bound task nothing.
+        fixed = {i for i in range(inputs.dag.sink) if i in inputs.pinned or not costs.known[i]}
+        candidates = [smallest_when_memory_buys_nothing(inputs, c, fixed) for c in candidates]
         if len(inputs.dag) > LARGE_DAG:
             # Preselect on the unconstrained timeline: own sizes and the full-speed uniforms.
             full_speed = inputs.full_speed_config()
@@ -579,6 +584,25 @@ class CriticalPathPlanner:
             (ms for ms in scheduled if ms[1].makespan <= quickest * (1 + AS_FAST)),
             key=lambda ms: ms[1].cost_gb_s,
         )
+
+
+def smallest_when_memory_buys_nothing(
+    inputs: PlanInputs, memory: list[int], fixed: set[int]
+) -> list[int]:
+    """Every task whose predicted time is the same at its smallest allowed size (it waits
+    on I/O, it sleeps) goes there: more memory would only cost more. Whole I/O chains move
+    together, so they still continue one another."""
+    costs = inputs.costs
+    column = {m: c for c, m in enumerate(costs.configs)}
+    moved = list(memory)
+    for i in range(inputs.dag.sink):
+        if i in fixed or memory[i] == ANY_MEMORY:
+            continue
+        smallest = inputs.allowed(i)[0]
+        at_smallest = costs.exec_s[i][column[smallest]]
+        if at_smallest <= costs.exec_s[i][column[memory[i]]] * (1 + AS_FAST):
+            moved[i] = smallest
+    return moved
 
 
 def restore(
