@@ -119,3 +119,32 @@ def test_pytest(tmp_path):
     assert f"pytest {json.dumps('ran')}" in done.stdout
     assert "1 passed" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+NESTED_PROGRAM = textwrap.dedent(
+    """
+    import dask
+    import dask_serverless
+
+    dask.config.set({"serverless.local.concurrency": 1})
+
+    def square(x):
+        return x * x
+
+    def fan_out(n):
+        # decided at run time: how many tasks to start
+        parts = [dask.delayed(square)(i) for i in range(n)]
+        return sum(dask.compute(parts, scheduler=dask_serverless.get)[0])
+
+    print("nested", dask.compute(dask.delayed(fan_out)(5), scheduler=dask_serverless.get)[0])
+    """
+)
+
+
+def test_a_nested_compute_in_a_script(tmp_path):
+    script = tmp_path / "nested.py"
+    script.write_text(NESTED_PROGRAM)
+    done = _run([sys.executable, str(script)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nested 30" in done.stdout
+    assert "Traceback" not in done.stderr

@@ -64,6 +64,8 @@ class Run:
     signer: Signer
     lease_ms: int
     recovered_invocations: int = 0
+    # For a nested run: whether the run of the task that started it is gone.
+    parent_gone: Callable[[], bool] | None = None
 
     @property
     def run_id(self) -> str:
@@ -167,6 +169,11 @@ class Run:
         Returns whether the run is sealed (its result stored). A run found sealed twice in
         a row lost its sink's worker between storing the result and announcing it.
         """
+        if self.parent_gone is not None and self.parent_gone():
+            raise RuntimeError(
+                f"nested run {self.run_id} stopped: the run of the task that started it is "
+                "gone; its keys were deleted"
+            )
         failure = self.backend.failure
         if failure is not None:
             raise RuntimeError(

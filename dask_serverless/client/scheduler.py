@@ -11,11 +11,19 @@ backend, the secret, the planner with its history, the settings — and turns ev
 4. hand the run to a ``Run``, which stores the record, invokes the roots and listens, and
    drive the dask callbacks around it;
 5. record the run's measurements in history and keep its report for ``last_run``.
+
+``get``, the embedded default, called inside a task (a worker runs it) starts a *nested*
+run instead: a child run on the worker's own Redis and platform, through a Scheduler the
+worker keeps for its tasks. While the task waits, its instance secedes from the platform's
+concurrency (``seceded``), so a fan-out decided at run time cannot deadlock the limit;
+the child run's error is raised in the task, and the child run stops (deleting its keys)
+if the parent run goes away.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +46,7 @@ from dask_serverless.protocol.store import RunStore, Scripts, connect
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
+from dask_serverless.worker.handler import Serving, serving
 
 # Root bundles per concurrent worker: enough to balance uneven bundles, few enough that
 # each one amortises its invocation (see dask_serverless.client.bundling).
@@ -152,11 +161,13 @@ class Scheduler:
         keys: Any,
         callbacks: Any = None,
         timeout: float | None = None,
+        parent_gone: Callable[[], bool] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Compute ``keys`` of ``dsk`` like ``dask.threaded.get``, on serverless workers.
 
-        Extra keyword arguments other schedulers take (``num_workers`` …) are ignored.
+        ``parent_gone`` (for a nested run) stops the run when it turns true. Extra keyword
+        arguments other schedulers take (``num_workers`` …) are ignored.
         """
         if self._closed:
             raise RuntimeError("this Scheduler is closed")
@@ -188,6 +199,7 @@ class Scheduler:
                 backend=self.backend,
                 signer=self._signer,
                 lease_ms=self.lease_ms,
+                parent_gone=parent_gone,
             )
             succeeded = False
             try:
@@ -253,5 +265,28 @@ _default = _DefaultScheduler()
 
 
 def get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
-    """The embedded default: like ``dask.threaded.get``, on a process-wide Scheduler."""
+    """The embedded default: like ``dask.threaded.get``, on a process-wide Scheduler.
+
+    Inside a task it starts a nested run on the worker's Redis and platform instead.
+    """
+    invocation = serving()
+    if invocation is not None:
+        return child_run_get(invocation, dsk, keys, **kwargs)
     return _default.get()(dsk, keys, **kwargs)
+
+
+def child_run_get(invocation: Serving, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Compute ``keys`` as a child run of the task ``invocation`` is running."""
+    environment = invocation.environment
+    platform = environment.invoker
+    if not isinstance(platform, Backend):
+        raise RuntimeError(
+            f"this worker's platform ({type(platform).__name__}) cannot start nested runs"
+        )
+    if environment.nested_client is None:
+        environment.nested_client = Scheduler(
+            redis=environment.redis_url, backend=platform, secret=environment.secret
+        )
+    seceded = getattr(platform, "seceded", contextlib.nullcontext)
+    with seceded():
+        return environment.nested_client.get(dsk, keys, parent_gone=invocation.cancelled, **kwargs)

@@ -12,16 +12,23 @@ small LRU of run records keyed by unguessable run ids.
 ``serve`` reads top to bottom: claim the invocation (a duplicate delivery stops here),
 open the run record (once per process and run), then follow the branch (``worker.loop``)
 while the heartbeat keeps the lease.
+
+While it follows the branch, ``serving()`` tells code running in a task which worker runs
+it: ``dask_serverless.get`` called inside a task starts a *nested* run on the worker's
+Redis and platform (the environment's invoker, when it is a complete backend) instead of
+a new embedded Redis and pool.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -42,6 +49,25 @@ RECORD_CACHE_SIZE = 8
 _IDLE_WAKE_S = 1.0
 # Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
 CACHE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The invocation a task runs in: its worker's environment, and whether its run is
+    gone (a nested run started by the task stops then, and deletes its keys)."""
+
+    environment: WorkerEnvironment
+    cancelled: Callable[[], bool]
+
+
+_serving: contextvars.ContextVar[Serving | None] = contextvars.ContextVar(
+    "dask_serverless_serving", default=None
+)
+
+
+def serving() -> Serving | None:
+    """The invocation the calling code runs in, if it runs in a task (else None)."""
+    return _serving.get()
 
 
 def handle(environment: WorkerEnvironment, event: dict, context: Any) -> dict:
@@ -96,9 +122,11 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         events.invocation_started(branch.worker_id, branch.memory_mb, branch.cold, startup_s)
     )
     environment.heartbeat.hold(store, invocation.invocation_id, lease_ms)
+    token = _serving.set(Serving(environment, branch.cancelled))
     try:
         run_branch(branch, invocation.tasks, environment.logic)
     finally:
+        _serving.reset(token)
         environment.heartbeat.drop()
     return {"status": "done", "seconds": time.monotonic() - started}
 
@@ -123,6 +151,8 @@ class WorkerEnvironment:
         handoff_margin_ms: int = 0,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
+        self.redis_url = redis_url
+        self.secret = secret
         self.redis = client_for(redis_url)
         self.scripts = Scripts(self.redis)
         self.signer = Signer(secret)
@@ -137,6 +167,9 @@ class WorkerEnvironment:
         # Called before every task (the local backend notes the running task for OOM reports).
         self.on_task: Callable[[Branch, int], None] | None = None
         self.cache = OutputCache(cache_bytes)
+        # The client (a Scheduler) for nested runs this instance's tasks start, built on
+        # first use by ``dask_serverless.get`` and kept with the instance.
+        self.nested_client: Any = None
 
     def cached_record(self, run_id: str) -> RunRecord | None:
         record = self.records.get(run_id)
