@@ -17,6 +17,7 @@ run record, the run's store, its progress — and walks the run through its stat
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ _POLL_MS = 1000
 _BATCH_PAUSE_S = 0.02
 # Attempts, doubling from 0.2 s, before a lost Redis connection fails the run.
 _REDIS_RETRIES = 6
+
+logger = logging.getLogger(__name__)
 
 
 class RedisUnavailableError(ConnectionError):
@@ -85,6 +88,7 @@ class Run:
 
     def invoke(self, starts: Sequence[Sequence[int]]) -> None:
         """One invocation per start, each in the configuration its tasks need."""
+        logger.debug("run %s: invoking %d workers", self.run_id, len(starts))
         self.backend.invoke(
             [
                 Invocation.new(
@@ -160,6 +164,13 @@ class Run:
                     raise RedisUnavailableError(
                         f"lost the connection to Redis during a run: {error}"
                     ) from None
+                logger.warning(
+                    "run %s: Redis connection lost (%s); retrying (%d of %d)",
+                    self.run_id,
+                    error,
+                    attempt + 1,
+                    _REDIS_RETRIES - 1,
+                )
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -181,6 +192,12 @@ class Run:
             ) from failure
         lapsed = self.store.take_lapsed_leases()
         if lapsed:
+            logger.warning(
+                "run %s: %d workers lost their lease; re-invoking their work",
+                self.run_id,
+                len(lapsed),
+                extra={"run_id": self.run_id},
+            )
             self.recovered_invocations += len(lapsed)
             self.store.note_invoked(len(lapsed))
             self.invoke(lapsed)

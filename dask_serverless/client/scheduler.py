@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
-from dask_serverless import config
+from dask_serverless import config, logs
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
 from dask_serverless.client.bundling import bundle_roots
@@ -55,6 +56,8 @@ _BUNDLES_PER_WORKER = 4
 _UNKNOWN_CONCURRENCY = 64
 
 __all__ = ["RedisUnavailableError", "Scheduler", "get"]
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -95,6 +98,7 @@ class Scheduler:
         memory_configs: Sequence[int] | None = None,
         history: bool | None = None,
     ) -> None:
+        logs.configure()
         self._closed = False
         self._embedded: EmbeddedRedis | None = None
         self._backend: Backend | None = None
@@ -175,6 +179,14 @@ class Scheduler:
         dag = translate(dsk, keys, run_token=run_id)
         bundling = bundle_roots(dag, self.bundles)
         plan = self._planning.plan(dag)
+        logger.debug(
+            "run %s: planner %s (SLA %s) chose memory %s MB",
+            run_id,
+            plan.planner,
+            plan.sla,
+            sorted(set(plan.memory_mb)),
+            extra={"run_id": run_id},
+        )
         record = RunRecord(
             run_id,
             dag,
@@ -202,16 +214,35 @@ class Scheduler:
                 parent_gone=parent_gone,
             )
             succeeded = False
+            logger.info(
+                "run %s started: %d tasks, %d invocations on the %s backend%s",
+                run_id,
+                len(dag) - 1,
+                len(bundling.starts),
+                self.backend.name,
+                " (nested)" if parent_gone is not None else "",
+                extra={"run_id": run_id},
+            )
             try:
                 run.progress.start()
                 run_started = time.time()
                 values = run.execute(sealed, limit)
                 makespan = time.time() - run_started
                 succeeded = True
+            except BaseException as error:
+                logger.info("run %s failed: %r", run_id, error, extra={"run_id": run_id})
+                raise
             finally:
                 self.recovered_invocations += run.recovered_invocations
                 self.last_retries = {dag.keys[i]: n for i, n in run.progress.retries.items()}
                 run.progress.finish(failed=not succeeded)
+        logger.info(
+            "run %s finished in %.3f s (%d invocations recovered)",
+            run_id,
+            makespan,
+            run.recovered_invocations,
+            extra={"run_id": run_id},
+        )
         self._last_report = self._planning.finish(
             run_id, dag, plan, run.progress, run_started, makespan, throttled=self.backend.throttled
         )

@@ -22,6 +22,7 @@ a new embedded Redis and pool.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import socket
 import threading
@@ -49,6 +50,8 @@ RECORD_CACHE_SIZE = 8
 _IDLE_WAKE_S = 1.0
 # Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
 CACHE_BYTES = 256 * 2**20
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,15 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     begun = store.begin(
         invocation.invocation_id, invocation.tasks, lease_ms, want_record=record is None
     )
+    where = {"run_id": run_id, "invocation_id": invocation.invocation_id}
     if begun is None:
+        logger.debug("invocation %s: run %s is gone", invocation.invocation_id, run_id, extra=where)
         return {"status": "run-gone"}
     claimed, blob = begun
     if not claimed:
+        logger.debug(
+            "invocation %s: duplicate delivery dropped", invocation.invocation_id, extra=where
+        )
         return {"status": "duplicate"}
     if record is None:
         try:
@@ -122,13 +130,29 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         events.invocation_started(branch.worker_id, branch.memory_mb, branch.cold, startup_s)
     )
     environment.heartbeat.hold(store, invocation.invocation_id, lease_ms)
+    logger.debug(
+        "invocation %s of run %s: tasks %s (%s start)",
+        invocation.invocation_id,
+        run_id,
+        list(invocation.tasks),
+        "cold" if branch.cold else "warm",
+        extra=where,
+    )
     token = _serving.set(Serving(environment, branch.cancelled))
     try:
         run_branch(branch, invocation.tasks, environment.logic)
     finally:
         _serving.reset(token)
         environment.heartbeat.drop()
-    return {"status": "done", "seconds": time.monotonic() - started}
+    seconds = time.monotonic() - started
+    logger.debug(
+        "invocation %s: %d tasks in %.3f s",
+        invocation.invocation_id,
+        len(branch.completed),
+        seconds,
+        extra=where,
+    )
+    return {"status": "done", "seconds": seconds}
 
 
 def _memory_of(context: Any) -> int | None:

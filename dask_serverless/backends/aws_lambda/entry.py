@@ -14,12 +14,14 @@ mapping to its instances (``install``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import boto3
 
+from dask_serverless import logs
 from dask_serverless.backends.aws_lambda.invoke import (
     DEFAULT_S3_THRESHOLD,
     ENV_HANDOFF_MARGIN,
@@ -79,6 +81,8 @@ def worker_environment(variables: Mapping[str, str]) -> WorkerEnvironment:
     mapping). AWS credentials, region and endpoints come from the same mapping, so the
     fan-out invoker uses the instance's execution role.
     """
+    logs.configure()
+    logs.json_lines(logging.getLogger(logs.ROOT).level or logging.INFO)
     session = boto3.session.Session(
         aws_access_key_id=variables.get("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=variables.get("AWS_SECRET_ACCESS_KEY"),

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from dask_serverless import logs
 from dask_serverless.backends.local.resources import InstanceGroup, TaskSlot, limit_native_threads
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.worker.handler import WorkerEnvironment, serve
@@ -57,6 +58,8 @@ class InstanceSettings:
     cgroup: InstanceGroup | None = None
     # The platform's concurrency, for nested runs started by this instance's tasks.
     concurrency: int | None = None
+    # The client's dask ``logging`` config, applied in the instance (dask_serverless.logs).
+    logging: dict | None = None
 
 
 @dataclass
@@ -144,6 +147,7 @@ def boot(
     settings: InstanceSettings, platform: InstancePlatform, slot: TaskSlot | None
 ) -> WorkerEnvironment:
     """Hold the instance to its configuration; build its worker environment."""
+    logs.configure(settings.logging or {})
     if settings.cgroup is not None:
         settings.cgroup.enter()
     if settings.memory_mb:

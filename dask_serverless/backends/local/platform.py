@@ -44,6 +44,7 @@ count against ``concurrency``, so the child run's invocations always find room.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing.connection
 import os
 import sys
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from dask_serverless import logs
 from dask_serverless.backends.local.forkserver import InstanceProcess, shared_fork_server
 from dask_serverless.backends.local.instance import (
     FAILED,
@@ -81,6 +83,8 @@ from dask_serverless.worker.handler import WorkerEnvironment
 
 _TICK_S = 0.1
 _MAX_FAILED_BOOTS = 3
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class LocalBackend:
             int(memory_mb),
             worker_environment,
             concurrency=self.concurrency,
+            logging=logs.logging_config(),
         )
         # Started now, so that its imports overlap with the client's first compute.
         shared_fork_server()
@@ -226,6 +231,7 @@ class LocalBackend:
                 instance.seceded = False
             elif message[0] == FAILED:
                 self._boot_error = str(message[1])
+                logger.error("a worker instance failed to start:\n%s", self._boot_error)
 
     def _forget(self, connection: Connection) -> None:
         """An instance died (killed, out of memory) — drop it and retry its invocation.
@@ -251,6 +257,11 @@ class LocalBackend:
                         f"started; the last one said: {said}"
                     )
             if instance is not None and instance.invocation is not None:
+                logger.warning(
+                    "instance %d died running invocation %s; delivering it again",
+                    instance.process.pid,
+                    instance.invocation.invocation_id,
+                )
                 self.lost_instances += 1
                 self._queue.appendleft(instance.invocation)
         connection.close()
@@ -324,6 +335,7 @@ class LocalBackend:
             process, parent_end, memory_mb=memory_mb, group=group, slot=slot
         )
         self.cold_starts += 1
+        logger.debug("cold start: instance %d (%d MB)", process.pid, memory_mb)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -372,6 +384,9 @@ class LocalBackend:
             return
         run_id, ttl, index, key = running
         self.out_of_memory += 1
+        logger.warning(
+            "task %s ran out of its %d MB: its instance was killed", key, instance.memory_mb
+        )
         if self._reporter is None:
             client = client_for(self._settings.redis_url)
             self._reporter = (client, Signer(self._settings.secret))
