@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import dask
 import pytest
@@ -10,7 +11,8 @@ import pytest
 import dask_serverless
 from dask_serverless import Scheduler
 from dask_serverless.client import scheduler as scheduler_module
-from tests.tasks import inc
+from tests.conftest import run_keys
+from tests.tasks import inc, sleep_then
 
 
 def fan_out(n: int) -> tuple[int, int, int, bool]:
@@ -74,3 +76,19 @@ def test_a_failing_child_run_fails_the_parent_with_its_error(redis_url):
 def test_nested_runs_with_the_inline_backend(redis_url):
     with Scheduler(redis=redis_url, backend="inline", timeout=120) as sched:
         assert dask.compute(dask.delayed(nested_twice)(3), scheduler=sched) == (60,)
+
+
+def waits_on_slow_children(seconds: float) -> int:
+    slow = [dask.delayed(sleep_then)(i, seconds) for i in range(2)]
+    return sum(dask.compute(slow, scheduler=dask_serverless.get)[0])
+
+
+def test_a_child_run_stops_and_cleans_up_when_its_parent_run_times_out(redis_url, redis_client):
+    with Scheduler(redis=redis_url, concurrency=2, timeout=1.5, lease_timeout=1) as sched:
+        with pytest.raises(TimeoutError):
+            dask.compute(dask.delayed(waits_on_slow_children)(60), scheduler=sched)
+        # The parent's heartbeat sees its run gone; the child run stops and deletes its keys.
+        deadline = time.monotonic() + 25
+        while run_keys(redis_client) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not run_keys(redis_client)
