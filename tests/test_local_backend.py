@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing.connection
 import os
+import signal
 import time
 
 import dask
@@ -10,6 +12,7 @@ import pytest
 
 from dask_serverless import Scheduler
 from dask_serverless.backends.local import LocalBackend
+from dask_serverless.backends.local.forkserver import shared_fork_server
 from dask_serverless.storage.serialize import new_secret
 from tests.tasks import big_bytes, main_module_file, pid_with, sleep_then
 
@@ -100,3 +103,24 @@ def test_an_instance_runs_the_platform_main_module_not_the_clients(scheduler):
     assert instance_main.endswith(
         os.path.join("dask_serverless", "backends", "local", "__main__.py")
     )
+
+
+def test_the_fork_server_reports_how_an_instance_ended():
+    """Instances are not the client's children; their handle still gives the exit code."""
+    server = shared_fork_server()
+    ours, theirs = multiprocessing.connection.Pipe()
+    stopped = server.fork([theirs.fileno()])
+    theirs.close()
+    ours.close()  # no settings, no dispatcher: the instance exits quietly
+    stopped.join(timeout=30)
+    assert stopped.exitcode == 0
+    ours, theirs = multiprocessing.connection.Pipe()
+    killed = server.fork([theirs.fileno()])
+    theirs.close()
+    assert killed.is_alive()
+    killed.kill()
+    killed.join(timeout=30)
+    assert killed.exitcode == -signal.SIGKILL
+    ours.close()
+    for process in (stopped, killed):
+        process.close()

@@ -25,8 +25,10 @@ The protocol runs over one Unix socket pair, the *control* connection:
    server, which kills the instances still alive: they have lost their dispatcher.
 
 The server reaps its children as SIGCHLD arrives, so a dead instance's cgroup can be
-removed at once. The client is not the instances' parent; it watches each one through a
-pidfd (``InstanceProcess``). One server serves every local backend of a process
+removed at once, and sends ``(EXITED, pid, exit code)`` (negative: the signal that killed
+it, as ``multiprocessing`` reports it) on the control connection. The client is not the
+instances' parent; it watches each one through a pidfd (``InstanceProcess``) and reads its
+exit code from those messages. One server serves every local backend of a process
 (``shared_fork_server``), as multiprocessing's does: a second Scheduler starts no server.
 """
 
@@ -47,6 +49,7 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection
 
 FORK = "fork"
+EXITED = "exited"
 # Modules worth importing once in the server when the client already uses them.
 PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
 _SERVER_MODULE = "dask_serverless.backends.local"
@@ -66,8 +69,9 @@ class InstanceProcess:
     it); elsewhere liveness is polled with signal 0.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, server: ForkServer | None = None) -> None:
         self.pid = pid
+        self._server = server
         self._pidfd: int | None = None
         self._exited = False
         if hasattr(os, "pidfd_open"):
@@ -82,6 +86,13 @@ class InstanceProcess:
     def join(self, timeout: float | None = None) -> None:
         self._wait(timeout)
 
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; then its exit code (negative: the signal that killed it)."""
+        if not self.is_alive() and self._server is not None:
+            return self._server.exit_code(self.pid)
+        return None
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             if self._pidfd is not None:
@@ -91,6 +102,8 @@ class InstanceProcess:
 
     def close(self) -> None:
         """Release the pidfd (the process is gone or no longer watched)."""
+        if self._server is not None:
+            self._server.forget(self.pid)
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -134,6 +147,7 @@ class ForkServer:
         self._socket = own_end
         self._connection = Connection(os.dup(own_end.fileno()))
         self._lock = threading.Lock()
+        self._exit_codes: dict[int, int] = {}
         self.owner = os.getpid()
         with server_end:
             self.process = subprocess.Popen(
@@ -157,13 +171,36 @@ class ForkServer:
                 self._connection.send(request)
                 reduction.sendfds(self._socket, list(fds))
                 reply = self._connection.recv()
+                while isinstance(reply, tuple):
+                    self._note_exit(reply)
+                    reply = self._connection.recv()
             except (EOFError, OSError) as error:
                 raise ForkServerError(
                     f"the local platform's fork server exited (status {self.process.poll()})"
                 ) from error
         if isinstance(reply, str):
             raise ForkServerError(f"the local platform could not start an instance: {reply}")
-        return InstanceProcess(int(reply))
+        return InstanceProcess(int(reply), self)
+
+    def exit_code(self, pid: int, timeout: float = 1.0) -> int | None:
+        """The exit code of instance ``pid``, which exited (None: the server did not say)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            with contextlib.suppress(EOFError, OSError):
+                while pid not in self._exit_codes:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._connection.poll(remaining):
+                        break
+                    self._note_exit(self._connection.recv())
+            return self._exit_codes.get(pid)
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self._exit_codes.pop(pid, None)
+
+    def _note_exit(self, message: tuple) -> None:
+        _, pid, code = message
+        self._exit_codes[int(pid)] = int(code)
 
     def close(self) -> None:
         """Stop the server (it kills the instances it still has) and wait for it."""
@@ -239,7 +276,7 @@ def serve_forever(control_fd: int) -> None:
             if wake_reader in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_reader, 4096)
-                _reap(children)
+                _reap(children, connection)
             if control.fileno() not in readable:
                 continue
             try:
@@ -279,19 +316,21 @@ def serve_forever(control_fd: int) -> None:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _reap(children)
 
 
-def _reap(children: set[int]) -> None:
+def _reap(children: set[int], connection: Connection) -> None:
+    """Collect the instances that exited; tell the client their exit codes."""
     while children:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             children.clear()
             return
         if pid == 0:
             return
         children.discard(pid)
+        with contextlib.suppress(OSError):
+            connection.send((EXITED, pid, os.waitstatus_to_exitcode(status)))
 
 
 def _close_all(fds: Sequence[int]) -> None:
