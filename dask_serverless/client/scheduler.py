@@ -12,11 +12,20 @@ backend, the secret, the planner with its history, the settings — and turns ev
 4. hand the run to a ``Run``, which stores the record, invokes the roots and listens, and
    drive the dask callbacks around it;
 5. record the run's measurements in history and keep its report for ``last_run``.
+
+``get``, the embedded default, called inside a task (a worker runs it) starts a *nested*
+run instead: a child run on the worker's own Redis and platform, through a Scheduler the
+worker keeps for its tasks. While the task waits, its instance secedes from the platform's
+concurrency (``seceded``), so a fan-out decided at run time cannot deadlock the limit;
+the child run's error is raised in the task, and the child run stops (deleting its keys)
+if the parent run goes away.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -26,7 +35,7 @@ from typing import Any
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
-from dask_serverless import config
+from dask_serverless import config, logs
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
 from dask_serverless.client.progress import RunProgress
@@ -39,6 +48,7 @@ from dask_serverless.protocol.store import RunStore, Scripts, connect
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
+from dask_serverless.worker.handler import Serving, serving
 
 # Root bundles per concurrent worker: enough to balance uneven bundles, few enough that
 # each one amortises its invocation (see dask_serverless.planning.bundling).
@@ -50,6 +60,8 @@ _UNKNOWN_CONCURRENCY = 64
 LAMBDA_KEEP_ALIVE_S = 600.0
 
 __all__ = ["RedisUnavailableError", "Scheduler", "get"]
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -90,6 +102,7 @@ class Scheduler:
         memory_configs: Sequence[int] | None = None,
         history: bool | None = None,
     ) -> None:
+        logs.configure()
         self._closed = False
         self._embedded: EmbeddedRedis | None = None
         self._backend: Backend | None = None
@@ -157,11 +170,13 @@ class Scheduler:
         keys: Any,
         callbacks: Any = None,
         timeout: float | None = None,
+        parent_gone: Callable[[], bool] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Compute ``keys`` of ``dsk`` like ``dask.threaded.get``, on serverless workers.
 
-        Extra keyword arguments other schedulers take (``num_workers`` …) are ignored.
+        ``parent_gone`` (for a nested run) stops the run when it turns true. Extra keyword
+        arguments other schedulers take (``num_workers`` …) are ignored.
         """
         if self._closed:
             raise RuntimeError("this Scheduler is closed")
@@ -169,6 +184,14 @@ class Scheduler:
         dag = translate(dsk, keys, run_token=run_id)
         plan = self._planning.plan(dag, self.platform())
         bundling = plan.bundling
+        logger.debug(
+            "run %s: planner %s (SLA %s) chose memory %s MB",
+            run_id,
+            plan.planner,
+            plan.sla,
+            sorted(set(plan.memory_mb)),
+            extra={"run_id": run_id},
+        )
         record = RunRecord(
             run_id,
             dag,
@@ -193,8 +216,18 @@ class Scheduler:
                 backend=self.backend,
                 signer=self._signer,
                 lease_ms=self.lease_ms,
+                parent_gone=parent_gone,
             )
             succeeded = False
+            logger.info(
+                "run %s started: %d tasks, %d invocations on the %s backend%s",
+                run_id,
+                len(dag) - 1,
+                len(bundling.starts),
+                self.backend.name,
+                " (nested)" if parent_gone is not None else "",
+                extra={"run_id": run_id},
+            )
             try:
                 run.progress.start()
                 if plan.prewarm:
@@ -203,10 +236,20 @@ class Scheduler:
                 values = run.execute(sealed, limit)
                 makespan = time.time() - run_started
                 succeeded = True
+            except BaseException as error:
+                logger.info("run %s failed: %r", run_id, error, extra={"run_id": run_id})
+                raise
             finally:
                 self.recovered_invocations += run.recovered_invocations
                 self.last_retries = {dag.keys[i]: n for i, n in run.progress.retries.items()}
                 run.progress.finish(failed=not succeeded)
+        logger.info(
+            "run %s finished in %.3f s (%d invocations recovered)",
+            run_id,
+            makespan,
+            run.recovered_invocations,
+            extra={"run_id": run_id},
+        )
         self._last_report = self._planning.finish(
             run_id,
             dag,
@@ -287,5 +330,28 @@ _default = _DefaultScheduler()
 
 
 def get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
-    """The embedded default: like ``dask.threaded.get``, on a process-wide Scheduler."""
+    """The embedded default: like ``dask.threaded.get``, on a process-wide Scheduler.
+
+    Inside a task it starts a nested run on the worker's Redis and platform instead.
+    """
+    invocation = serving()
+    if invocation is not None:
+        return child_run_get(invocation, dsk, keys, **kwargs)
     return _default.get()(dsk, keys, **kwargs)
+
+
+def child_run_get(invocation: Serving, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Compute ``keys`` as a child run of the task ``invocation`` is running."""
+    environment = invocation.environment
+    platform = environment.invoker
+    if not isinstance(platform, Backend):
+        raise RuntimeError(
+            f"this worker's platform ({type(platform).__name__}) cannot start nested runs"
+        )
+    if environment.nested_client is None:
+        environment.nested_client = Scheduler(
+            redis=environment.redis_url, backend=platform, secret=environment.secret
+        )
+    seceded = getattr(platform, "seceded", contextlib.nullcontext)
+    with seceded():
+        return environment.nested_client.get(dsk, keys, parent_gone=invocation.cancelled, **kwargs)
