@@ -8,8 +8,8 @@
   size, its planned start and finish an outline on the same lane, tasks on the plan's
   critical path are outlined red, and a triangle marks the first task of a cold instance;
   hovering a bar shows the task;
-* the **cost** (billed GB-s, as ``report.py`` computes it) by function and by memory size,
-  start-ups counted apart;
+* the **cost** (the bill in GB-s, as ``report.py`` computes it) by function and by memory
+  size: tasks' shares, and the invocations' overhead (cold starts, rounding) apart;
 * **predicted vs actual**: each task's busy time, and the run's makespan (beside other
   runs' when given: the other runs of a ``performance_report``, or recent runs from the
   run history for ``dask-serverless report --html`` and the dashboard).
@@ -48,7 +48,7 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
 
-from dask_serverless.report import RunReport, TaskRecord, billed_gb_s
+from dask_serverless.report import RunReport, TaskRecord
 
 MAX_BARS = 2000
 MAX_POINTS = 2000
@@ -59,6 +59,7 @@ _MIN_GANTT_PX = 160
 _MAX_GANTT_PX = 900
 _WIDTH_PX = 1100
 _NOT_RUN = "(not run)"
+_OVERHEAD = "(invocation overhead)"
 _CRITICAL_COLOR = "#d62728"
 
 
@@ -87,7 +88,8 @@ def header_html(report: RunReport) -> str:
         f" · SLA {html.escape(report.sla)}</p>",
         f"<p>makespan predicted {report.predicted_makespan_s:.3f} s, actual "
         f"{report.actual_makespan_s:.3f} s · cost predicted {report.predicted_cost_gb_s:.3f}"
-        f" GB-s, actual {report.cost_gb_s:.3f} GB-s · {report.invocations} invocations "
+        f" GB-s (${report.predicted_cost_usd:.8f}), actual {report.cost_gb_s:.3f} GB-s "
+        f"(${report.cost_usd:.8f}) · {report.invocations} invocations "
         f"({report.cold_starts} cold)</p>",
     ]
     if len(report.tasks) > MAX_BARS:
@@ -296,17 +298,21 @@ def _cold_starts(tasks: Sequence[TaskRecord]) -> dict[str, list[Any]]:
 
 
 def cost_split(report: RunReport) -> Any:
-    """Billed GB-s by function and by memory size; start-ups apart from tasks."""
+    """The run's bill (GB-s, as ``report.py`` computes it) by function and by memory size.
+
+    Tasks get their busy time's share (``TaskRecord.cost_gb_s``); the rest of the bill —
+    cold starts, rounding, time between tasks — is the invocations' overhead.
+    """
     by_function: dict[str, float] = defaultdict(float)
     by_memory: dict[str, float] = defaultdict(float)
     for t in report.tasks:
         cost = t.cost_gb_s
         by_function[_short_function(t.function)] += cost
         by_memory[_memory_label(t.memory_mb)] += cost
-    for inv in report.invocation_records:
-        startup = billed_gb_s([(inv.memory_mb, inv.startup_s)])
-        by_function["(start-ups)"] += startup
-        by_memory[_memory_label(inv.memory_mb)] += startup
+    overhead = report.cost_gb_s - sum(by_function.values())
+    if overhead > 0:
+        by_function[_OVERHEAD] += overhead
+        by_memory[_OVERHEAD] += overhead
     return row(
         _cost_bars("Cost by function (GB-s)", by_function),
         _cost_bars("Cost by memory size (GB-s)", by_memory),

@@ -51,6 +51,7 @@ from dask_serverless.report import (
     SUCCEEDED,
     TIMED_OUT,
     InvocationRecord,
+    Pricing,
     RunReport,
 )
 
@@ -80,6 +81,7 @@ def build_report(
     throttled: bool | None = None,
     status: str = SUCCEEDED,
     error: str | None = None,
+    pricing: Pricing | None = None,
 ) -> RunReport:
     """The full report of a run from its plan and the events the client received."""
     uploads: dict[int, float] = progress.uploads
@@ -89,7 +91,18 @@ def build_report(
         if metrics is not None:
             measured[metrics.index] = metrics
     invocations = [invocation_metrics(e) for e in progress.invocations]
-    base = report(run_id, dag, plan, measured, invocations, started_unix, makespan_s, throttled)
+    base = report(
+        run_id,
+        dag,
+        plan,
+        measured,
+        invocations,
+        started_unix,
+        makespan_s,
+        throttled,
+        pricing or Pricing(),
+        len(progress.out_of_memory),
+    )
     functions = plan.functions or function_identities(dag)
     tasks = []
     for index, task in enumerate(base.tasks):
@@ -146,8 +159,9 @@ def summary_of(report: RunReport) -> dict[str, Any]:
 class RunRecorder:
     """Records a Scheduler's runs (see module docstring); ``history=None`` keeps none."""
 
-    def __init__(self, history: RunHistory | None) -> None:
+    def __init__(self, history: RunHistory | None, pricing: Pricing | None = None) -> None:
         self.history = history
+        self.pricing = pricing
         self._saving = ThreadPoolExecutor(1, thread_name_prefix="dask-serverless-history")
         self._pending: list[Future] = []
         self._closed = False
@@ -169,7 +183,14 @@ class RunRecorder:
         self.flush()
         self._save(
             lambda: build_report(
-                run_id, dag, plan, progress.__class__(dag), started_unix, 0.0, status=RUNNING
+                run_id,
+                dag,
+                plan,
+                progress.__class__(dag),
+                started_unix,
+                0.0,
+                status=RUNNING,
+                pricing=self.pricing,
             )
         )
 
@@ -185,7 +206,16 @@ class RunRecorder:
     ) -> Callable[[], RunReport]:
         """How to build the report of a run that succeeded; saved in the background."""
         build = functools.cache(
-            lambda: build_report(run_id, dag, plan, progress, started_unix, makespan_s, throttled)
+            lambda: build_report(
+                run_id,
+                dag,
+                plan,
+                progress,
+                started_unix,
+                makespan_s,
+                throttled,
+                pricing=self.pricing,
+            )
         )
         performance.collect(build)
         if self.history is not None:
@@ -219,6 +249,7 @@ class RunRecorder:
                 throttled,
                 status=status,
                 error=reason,
+                pricing=self.pricing,
             )
         except Exception:
             logger.warning("could not build the report of run %s", run_id, exc_info=True)

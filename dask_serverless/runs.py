@@ -111,28 +111,26 @@ def function_history(
     identities = matching_functions(summaries, function) or [function]
     sections = []
     for identity in identities:
-        tasks, transfers, startups = samples.load([identity], memory_sizes)
-        predictor = Predictor(History(tasks, transfers, startups), SLA.parse(sla))
-        sections.append(_samples_section(identity, tasks, predictor, sla))
+        loaded = samples.load([identity], memory_sizes)
+        predictor = Predictor(History(*loaded), SLA.parse(sla))
+        sections.append(_samples_section(identity, loaded[0], predictor, memory_sizes))
         sections.append(_errors_section(identity, summaries, runs))
     return "\n\n".join(sections)
 
 
 def _samples_section(
-    identity: str, tasks: dict[tuple[str, int], list[list[float]]], predictor: Predictor, sla: str
+    identity: str,
+    tasks: dict[tuple[str, int], list[list[float]]],
+    predictor: Predictor,
+    memory_sizes: Sequence[int],
 ) -> str:
+    """Samples per size, then the fitted model and its prediction at every size."""
     if not tasks:
         return f"{identity}: no samples in the history."
     rows = []
     for (_f, memory), series in sorted(tasks.items(), key=lambda item: item[0][1]):
         times = [s[2] for s in series]
         inputs = [s[0] for s in series]
-        line = predictor.exec_line(identity, memory)
-        fit = (
-            "-"
-            if line is None
-            else f"{line.intercept:.4f} + {line.slope * 1e6:.4f}/MB (+{line.tail:.4f})"
-        )
         rows.append(
             [
                 str(memory),
@@ -140,11 +138,23 @@ def _samples_section(
                 f"{statistics.fmean(times):.4f}",
                 f"{max(times):.4f}",
                 f"{min(inputs):.0f}–{max(inputs):.0f}",
-                fit,
             ]
         )
-    header = ["MB", "samples", "mean s", "max s", "input bytes", f"fit s ({sla})"]
-    return f"{identity}: samples per memory size\n" + format_table(header, rows, None)
+    header = ["MB", "samples", "mean s", "max s", "input bytes"]
+    lines = [f"{identity}: samples per memory size", format_table(header, rows, None)]
+    model = predictor.model(identity)
+    if model is not None:
+        typical = statistics.median(s[0] for series in tasks.values() for s in series)
+        lines.append(
+            f"fit: I/O {model.io.intercept:.4f} s + {model.io.slope * 1e6:.4f} s/MB of input, "
+            f"CPU {model.cpu.intercept:.4f} s + {model.cpu.slope * 1e6:.4f} s/MB at one "
+            f"vCPU, {model.threads:g} thread(s); calibration ×{predictor.bias(identity):.2f}"
+        )
+        predicted = ", ".join(
+            f"{m} MB {predictor.exec_time(identity, typical, m):.4f} s" for m in memory_sizes
+        )
+        lines.append(f"predicted at the median input ({typical:.0f} bytes): {predicted}")
+    return "\n".join(lines)
 
 
 def _errors_section(identity: str, summaries: Sequence[dict[str, Any]], runs: RunHistory) -> str:

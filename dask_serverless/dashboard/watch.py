@@ -34,7 +34,7 @@ from dask_serverless.planning.history import task_metrics
 from dask_serverless.protocol import events
 from dask_serverless.protocol.runs import RunHistory
 from dask_serverless.protocol.store import RunStore, Scripts
-from dask_serverless.report import RUNNING, RunReport, billed_gb_s
+from dask_serverless.report import RUNNING, RunReport, busy_gb_s
 
 RECENT_RUNS = 20
 
@@ -71,7 +71,7 @@ class LiveRun:
             kind = event[0]
             if kind == events.DONE:
                 self._task_done(event)
-            elif kind == events.RETRY:
+            elif kind in (events.RETRY, events.OUT_OF_MEMORY):
                 self.retried.add(int(event[1]))
             elif kind == events.ERROR and self.failed is None:
                 self.failed = int(event[1])
@@ -83,7 +83,8 @@ class LiveRun:
                     worker_id, Instance(worker_id, int(memory) or None, cold)
                 )
                 instance.invocations += 1
-                self.startup_cost_gb_s += billed_gb_s([(int(memory) or None, float(startup))])
+                if cold:
+                    self.startup_cost_gb_s += busy_gb_s(int(memory) or None, float(startup))
 
     def _task_done(self, event: events.Event) -> None:
         index = int(event[1])
@@ -96,7 +97,7 @@ class LiveRun:
         metrics = task_metrics(event)
         memory = None if metrics is None else metrics.memory_mb
         if metrics is not None:
-            self.task_cost_gb_s += billed_gb_s([(memory, metrics.total_s)])
+            self.task_cost_gb_s += busy_gb_s(memory, metrics.total_s)
         instance = self.instances.setdefault(worker_id, Instance(worker_id, memory, False))
         instance.tasks += 1
 

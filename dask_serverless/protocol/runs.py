@@ -15,7 +15,7 @@ planner's samples (``protocol.history``) it is *bounded*, whatever the number of
                                 of a run in progress) and again when it ends
 ==============================  =======================================================
 
-(``H = dsl:history:v1:``, named in ``protocol.keys``.) Adding a run drops the reports of
+(``H = dsl:history:v2:``, named in ``protocol.keys``.) Adding a run drops the reports of
 runs that fell out of the newest ``keep``; every report also carries the history TTL
 (``planning.history-ttl``), so nothing is kept longer than that even if nobody runs
 again. Only the client writes here,
