@@ -22,19 +22,21 @@ run record, the run's store, its progress — and walks the run through its stat
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
 
 from dask_serverless.backends.base import Backend
-from dask_serverless.client.bundling import Bundling
+from dask_serverless.backends.local.resources import TaskOutOfMemoryError
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.constants import WATCHES_PER_LEASE
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan
+from dask_serverless.planning.bundling import Bundling
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import ERROR, RESULT, RunRecord
@@ -60,6 +62,8 @@ _OUTAGES = (
 # Cluster failover counts as stalled (its queued-invocation count may have been lost).
 _STALL_LEASES = 4
 
+logger = logging.getLogger(__name__)
+
 
 class RedisUnavailableError(ConnectionError):
     """Redis went away during a run, or came back without the run's state."""
@@ -81,6 +85,10 @@ class Run:
     recovered_invocations: int = 0
     idle_watches: int = 0
     primaries: frozenset[str] = frozenset()
+    # Configurations given since the plan: tasks that ran out of memory, one size up.
+    memory_mb: dict[int, int] = field(default_factory=dict)
+    # For a nested run: whether the run of the task that started it is gone.
+    parent_gone: Callable[[], bool] | None = None
 
     @property
     def run_id(self) -> str:
@@ -102,6 +110,7 @@ class Run:
 
     def invoke(self, starts: Sequence[Sequence[int]]) -> None:
         """One invocation per start, each in the configuration its tasks need."""
+        logger.debug("run %s: invoking %d workers", self.run_id, len(starts))
         self.backend.invoke(
             [
                 Invocation.new(
@@ -109,11 +118,31 @@ class Run:
                     tasks,
                     self.store.ttl_s,
                     self.lease_ms,
-                    memory_mb=self.record.planned_memory(list(tasks)),
+                    memory_mb=self.memory_for(tasks),
                 )
                 for tasks in starts
             ]
         )
+
+    def memory_for(self, tasks: Sequence[int]) -> int | None:
+        """The configuration an invocation of ``tasks`` needs: the plan's, or larger for a
+        task that ran out of memory."""
+        planned = self.record.planned_memory(list(tasks))
+        larger = [self.memory_mb[t] for t in tasks if t in self.memory_mb]
+        return max([planned or 0, *larger]) or None
+
+    def retry_out_of_memory(self, configs: Sequence[int]) -> None:
+        """Give tasks killed for their memory the next larger configuration.
+
+        The dead invocation's lease lapses and ``watch`` re-invokes its restart point at
+        the configuration its tasks now have. A task that ran out of memory at the largest
+        configuration fails the run with ``TaskOutOfMemoryError``.
+        """
+        for index, killed_at in self.progress.out_of_memory:
+            larger = [m for m in configs if m > killed_at]
+            if not larger:
+                raise TaskOutOfMemoryError(repr(self.dag.keys[index]), killed_at)
+            self.memory_mb[index] = max(self.memory_mb.get(index, 0), larger[0])
 
     def wait(self, deadline: float | None, timeout: float | None) -> Sequence[Any]:
         """Wait for the run to end, folding its events into ``progress``.
@@ -150,6 +179,7 @@ class Run:
             for batch in batches:
                 progress.apply(events.decode(batch))
                 self.idle_watches = 0
+            self.retry_out_of_memory(self.plan.inputs.configs)
             if follow and batches:
                 time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:
@@ -179,6 +209,13 @@ class Run:
                     raise RedisUnavailableError(
                         f"lost the connection to Redis during a run: {error}"
                     ) from None
+                logger.warning(
+                    "run %s: Redis connection lost (%s); retrying (%d of %d)",
+                    self.run_id,
+                    error,
+                    attempt + 1,
+                    _REDIS_RETRIES - 1,
+                )
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -188,6 +225,11 @@ class Run:
         Returns whether the run is sealed (its result stored). A run found sealed twice in
         a row lost its sink's worker between storing the result and announcing it.
         """
+        if self.parent_gone is not None and self.parent_gone():
+            raise RuntimeError(
+                f"nested run {self.run_id} stopped: the run of the task that started it is "
+                "gone; its keys were deleted"
+            )
         failure = self.backend.failure
         if failure is not None:
             raise RuntimeError(
@@ -195,6 +237,12 @@ class Run:
             ) from failure
         lapsed = self.store.take_lapsed_leases()
         if lapsed:
+            logger.warning(
+                "run %s: %d workers lost their lease; re-invoking their work",
+                self.run_id,
+                len(lapsed),
+                extra={"run_id": self.run_id},
+            )
             self.recovered_invocations += len(lapsed)
             self.store.note_invoked(len(lapsed))
             self.invoke(lapsed)

@@ -33,9 +33,10 @@ Control keys of one run (``P = dsl:{<run-id>}:``):
 Bulk keys of one run: ``dsl:{<run-id>:o:<i>}`` (string), the signed output of node ``i``,
 stored only when a consumer lives elsewhere; one hash slot per output.
 
-History keys (``H = dsl:history:v2:``) outlive runs; see ``protocol.history``. The series of
-one function share the hash tag of its digest, so history spreads over a cluster by
-function.
+History keys (``H = dsl:history:v2:``) outlive runs: the planner's samples (see
+``protocol.history``) and the run history, the newest runs' reports (``protocol.runs``).
+The series of one function share the hash tag of its digest, so history spreads over a
+cluster by function.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ def function_digest(function: str) -> str:
 
 
 def task_history_key(function: str, memory_mb: int) -> str:
-    """``[input_bytes, output_bytes, exec_s]`` samples of one function at one size; every
-    size of one function in one hash slot."""
+    """``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb, wait_s]`` samples of one
+    function at one size; every size of one function in one hash slot."""
     return f"{HISTORY_PREFIX}task:{{{function_digest(function)}}}:{int(memory_mb)}"
 
 
@@ -139,3 +140,25 @@ def transfer_history_key(memory_mb: int) -> str:
 def startup_history_key(memory_mb: int) -> str:
     """``[cold 0|1, seconds]`` samples of invocation start-ups at one size."""
     return f"{HISTORY_PREFIX}startup:{int(memory_mb)}"
+
+
+def out_of_memory_history_key(function: str) -> str:
+    """The sizes (MB) one function ran out of memory at."""
+    return f"{HISTORY_PREFIX}oom:{{{function_digest(function)}}}"
+
+
+def residual_history_key(function: str) -> str:
+    """Measured / planned busy time of one function's recent tasks (calibration)."""
+    return f"{HISTORY_PREFIX}resid:{{{function_digest(function)}}}"
+
+
+# The run history (protocol.runs): the newest runs, their summaries and their reports.
+# One hash tag for all of them: adding a run is one transaction, also on a Redis Cluster
+# (the history is bounded, so one slot holds it).
+RUNS_HISTORY_KEY = f"{HISTORY_PREFIX}{{runs}}"
+RUN_SUMMARIES_KEY = f"{HISTORY_PREFIX}{{runs}}:summaries"
+
+
+def run_report_key(run_id: str) -> str:
+    """A run's report (zlib-compressed JSON) in the run history."""
+    return f"{HISTORY_PREFIX}{{runs}}:run:{run_id}"
