@@ -93,7 +93,7 @@ def test_history_of_one_function_shares_a_slot_and_loads_in_one_pipeline(redis_c
     assert len(owners) == 3
     store = HistoryStore(client, samples=4, ttl_s=60)
     store.append({(f, 1024): [[1.0, 2.0, 0.5]] for f in functions}, {}, {})
-    tasks, _, _ = store.load(functions, [1024])
+    tasks, *_ = store.load(functions, [1024])
     assert tasks == {(f, 1024): [[1.0, 2.0, 0.5]] for f in functions}
     client.close()
 
