@@ -7,7 +7,17 @@
 from dask_serverless import config as _config  # noqa: F401  (registers the defaults)
 from dask_serverless.client import Scheduler, get
 from dask_serverless.graph import CycleError
+from dask_serverless.performance import performance_report
+from dask_serverless.report import RunReport
 from dask_serverless.storage.serialize import RemoteError, UntrustedBlobError
 
-__all__ = ["CycleError", "RemoteError", "Scheduler", "UntrustedBlobError", "get"]
+__all__ = [
+    "CycleError",
+    "RemoteError",
+    "RunReport",
+    "Scheduler",
+    "UntrustedBlobError",
+    "get",
+    "performance_report",
+]
 __version__ = "0.1.0"

@@ -79,3 +79,9 @@ def pid_with(value, seconds=0.0):
 
     time.sleep(seconds)
     return os.getpid()
+
+
+def main_module_file():
+    import sys
+
+    return getattr(sys.modules["__main__"], "__file__", None)

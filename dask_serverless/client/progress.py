@@ -13,6 +13,7 @@ gets ``None`` as the result: the value never travels to the client.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from dask_serverless.protocol.events import (
     UPLOAD,
     Event,
 )
+
+logger = logging.getLogger(__name__)
 
 Callbacks = Sequence[tuple[Callable | None, ...]]
 
@@ -115,6 +118,7 @@ class RunProgress:
             elif kind == RETRY:
                 index = int(event[1])
                 self.retries[index] = max(self.retries.get(index, 0), int(event[2]))
+                logger.info("task %s: retry %s after %s", self.dag.keys[index], event[2], event[3])
             elif kind == ERROR and self.failed_index is None:
                 self.failed_index = int(event[1])
             elif kind == FINISHED:
