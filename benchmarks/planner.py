@@ -10,7 +10,8 @@ Three workflows, at the default concurrency (one instance per core) and at 8:
   sleeps each) and 8 tiny tasks, all into one join.
 
 Every repetition starts from fresh history (its own embedded Redis). Per workflow and
-concurrency it warms history with two runs at 1769 MB, then runs ``uniform`` at the
+concurrency it warms history with two runs at 1769 MB (on a Scheduler of their own, so
+every measured Scheduler starts with cold instances), then runs ``uniform`` at the
 largest size, ``uniform`` at 1769 MB and ``critical-path`` — all under SLA p95 and
 deadline ``fastest+5%`` — and records each run's predicted and actual makespan and cost
 (Lambda's bill, GB-s). The checks of the closing table, each over every run of every
@@ -214,6 +215,12 @@ def repetition(
         for concurrency in concurrencies:
             for name in workflows:
                 graph, key = WORKFLOWS[name](loops)
+                # History from a Scheduler of its own: every measured one starts cold.
+                with Scheduler(
+                    redis=url, planner="uniform-1769", concurrency=concurrency, **options
+                ) as warm_up:
+                    for _ in range(WARMUP_RUNS):
+                        warm_up.get(graph, key)
                 scheds = {
                     planner: Scheduler(
                         redis=url, planner=planner, concurrency=concurrency, **options
@@ -221,8 +228,6 @@ def repetition(
                     for planner in ("uniform-1769", "uniform-3008", "critical-path")
                 }
                 try:
-                    for _ in range(WARMUP_RUNS):
-                        scheds["uniform-1769"].get(graph, key)
                     for planner in ("uniform-3008", "uniform-1769", "critical-path"):
                         measured = measure(name, concurrency, scheds[planner], graph, key)
                         results.runs.append(measured)

@@ -486,7 +486,8 @@ class CriticalPathPlanner:
             plan_memory = [inputs.at_least(i, full_speed) for i in range(len(inputs.dag))]
             return Plan.of(f"{self.name} (small work)", inputs, plan_memory, notes=(note,))
         notes: list[str] = []
-        fastest_memory, fastest = self.fastest(inputs)
+        candidates = self.candidates(inputs)
+        fastest_memory, fastest = self.fastest(candidates)
         fastest_q = inputs.quantile(fastest_memory, fastest)
         target = inputs.deadline.target(fastest_q)
         if target < fastest_q - _EPSILON:
@@ -527,6 +528,10 @@ class CriticalPathPlanner:
             notes.append(f"{unknown} task(s) without history kept at their fastest-plan size")
         if schedule is None:
             schedule = inputs.schedule(memory)
+        # A candidate already simulated that keeps the target for less wins.
+        for other_memory, other in candidates:
+            if other.makespan <= mean_target + _EPSILON and other.cost_gb_s < schedule.cost_gb_s:
+                memory, schedule = list(other_memory), other
         prewarm = inputs.prewarm(memory, schedule)
         if prewarm:
             notes.append(
@@ -547,11 +552,19 @@ class CriticalPathPlanner:
         return _with_schedule(plan, schedule)
 
     @staticmethod
-    def fastest(inputs: PlanInputs) -> tuple[list[int], Schedule]:
-        """The fastest on the platform model of: every uniform plan, every task at the
-        smallest of its fastest sizes (equal speeds are one speed: no 3008 MB for a
-        single-threaded task) — in each, tasks memory does not speed up at their smallest
-        size."""
+    def fastest(candidates: Sequence[tuple[list[int], Schedule]]) -> tuple[list[int], Schedule]:
+        """The cheapest of the candidates within a percent of the quickest."""
+        quickest = min(schedule.makespan for _memory, schedule in candidates)
+        return min(
+            (ms for ms in candidates if ms[1].makespan <= quickest * (1 + AS_FAST)),
+            key=lambda ms: ms[1].cost_gb_s,
+        )
+
+    @staticmethod
+    def candidates(inputs: PlanInputs) -> list[tuple[list[int], Schedule]]:
+        """On the platform model: every uniform plan, every task at the smallest of its
+        fastest sizes (equal speeds are one speed: no 3008 MB for a single-threaded task)
+        — in each, tasks memory does not speed up at their smallest size."""
         n = len(inputs.dag)
         costs = inputs.costs
         column = {m: c for c, m in enumerate(costs.configs)}
@@ -577,13 +590,7 @@ class CriticalPathPlanner:
             timelines = [(memory, simulate(inputs, memory)) for memory in likely]
             best = min(timelines, key=lambda mt: (round(mt[1].makespan, 6), mt[1].cost_gb_s))
             candidates = [best[0]]
-        scheduled = [(memory, inputs.schedule(memory)) for memory in candidates]
-        # Within a percent of the fastest is as fast: take the cheapest of those.
-        quickest = min(schedule.makespan for _memory, schedule in scheduled)
-        return min(
-            (ms for ms in scheduled if ms[1].makespan <= quickest * (1 + AS_FAST)),
-            key=lambda ms: ms[1].cost_gb_s,
-        )
+        return [(memory, inputs.schedule(memory)) for memory in candidates]
 
 
 def smallest_when_memory_buys_nothing(
