@@ -205,28 +205,43 @@ def test_redis_restart_mid_run_is_a_clear_error(tmp_path):
         assert not run_keys(redis.Redis.from_url(server.url))
 
 
-def test_tampered_output_blob_fails_the_run(scheduler, redis_client):
-    early = dask.delayed(inc)(1)
-    slow = dask.delayed(sleep_then)(2, 1.0)
-    both = dask.delayed(add_all)(early, slow)
-    tampered = []
+@pytest.mark.parametrize("how", ["flipped", "swapped"])
+def test_tampered_or_moved_output_blob_fails_the_run(redis_url, redis_client, how):
+    """Two outputs, stored by parents that run side by side in two instances, are
+    tampered with while a third parent runs: one bit flipped, or the two validly signed
+    blobs swapped between their keys. The consumer reads them from Redis (no instance
+    holds both) and refuses them, naming the key."""
+    with Scheduler(redis=redis_url, concurrency=3, timeout=60) as sched:
+        first = dask.delayed(sleep_then)(10, 0.2, dask_key_name="first")
+        second = dask.delayed(sleep_then)(20, 0.2, dask_key_name="second")
+        slow = dask.delayed(sleep_then)(0, 2.0, dask_key_name="slow")
+        work = dask.delayed(add_all)(first, second, slow)
+        tampered = []
 
-    def tamper():
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not tampered:
-            for key in redis_client.keys("dsl:*:o:*"):
-                value = redis_client.get(key)
-                if value:
-                    redis_client.set(key, value[:-1] + bytes([value[-1] ^ 1]), keepttl=True)
-                    tampered.append(key)
-            time.sleep(0.02)
+        def tamper():
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not tampered:
+                outputs = sorted(redis_client.keys("dsl:*:o:*"))
+                if len(outputs) == 2:
+                    a, b = redis_client.mget(outputs)
+                    if how == "flipped":
+                        b = a[:-1] + bytes([a[-1] ^ 1])
+                        outputs = outputs[:1]
+                    redis_client.set(outputs[0], b, keepttl=True)
+                    if how == "swapped":
+                        redis_client.set(outputs[1], a, keepttl=True)
+                    tampered.extend(outputs)
+                time.sleep(0.01)
 
-    thread = threading.Thread(target=tamper)
-    thread.start()
-    with pytest.raises(UntrustedBlobError, match="signature does not match"):
-        dask.compute(both, scheduler=scheduler)
-    thread.join()
-    assert tampered
+        thread = threading.Thread(target=tamper)
+        thread.start()
+        with pytest.raises(
+            UntrustedBlobError,
+            match=r"output of '(first|second)' \(key dsl:\{\w+\}:o:\d+\).*signature does not",
+        ):
+            dask.compute(work, scheduler=sched)
+        thread.join()
+        assert tampered
 
 
 def test_password_protected_redis():

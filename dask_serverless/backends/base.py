@@ -18,7 +18,13 @@ class Backend(Protocol):
     ``throttled`` says whether configurations get their CPU share (None: not known),
     recorded next to the run's measurements. ``failure`` is why the platform stopped
     serving invocations, if it did: the waiting client raises it instead of waiting for
-    its timeout. ``close`` releases what the backend started.
+    its timeout. ``take_crashes(run_id)`` hands over, once, the invocations of a run
+    whose instance the platform saw die, each with the cause (exit code, signal, out of
+    memory): the client re-invokes them at once and names the cause when it gives up.
+    ``cancel(run_id)`` stops what the platform still runs or queues for a run that
+    timed out, was interrupted or failed — as far as the platform can (AWS Lambda cannot
+    stop a running invocation; its worker stops before its next task). ``close``
+    releases what the backend started.
     """
 
     @property
@@ -34,5 +40,9 @@ class Backend(Protocol):
     def failure(self) -> BaseException | None: ...
 
     def invoke(self, invocations: Sequence[Invocation]) -> None: ...
+
+    def take_crashes(self, run_id: str) -> dict[str, str]: ...
+
+    def cancel(self, run_id: str) -> None: ...
 
     def close(self) -> None: ...

@@ -45,6 +45,14 @@ class InlineBackend:
         finally:
             self._draining = False
 
+    def take_crashes(self, run_id: str) -> dict[str, str]:
+        """A worker in this process cannot die without the client: nothing to report."""
+        return {}
+
+    def cancel(self, run_id: str) -> None:
+        """Drop what is queued for ``run_id``; nothing else runs while the client waits."""
+        self._queue = collections.deque(i for i in self._queue if i.run_id != run_id)
+
     def close(self) -> None:
         self._queue.clear()
         self._environment.redis.close()

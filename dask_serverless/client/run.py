@@ -7,16 +7,30 @@ run record, the run's store, its progress — and walks the run through its stat
    count of the invocations about to start, then invoke one worker per bundle or root;
 2. ``wait``: only listen (I-2). Progress drives the dask callbacks, an error event raises
    the task's own exception, ``finished`` means the sink's worker stored the result and
-   deleted every intermediate key. While it waits it also *watches*: an invocation whose
-   lease lapsed (its worker died) is re-invoked from its restart point, and a Redis that
-   lost the run (restarted) is a clear error;
+   deleted every intermediate key. While it waits it also *watches*:
+
+   * an invocation whose lease lapsed (its worker died), or whose instance the platform
+     reports dead, is re-invoked from its restart point — at most
+     ``serverless.max-reinvocations`` times for the same work, then the run fails with
+     ``WorkerCrashedError`` naming the task and the cause;
+   * when no invocation runs and nothing progressed for ``STUCK_LEASES`` leases,
+     invocations noted as queued that never began (lost in a Redis blip) are sent again,
+     under the same ids, so a duplicate is dropped;
+   * a run with no live lease, nothing queued and no progress for ``STUCK_LEASES``
+     lease periods can never finish: ``StuckRunError`` names the tasks that can no
+     longer run;
+   * a Redis that lost the run (restarted) is a clear error, and a Redis that hangs
+     cannot hold the compute past its deadline (every call has a socket timeout);
 3. ``take_result`` reads and deletes the result — or, when the run failed, timed out or
-   was interrupted, ``purge`` deletes every key the run may have written (the record
-   first, which stops every worker from writing again).
+   was interrupted, the backend stops the run's running tasks (``Backend.cancel``) and
+   ``purge`` deletes every key the run may have written (the record first, which stops
+   every worker from writing again). A clean-up Redis refuses is retried in the
+   background until it succeeds or the keys' TTL has passed.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,14 +41,13 @@ import redis
 from dask_serverless.backends.base import Backend
 from dask_serverless.client.bundling import Bundling
 from dask_serverless.client.progress import RunProgress
-from dask_serverless.constants import WATCHES_PER_LEASE
+from dask_serverless.constants import STUCK_LEASES, WATCHES_PER_LEASE
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
-from dask_serverless.protocol.record import ERROR, RESULT, RunRecord
+from dask_serverless.protocol.record import ERROR, RESULT, RunRecord, RunSigner
 from dask_serverless.protocol.store import RunStore
-from dask_serverless.storage.serialize import Signer
 
 _T = TypeVar("_T")
 # Longest single wait on the event stream while following it.
@@ -44,10 +57,42 @@ _POLL_MS = 1000
 _BATCH_PAUSE_S = 0.02
 # Attempts, doubling from 0.2 s, before a lost Redis connection fails the run.
 _REDIS_RETRIES = 6
+# A clean-up Redis refused is tried again after this many seconds, doubling up to a minute.
+_CLEANUP_RETRY_S = 1.0
+_CLEANUP_RETRY_MAX_S = 60.0
+# Tasks named in a stuck run's error, at most.
+_NAMED_TASKS = 10
 
 
 class RedisUnavailableError(ConnectionError):
     """Redis went away during a run, or came back without the run's state."""
+
+
+class WorkerCrashedError(RuntimeError):
+    """The instance running a task died (exit, signal, out of memory, lost) too often.
+
+    ``key`` is the task's dask key, ``cause`` what the platform knows of the death.
+    """
+
+    def __init__(self, key: Any, cause: str, crashes: int) -> None:
+        super().__init__(
+            f"task {key!r} lost its worker {crashes} times ({cause}); gave up after "
+            f"{crashes - 1} re-invocations (serverless.max-reinvocations)"
+        )
+        self.key = key
+        self.cause = cause
+        self.crashes = crashes
+
+    def __reduce__(self) -> tuple:
+        return (WorkerCrashedError, (self.key, self.cause, self.crashes))
+
+
+class StuckRunError(RuntimeError):
+    """No worker runs, nothing is queued and nothing progresses: the run cannot finish."""
+
+
+class _RedisHung(TimeoutError):
+    """The deadline passed while Redis did not answer."""
 
 
 @dataclass
@@ -61,9 +106,17 @@ class Run:
     store: RunStore
     progress: RunProgress
     backend: Backend
-    signer: Signer
+    signer: RunSigner
     lease_ms: int
+    max_reinvocations: int = 2
     recovered_invocations: int = 0
+
+    def __post_init__(self) -> None:
+        # Crashes per restart point, and re-sends per never-begun invocation.
+        self.crashes: dict[tuple[int, ...], int] = {}
+        self.resent: dict[str, int] = {}
+        self.last_progress = time.monotonic()
+        self.deadline: float | None = None
 
     @property
     def run_id(self) -> str:
@@ -72,29 +125,61 @@ class Run:
     def execute(self, sealed_record: bytes, timeout: float | None) -> Sequence[Any]:
         """Submit the run and wait for its values; whatever goes wrong, purge its keys."""
         deadline = None if timeout is None else time.monotonic() + float(timeout)
-        starts = self.bundling.starts
-        self.store.create(sealed_record, invocations=len(starts))
+        self.deadline = deadline
+        invocations = self.invocations(self.bundling.starts)
+        self.store.create(sealed_record, invocations)
         try:
-            self.invoke(starts)
+            self.backend.invoke(invocations)
             return self.wait(deadline, timeout)
-        except BaseException:
-            self.store.purge(len(self.dag))
+        except BaseException as error:
+            self.clean_up(redis_trouble=isinstance(error, (RedisUnavailableError, _RedisHung)))
             raise
 
-    def invoke(self, starts: Sequence[Sequence[int]]) -> None:
+    def invocations(self, starts: Sequence[Sequence[int]]) -> list[Invocation]:
         """One invocation per start, each in the configuration its tasks need."""
-        self.backend.invoke(
-            [
-                Invocation.new(
-                    self.run_id,
-                    tasks,
-                    self.store.ttl_s,
-                    self.lease_ms,
-                    memory_mb=self.record.planned_memory(list(tasks)),
-                )
-                for tasks in starts
-            ]
-        )
+        return [
+            Invocation.new(
+                self.run_id,
+                tasks,
+                self.store.ttl_s,
+                self.lease_ms,
+                memory_mb=self.record.planned_memory(list(tasks)),
+            )
+            for tasks in starts
+        ]
+
+    def invoke(self, starts: Sequence[Sequence[int]]) -> None:
+        """Note the invocations as queued, then send them."""
+        invocations = self.invocations(starts)
+        self.store.note_invoked(invocations)
+        self.backend.invoke(invocations)
+
+    def clean_up(self, redis_trouble: bool) -> None:
+        """Stop the run's running tasks and delete its keys; retried in the background
+        while Redis refuses, so that a hung Redis does not hold the compute."""
+        self.backend.cancel(self.run_id)
+        node_count, store = len(self.dag), self.store
+        if not redis_trouble:
+            try:
+                store.purge(node_count)
+                return
+            except redis.RedisError:
+                pass
+        give_up = time.monotonic() + store.ttl_s
+
+        def purge_until_done() -> None:
+            pause = _CLEANUP_RETRY_S
+            while time.monotonic() < give_up:
+                try:
+                    store.purge(node_count)
+                    return
+                except redis.RedisError:
+                    time.sleep(pause)
+                    pause = min(pause * 2, _CLEANUP_RETRY_MAX_S)
+
+        threading.Thread(
+            target=purge_until_done, name=f"dask-serverless-clean-up-{self.run_id}", daemon=True
+        ).start()
 
     def wait(self, deadline: float | None, timeout: float | None) -> Sequence[Any]:
         """Wait for the run to end, folding its events into ``progress``.
@@ -122,12 +207,15 @@ class Run:
                         f"{timeout} s; it was cancelled and its keys deleted"
                     )
                 wait_s = min(wait_s, deadline - now)
+            wait_s = min(wait_s, _POLL_MS / 1000)
             if follow:
-                block_ms = int(min(wait_s, _POLL_MS / 1000) * 1000) + 1
+                block_ms = int(wait_s * 1000) + 1
                 cursor, batches = self.with_retries(store.read_events, cursor, block_ms)
             else:
                 self.with_retries(store.wait_signal, wait_s)
                 cursor, batches = self.with_retries(store.read_events, cursor, None)
+            if batches:
+                self.last_progress = time.monotonic()
             for batch in batches:
                 progress.apply(events.decode(batch))
             if follow and batches:
@@ -135,34 +223,46 @@ class Run:
             if progress.failed_index is not None:
                 raise self.remote_error()
             if progress.finished:
-                blob = store.take_result()
+                blob = self.with_retries(store.take_result)
                 if blob is None:
                     raise RuntimeError(f"run {self.run_id} finished but its result is gone")
-                return self.signer.loads(blob, RESULT)
+                return self.open_result(blob)
             if time.monotonic() >= next_watch:
-                was_sealed, sealed = sealed, self.watch()
+                was_sealed, sealed = sealed, self.with_retries(self.watch)
                 if was_sealed and sealed:
                     blob = store.get_result()
                     store.purge(len(self.dag))
                     if blob is not None:
-                        return self.signer.loads(blob, RESULT)
+                        return self.open_result(blob)
                 next_watch = time.monotonic() + watch_every
 
     def with_retries(self, command: Callable[..., _T], *args: Any) -> _T:
-        """Run ``command``, riding out a short Redis outage; a lost run is a clear error."""
+        """Run ``command``, riding out a short Redis outage; a lost run is a clear error.
+
+        No retry outlasts the run's deadline: a Redis that hangs past it is a
+        ``TimeoutError`` (each call is bounded by the client's socket timeout).
+        """
         for attempt in range(_REDIS_RETRIES):
             try:
                 return command(*args)
             except (redis.ConnectionError, redis.TimeoutError) as error:
+                pause = 0.2 * 2**attempt
+                if self.deadline is not None and time.monotonic() + pause >= self.deadline:
+                    raise _RedisHung(
+                        f"dask-serverless run {self.run_id} did not finish within its "
+                        f"timeout while Redis did not answer ({error}); its keys are "
+                        "deleted once Redis answers again"
+                    ) from None
                 if attempt == _REDIS_RETRIES - 1:
                     raise RedisUnavailableError(
                         f"lost the connection to Redis during a run: {error}"
                     ) from None
-                time.sleep(0.2 * 2**attempt)
+                time.sleep(pause)
         raise AssertionError("unreachable")
 
     def watch(self) -> bool:
-        """Re-invoke the work of workers whose lease lapsed; notice a Redis that lost us.
+        """Re-invoke lost work, send again what never began, notice a stuck run and a
+        Redis that lost us (see the module docstring).
 
         Returns whether the run is sealed (its result stored). A run found sealed twice in
         a row lost its sink's worker between storing the result and announcing it.
@@ -172,25 +272,96 @@ class Run:
             raise RuntimeError(
                 f"the {self.backend.name} backend stopped serving invocations: {failure}"
             ) from failure
-        lapsed = self.store.take_lapsed_leases()
+        dead = self.backend.take_crashes(self.run_id)
+        lapsed = self.store.take_lapsed_leases(list(dead))
         if lapsed:
+            self.last_progress = time.monotonic()
+            for invocation_id, tasks in lapsed:
+                self.count_crash(tasks, dead.get(invocation_id))
             self.recovered_invocations += len(lapsed)
-            self.store.note_invoked(len(lapsed))
-            self.invoke(lapsed)
+            self.invoke([tasks for _, tasks in lapsed])
         phase = self.store.phase()
         if phase == "lost":
             raise RedisUnavailableError(
                 f"Redis no longer holds run {self.run_id} (was the server restarted or "
                 "flushed?); the run cannot finish"
             )
+        if phase == "running" and not lapsed:
+            self.look_for_lost_invocations()
         return phase == "sealed"
+
+    def count_crash(self, tasks: Sequence[int], cause: str | None) -> None:
+        """Count one more death of the instance running ``tasks``; past the cap, fail."""
+        point = tuple(sorted(tasks))
+        crashes = self.crashes[point] = self.crashes.get(point, 0) + 1
+        if crashes > self.max_reinvocations:
+            key = self.dag.keys[point[0]] if point else "?"
+            raise WorkerCrashedError(
+                key,
+                cause
+                or "its lease lapsed: the instance stopped renewing it (killed, "
+                "crashed, out of memory, or lost)",
+                crashes,
+            )
+
+    def look_for_lost_invocations(self) -> None:
+        """With no live lease: send again what never began; with nothing queued either
+        and no progress for ``STUCK_LEASES`` leases, the run is stuck."""
+        running, queued = self.store.counts()
+        if running:
+            return
+        quiet_s = time.monotonic() - self.last_progress
+        lease_s = self.lease_ms / 1000
+        if queued and quiet_s >= STUCK_LEASES * lease_s:
+            lost = self.store.queued_invocations()
+            for invocation in lost:
+                sent = self.resent[invocation.invocation_id] = (
+                    self.resent.get(invocation.invocation_id, 0) + 1
+                )
+                if sent > self.max_reinvocations:
+                    raise StuckRunError(
+                        f"run {self.run_id}: invocation of {self.name_tasks(invocation.tasks)} "
+                        f"was sent {sent} times and never began"
+                    )
+            self.last_progress = time.monotonic()
+            self.backend.invoke(lost)
+        elif not queued and quiet_s >= STUCK_LEASES * lease_s:
+            raise StuckRunError(self.why_stuck())
+
+    def why_stuck(self) -> str:
+        """The tasks that can no longer run, and why."""
+        dag, done = self.dag, self.progress.seen
+        unfinished = [i for i in range(dag.sink) if i not in done]
+        ready = [i for i in unfinished if all(p in done for p in dag.dependencies[i])]
+        lease_s = self.lease_ms / 1000
+        if ready:
+            why = (
+                "their inputs are all done but no worker runs them and none is queued to "
+                "(their fan-in inbox was lost: evicted or deleted from Redis?)"
+            )
+        else:
+            why = "no worker runs them, none is queued to, and nothing leads to them"
+        return (
+            f"run {self.run_id} is stuck: no live lease, nothing queued and no progress "
+            f"for {STUCK_LEASES * lease_s:g} s; {len(ready or unfinished)} task(s) can no "
+            f"longer run, {self.name_tasks(ready or unfinished)}: {why}"
+        )
+
+    def name_tasks(self, tasks: Sequence[int]) -> str:
+        names = ", ".join(repr(self.dag.keys[i]) for i in list(tasks)[:_NAMED_TASKS])
+        return names + (", …" if len(tasks) > _NAMED_TASKS else "")
+
+    def open_result(self, blob: bytes) -> Sequence[Any]:
+        label = f"run result (key {self.store.keys.result})"
+        values: Sequence[Any] = self.signer.loads(blob, RESULT, label=label)
+        return values
 
     def remote_error(self) -> BaseException:
         """The exception of the task that failed, as the worker recorded it."""
         blob = self.store.get_error()
         if blob is None:
             return RuntimeError(f"a task of run {self.run_id} failed but left no error")
-        exc = self.signer.loads(blob, ERROR)
+        exc = self.signer.loads(blob, ERROR, label=f"task error (key {self.store.keys.error})")
         if not isinstance(exc, BaseException):
             return RuntimeError(f"a task of run {self.run_id} failed: {exc!r}")
         return exc

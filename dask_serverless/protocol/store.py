@@ -14,30 +14,46 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 from redis.commands.core import Script
 from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRespSerializer
 
-from dask_serverless.constants import LARGE_ARGUMENT_BYTES
+from dask_serverless.constants import LARGE_ARGUMENT_BYTES, REDIS_SOCKET_TIMEOUT_S
 from dask_serverless.protocol import scripts
+from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import RunKeys
 
 # Keys per UNLINK when a run is deleted: one pipelined round trip, no giant command.
 _DELETE_CHUNK = 5000
 
 
+# Query parameters of a Redis URL that hold a credential (redis-py accepts them all).
+_SECRET_PARAMETERS = frozenset({"password", "username", "user", "auth", "ssl_password"})
+
+
 def redact(url: str) -> str:
-    """``url`` without its password, for error messages and logs."""
+    """``url`` without its credentials — in the user part or the query — for messages
+    and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    netloc = parts.netloc
+    if "@" in netloc:
+        user = parts.username or ""
+        host = netloc.rsplit("@", 1)[1]
+        netloc = f"{user}:***@{host}" if parts.password is not None else f"{user}@{host}"
+    query = "&".join(
+        f"{name}=***" if name.lower() in _SECRET_PARAMETERS else f"{name}={value}"
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and url.startswith(f"{parts.scheme}://"):
+        redacted = redacted.replace(":", "://", 1)  # unix:///path keeps its slashes
+    return redacted
+
+
+def _payloads(invocations: Sequence[Invocation]) -> dict[str, str]:
+    return {i.invocation_id: json.dumps(i.to_payload()) for i in invocations}
 
 
 class CommandPacker:
@@ -61,8 +77,18 @@ class CommandPacker:
 
 
 def client_for(url: str) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); not yet connected."""
-    return redis.Redis.from_url(url, health_check_interval=30, command_packer=CommandPacker())
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); not yet connected.
+
+    Every call gives up after ``REDIS_SOCKET_TIMEOUT_S`` (connecting included), so a Redis
+    that hangs is an error, never a wait without end.
+    """
+    return redis.Redis.from_url(
+        url,
+        health_check_interval=30,
+        command_packer=CommandPacker(),
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+    )
 
 
 def connect(url: str) -> redis.Redis:
@@ -75,7 +101,8 @@ def connect(url: str) -> redis.Redis:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
         client.close()
-        raise ConnectionError(f"cannot reach Redis at {redact(url)}: {error}") from None
+        message = str(error).replace(url, redact(url))
+        raise ConnectionError(f"cannot reach Redis at {redact(url)}: {message}") from None
     return client
 
 
@@ -111,16 +138,19 @@ class RunStore:
         self._fail = scripts["fail"]
         self._seal = scripts["seal"]
         self._announce = scripts["announce"]
+        self._queue = scripts["queue"]
 
     # -- client side -------------------------------------------------------------------
 
-    def create(self, record: bytes, invocations: int = 0) -> None:
-        """Store the run record, counting the ``invocations`` about to start the run."""
+    def create(self, record: bytes, invocations: Sequence[Invocation] = ()) -> None:
+        """Store the run record, noting the ``invocations`` about to start the run."""
         keys = self.keys
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(keys.record, record, ex=self.ttl_s, nx=True)
-            pipe.set(keys.queued, invocations, ex=self.ttl_s)
-            created, _ = pipe.execute()
+            if invocations:
+                pipe.hset(keys.queued, mapping=cast("Any", _payloads(invocations)))
+                pipe.expire(keys.queued, self.ttl_s)
+            created, *_ = pipe.execute()
         if not created:
             raise RuntimeError(f"run {self.run_id} already exists")
 
@@ -128,17 +158,31 @@ class RunStore:
         """How many invocations of the run are running or queued."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.leases)
-            pipe.get(self.keys.queued)
+            pipe.hlen(self.keys.queued)
             running, queued = pipe.execute()
-        return int(running) + int(queued or 0)
+        return int(running) + int(queued)
 
-    def note_invoked(self, count: int) -> None:
-        """Count ``count`` invocations about to be sent in the run's load."""
-        if count > 0:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.incrby(self.keys.queued, count)
-                pipe.expire(self.keys.queued, self.ttl_s)
-                pipe.execute()
+    def counts(self) -> tuple[int, int]:
+        """(running, queued) invocations: what the client's stuck-run check looks at."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.leases)
+            pipe.hlen(self.keys.queued)
+            running, queued = pipe.execute()
+        return int(running), int(queued)
+
+    def note_invoked(self, invocations: Sequence[Invocation]) -> bool:
+        """Note ``invocations`` as queued before they are sent; False when the run is gone."""
+        if not invocations:
+            return True
+        args: list[Any] = [self.ttl_s]
+        for invocation_id, payload in _payloads(invocations).items():
+            args += [invocation_id, payload]
+        return bool(self._queue(keys=[self.keys.record, self.keys.queued], args=args))
+
+    def queued_invocations(self) -> list[Invocation]:
+        """Invocations sent but never begun (a client sends them again when none runs)."""
+        payloads = cast("dict[bytes, bytes]", self.client.hgetall(self.keys.queued))
+        return [Invocation.from_payload(json.loads(p)) for p in payloads.values()]
 
     def read_events(self, cursor: bytes, block_ms: int | None) -> tuple[bytes, list[bytes]]:
         """Event batches after ``cursor``, waiting up to ``block_ms`` (None: not) for one."""
@@ -214,11 +258,12 @@ class RunStore:
     def release_lease(self, invocation_id: str) -> None:
         self._release(keys=[self.keys.leases, self.keys.restart], args=[invocation_id])
 
-    def take_lapsed_leases(self) -> list[list[int]]:
-        """Restart points of invocations whose worker stopped renewing its lease."""
+    def take_lapsed_leases(self, dead: Sequence[str] = ()) -> list[tuple[str, list[int]]]:
+        """(invocation, restart point) of every invocation whose worker stopped renewing
+        its lease, and of those in ``dead`` (their instance is known to have died)."""
         keys = self.keys
-        reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart])
-        return [json.loads(reply[i + 1]) for i in range(0, len(reply), 2)]
+        reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart], args=list(dead))
+        return [(reply[i].decode(), json.loads(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
         if not indices:

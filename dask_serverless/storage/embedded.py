@@ -154,10 +154,12 @@ class EmbeddedRedis:
         except OSError:
             return ""
 
-    def restart(self) -> None:
-        """Kill the server and start it again on the same address (for fault tests)."""
+    def restart(self, down_s: float = 0.0) -> None:
+        """Kill the server and start it again on the same address after ``down_s``
+        seconds (for fault tests; with ``--appendonly yes`` it comes back with its data)."""
         self.process.kill()
         self.process.wait()
+        time.sleep(down_s)
         self.process = self._launch()
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _terminate, self.process, self.directory)

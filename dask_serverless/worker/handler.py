@@ -71,7 +71,8 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         try:
             record = open_record(environment.signer, blob or b"", run_id)
         except Exception as exc:
-            store.fail(environment.signer.dumps_exception(exc), events.encode([events.error(-1)]))
+            signer = RunSigner(environment.signer, run_id)
+            store.fail(signer.dumps_exception(exc), events.encode([events.error(-1)]))
             return {"status": "bad-record"}
         environment.remember(record)
     branch = Branch(

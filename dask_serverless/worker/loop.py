@@ -23,7 +23,8 @@ a planner's optimisation can override one stage without forking the loop.
 
 Faults:
 
-* a task that raises is retried in place, ``retries`` times (the run's default or the
+* a task that raises — any ``BaseException``, ``SystemExit`` included — fails the run
+  with its own exception, or is retried in place, ``retries`` times (the run's default or the
   task's ``dask.annotate(retries=…)``) with exponential backoff; each retry is an event;
 * the invocation holds a *lease* in Redis that the instance renews in the background
   while it works (see ``handler.Heartbeat``). If the instance dies, the lease lapses and
@@ -77,7 +78,9 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
                 meter.published(index not in branch.unstored)
             except (RunGone, redis.RedisError):
                 raise
-            except Exception as exc:
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt … raised by a task are its error: recorded
+                # like any other, they do not end the worker (the loop would re-run it).
                 fail_run(branch, index, exc)
                 return
             here, elsewhere = logic.split(branch, index, ready)
@@ -212,7 +215,10 @@ class WorkerLogic:
                     f"output of {branch.dag.keys[parent]!r} is missing from Redis"
                 )
             inputs[parent] = branch.signer.loads(
-                branch.input_blob(blob), OUTPUT, f"output of {branch.dag.keys[parent]!r}"
+                branch.input_blob(blob),
+                OUTPUT,
+                parent,
+                f"output of {branch.dag.keys[parent]!r} (key {branch.store.keys.output(parent)})",
             )
             branch.remember(parent, inputs[parent])
         return inputs

@@ -18,7 +18,11 @@ Every instance talks to the dispatcher over a pipe of its own — never through 
 shared with other instances — so an instance killed at any moment (``SIGKILL``, out of
 memory) takes nothing down with it; the dispatcher sees its pipe close and forgets it.
 Recovering the invocation it was running is the worker protocol's business (leases), as on
-a real platform.
+a real platform; the dispatcher tells the client at once which invocation died and how
+(``take_crashes``: exit code, signal, out of memory), so the client need not wait for the
+lease to lapse. ``cancel`` ends every instance that runs a task of a cancelled run (it is
+replaced by a fresh one on demand) and drops the run's queued invocations, within a
+dispatcher tick.
 
 Instances are per *configuration* (memory MB), as Lambda functions are per memory size:
 an invocation may ask for a ``memory_mb``, and runs only in an instance of that
@@ -41,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -67,6 +72,7 @@ from dask_serverless.backends.local.resources import (
 from dask_serverless.constants import DEFAULT_MEMORY_MB, INVOCATION_TIMEOUT_MS
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
+from dask_serverless.protocol.record import RunSigner
 from dask_serverless.protocol.store import RunStore, client_for
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.handler import WorkerEnvironment
@@ -75,11 +81,28 @@ from dask_serverless.worker.handler import WorkerEnvironment
 _PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
 _TICK_S = 0.1
 _MAX_FAILED_BOOTS = 3
+# Crashed invocations and cancelled runs remembered, at most (oldest forgotten first).
+_REMEMBERED = 1024
 _MAIN_GUARD_HINT = (
     "Local worker instances start from multiprocessing's fork server, which imports the "
     "main module: a script that computes with dask-serverless must do so under "
     "`if __name__ == '__main__':`, as with dask's 'processes' scheduler."
 )
+
+
+def _cause_of_death(instance: Instance) -> str:
+    """How an instance ended, as its exit status and its cgroup tell."""
+    instance.process.join(timeout=1)
+    if instance.group is not None and instance.group.oom_kills():
+        return f"out of memory: killed above its {instance.memory_mb} MB configuration"
+    code = instance.process.exitcode
+    if code is None:
+        return "the instance stopped answering"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"the instance exited with code {code}"
 
 
 @dataclass
@@ -144,6 +167,9 @@ class LocalBackend:
         self._retired: list[Instance] = []
         self._reporter: tuple[Any, Signer] | None = None
         self._instances: dict[Connection, Instance] = {}
+        # Invocation id → (run id, cause) of instances that died running it; cancelled runs.
+        self._crashes: dict[str, tuple[str, str]] = {}
+        self._cancelled: dict[str, None] = {}
         self._lock = threading.Lock()
         self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
         self._closed = threading.Event()
@@ -161,6 +187,26 @@ class LocalBackend:
             self._enqueue(invocations)
         self._wake_writer.send_bytes(b"!")
 
+    def take_crashes(self, run_id: str) -> dict[str, str]:
+        """Invocations of ``run_id`` whose instance died since the last call, with why."""
+        with self._lock:
+            taken = {i: cause for i, (run, cause) in self._crashes.items() if run == run_id}
+            for invocation_id in taken:
+                del self._crashes[invocation_id]
+        return taken
+
+    def cancel(self, run_id: str) -> None:
+        """End the instances running ``run_id``'s tasks and drop its queued invocations."""
+        with self._lock:
+            self._cancelled[run_id] = None
+            while len(self._cancelled) > _REMEMBERED:
+                del self._cancelled[next(iter(self._cancelled))]
+            self._queue.drop_run(run_id)
+            for instance in self._instances.values():
+                if instance.invocation is not None and instance.invocation.run_id == run_id:
+                    with contextlib.suppress(OSError):
+                        instance.process.kill()
+
     def live_instances(self) -> int:
         with self._lock:
             return len(self._instances)
@@ -174,7 +220,8 @@ class LocalBackend:
 
     def _enqueue(self, invocations: Sequence[Invocation]) -> None:
         for invocation in invocations:
-            self._queue.extend([invocation] * self.deliveries)
+            if invocation.run_id not in self._cancelled:
+                self._queue.extend([invocation] * self.deliveries)
 
     def _dispatch_forever(self) -> None:
         """Serve invocations until closed; a failure is kept for clients to raise."""
@@ -229,8 +276,16 @@ class LocalBackend:
         if dying is not None and dying.invocation is not None and dying.group is not None:
             dying.process.join(timeout=1)
             self._report_out_of_memory(dying)
+        cause = _cause_of_death(dying) if dying is not None else ""
         with self._lock:
             instance = self._instances.pop(connection, None)
+            lost = instance.invocation if instance is not None else None
+            if instance is not None and lost is not None and lost.run_id in self._cancelled:
+                instance.invocation = lost = None
+            if lost is not None:
+                self._crashes[lost.invocation_id] = (lost.run_id, cause)
+                while len(self._crashes) > _REMEMBERED:
+                    del self._crashes[next(iter(self._crashes))]
             if instance is not None and not instance.booted:
                 self._failed_boots += 1
                 if self._failed_boots >= _MAX_FAILED_BOOTS:
@@ -354,7 +409,8 @@ class LocalBackend:
         error = TaskOutOfMemoryError(key, instance.memory_mb)
         with contextlib.suppress(Exception):
             RunStore(client, run_id, ttl).fail(
-                signer.dumps_exception(error), events.encode([events.error(index)])
+                RunSigner(signer, run_id).dumps_exception(error),
+                events.encode([events.error(index)]),
             )
 
     @staticmethod

@@ -32,6 +32,11 @@ class InvocationQueue:
         fifo = self._fifos.get(memory_mb)
         return fifo.popleft() if fifo else None
 
+    def drop_run(self, run_id: str) -> None:
+        """Forget every queued invocation of ``run_id`` (it was cancelled)."""
+        for memory, fifo in self._fifos.items():
+            self._fifos[memory] = deque(i for i in fifo if i.run_id != run_id)
+
     def counts(self) -> dict[int, int]:
         return {memory: len(fifo) for memory, fifo in self._fifos.items() if fifo}
 

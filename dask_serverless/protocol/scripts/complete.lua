@@ -47,6 +47,6 @@ elseif after == 'release' then
   redis.call('ZREM', KEYS[4], ARGV[6])
   redis.call('HDEL', KEYS[5], ARGV[6])
 end
-local load = redis.call('ZCARD', KEYS[4]) + tonumber(redis.call('GET', KEYS[6]) or '0')
+local load = redis.call('ZCARD', KEYS[4]) + redis.call('HLEN', KEYS[6])
 table.insert(won, 1, load)
 return won
