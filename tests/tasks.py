@@ -111,3 +111,7 @@ def hold_the_gil(x, seconds):
 
     ctypes.PyDLL(None).sleep(int(seconds))
     return x
+
+
+def total_len(*values):
+    return sum(len(v) for v in values)

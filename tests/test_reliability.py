@@ -23,9 +23,21 @@ from dask_serverless import (
     UntrustedBlobError,
     WorkerCrashedError,
 )
+from dask_serverless.protocol.store import StoreRefusedError
 from dask_serverless.storage.embedded import EmbeddedRedis
+from dask_serverless.worker.branch import OutputTooLargeError
 from tests.conftest import run_keys
-from tests.tasks import add_all, crash, inc, open_file, raise_base, sleep_then, total
+from tests.tasks import (
+    add_all,
+    big_bytes,
+    crash,
+    inc,
+    open_file,
+    raise_base,
+    sleep_then,
+    total,
+    total_len,
+)
 
 LEASE_S = 1.0
 # Slack for a machine shared with other work: cold starts, CPU-burning neighbours.
@@ -244,3 +256,35 @@ def test_a_hung_redis_cannot_hold_the_compute_past_its_timeout(private_redis):
             time.sleep(0.5)
         assert_clean(client)
         assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
+
+
+@pytest.mark.parametrize(
+    ("config", "size", "message"),
+    [
+        (["--maxmemory", "12mb", "--maxmemory-policy", "noeviction"], 3_000_000, "out of memory"),
+        (["--proto-max-bulk-len", "1mb"], 2_000_000, "bulk limit"),
+    ],
+)
+def test_redis_refusing_an_output_names_key_and_size_without_retrying(config, size, message):
+    with (
+        EmbeddedRedis(tcp=True, extra_args=config) as server,
+        Scheduler(redis=server.url, lease_timeout=LEASE_S, timeout=60) as sched,
+    ):
+        blobs = [dask.delayed(big_bytes)(size + i) for i in range(8)]
+        started = time.monotonic()
+        with pytest.raises(
+            StoreRefusedError, match=f"{message}.*bytes for key dsl:|bytes for key dsl:.*{message}"
+        ):
+            dask.compute(dask.delayed(total_len)(*blobs), scheduler=sched)
+        assert time.monotonic() - started < SLACK_S
+        assert sched.recovered_invocations == 0
+        assert_clean(redis.Redis.from_url(server.url))
+
+
+def test_a_result_above_the_output_limit_is_refused(redis_url, redis_client):
+    with (
+        Scheduler(redis=redis_url, max_output_bytes=10_000, timeout=60) as sched,
+        pytest.raises(OutputTooLargeError, match="the result .* over the limit of 10000"),
+    ):
+        dask.compute(dask.delayed(big_bytes)(50_000, dask_key_name="huge"), scheduler=sched)
+    assert_clean(redis_client)

@@ -11,8 +11,9 @@ talks to Redis, and how, is in one place.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -24,6 +25,13 @@ from dask_serverless.constants import LARGE_ARGUMENT_BYTES, REDIS_SOCKET_TIMEOUT
 from dask_serverless.protocol import scripts
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import RunKeys
+
+
+class StoreRefusedError(RuntimeError):
+    """Redis refused to store a value: it is out of memory (``maxmemory`` with
+    ``noeviction``) or the value is above its bulk limit (``proto-max-bulk-len``). Not
+    retried: storing it again would fail again."""
+
 
 # Keys per UNLINK when a run is deleted: one pipelined round trip, no giant command.
 _DELETE_CHUNK = 5000
@@ -312,12 +320,11 @@ class RunStore:
         ]
         for child, count in fan_in:
             args += [child, count]
-        if large:
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(keys.output(index), cast(bytes, output), ex=self.ttl_s)
-                self._complete(keys=script_keys, args=args, client=pipe)
-                _, reply = pipe.execute()
-        else:
+        size = 0 if output is None else len(output)
+        with self.refusals(keys.output(index), size):
+            if large:
+                # A plain SET: an error in a MULTI makes redis-py format every argument.
+                self.client.set(keys.output(index), cast(bytes, output), ex=self.ttl_s)
             reply = self._complete(keys=script_keys, args=args)
         if reply is None:
             return None
@@ -329,19 +336,59 @@ class RunStore:
         keys = self.keys
         return bool(self._append_events(keys=[keys.record, keys.events], args=[self.ttl_s, events]))
 
-    def fail(self, error: bytes, events: bytes) -> bool:
-        """Record the run's first error and wake the client; False when the run is gone."""
+    def fail(self, error: bytes, events: bytes, node_count: int | None = None) -> bool:
+        """Record the run's first error and wake the client; False when the run is gone.
+
+        Should Redis be too full to take even that, the run's outputs (``node_count``
+        nodes; the run is failing anyway) are deleted to make room, and it is tried again.
+        """
         keys = self.keys
-        reply = self._fail(
-            keys=[keys.record, keys.events, keys.error, keys.signal],
-            args=[self.ttl_s, error, events],
-        )
+        script_keys = [keys.record, keys.events, keys.error, keys.signal]
+        try:
+            reply = self._fail(keys=script_keys, args=[self.ttl_s, error, events])
+        except redis.exceptions.OutOfMemoryError:
+            if node_count is None:
+                raise
+            self.delete(keys.output(i) for i in range(node_count))
+            reply = self._fail(keys=script_keys, args=[self.ttl_s, error, events])
         return reply is not None
+
+    def get_record(self) -> bytes | None:
+        return cast("bytes | None", self.client.get(self.keys.record))
 
     def seal(self, result: bytes) -> bool:
         """Store the result and delete the record: from now on no worker writes."""
         keys = self.keys
-        return self._seal(keys=[keys.record, keys.result], args=[self.ttl_s, result]) == 1
+        with self.refusals(keys.result, len(result)):
+            return self._seal(keys=[keys.record, keys.result], args=[self.ttl_s, result]) == 1
+
+    @contextlib.contextmanager
+    def refusals(self, key: str, size: int) -> Iterator[None]:
+        """Turn Redis's refusal to store ``size`` bytes under ``key`` into a
+        ``StoreRefusedError`` that says so. Redis answers a value above its bulk limit by
+        closing the connection, which looks like a lost connection: for a large value it
+        is taken for the refusal it most likely is."""
+        try:
+            yield
+        except redis.exceptions.OutOfMemoryError:
+            raise StoreRefusedError(
+                f"Redis is out of memory (maxmemory, no eviction) and refused {size} bytes "
+                f"for key {key}"
+            ) from None
+        except redis.ConnectionError:
+            if size < LARGE_ARGUMENT_BYTES or not self._answers():
+                raise
+            raise StoreRefusedError(
+                f"Redis closed the connection on receiving {size} bytes for key {key}: above "
+                "its bulk limit (proto-max-bulk-len)?"
+            ) from None
+
+    def _answers(self) -> bool:
+        """Whether Redis answers a PING (it is up: a refused value was the value)."""
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
 
     def delete_intermediates(self, node_count: int) -> None:
         """After ``seal``: every key but the result and the events the client still reads."""

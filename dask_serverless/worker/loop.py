@@ -32,6 +32,11 @@ Faults:
   forward atomically whenever the worker wins a fan-in child (the only work nobody else
   can claim any more). Re-executed work is harmless because every fan-in counts a parent
   once and every child is claimed once (I-3);
+* Redis refusing a write — out of memory, or a value above its bulk limit — is a
+  ``StoreRefusedError`` naming the key and the size, recorded as the task's error (the
+  run's outputs are dropped first if Redis is too full to take even that), never a loop
+  of re-invocations; the result is held to ``serverless.max-output-bytes`` like any
+  output;
 * the renewal also tells the worker when its run is gone (cancelled, failed elsewhere, or
   timed out): it stops before starting another task.
 """
@@ -174,7 +179,7 @@ def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
     branch.pending_events.append(events.error(index))
     batch = branch.take_events()
     assert batch is not None
-    branch.store.fail(branch.signer.dumps_exception(exc), batch)
+    branch.store.fail(branch.signer.dumps_exception(exc), batch, len(branch.dag))
 
 
 def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
@@ -182,7 +187,15 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
     dag = branch.dag
     result = tuple(inputs[i] for i in dag.requested)
     store = branch.store
-    if not store.seal(branch.signer.dumps(result, RESULT)):
+    blob = branch.signer.dumps(result, RESULT)
+    limit = branch.record.max_output_bytes
+    if len(blob) > limit:
+        names = ", ".join(repr(dag.keys[i]) for i in dag.requested[:5])
+        raise OutputTooLargeError(
+            f"the result ({names}) is {len(blob)} bytes, over the limit of {limit} bytes "
+            "(serverless.max-output-bytes)"
+        )
+    if not store.seal(blob):
         return
     store.delete_intermediates(len(dag))
     branch.pending_events.append(events.finished())

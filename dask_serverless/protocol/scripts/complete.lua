@@ -9,8 +9,8 @@
 -- KEYS: record, events, output, leases, restart, queued, inbox...
 -- ARGV: ttl, output_mode, output, parent, events, invocation, after, (child, needed)...
 --   output_mode: 'none' (nothing to store), 'value' (store ARGV[3]) or 'preset' (the
---     caller SET the output just before, in the same MULTI, so that Redis never copies a
---     large value into Lua; it is deleted again if the run is gone);
+--     caller SET the output just before, so that Redis never copies a large value into
+--     Lua; it is deleted again if the run is gone meanwhile);
 --   events: a batch to append, or '' for none;
 --   after: what the caller does if it wins nothing — 'release' (its lease), 'keep'
 --     (it still has work; won children join the old restart point) or 'replace' (it
