@@ -53,3 +53,7 @@ STUCK_LEASES = 2
 # Redis that hangs (SIGSTOP, a saturated network) cannot hold a compute past its timeout by
 # more than this. Blocking reads wait at most a second, well below it.
 REDIS_SOCKET_TIMEOUT_S = 5.0
+
+# A waiting client refreshes its run's keys this many times per ``serverless.run-ttl``, so
+# that a late refresh or two never lets a live run's key expire.
+KEEP_ALIVES_PER_TTL = 4

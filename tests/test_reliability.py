@@ -9,7 +9,10 @@ at once and again a few seconds later (the autouse fixture checks the session se
 from __future__ import annotations
 
 import os
+import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,6 +34,7 @@ from tests.tasks import (
     add_all,
     big_bytes,
     crash,
+    hold_the_gil,
     inc,
     open_file,
     raise_base,
@@ -288,3 +292,73 @@ def test_a_result_above_the_output_limit_is_refused(redis_url, redis_client):
     ):
         dask.compute(dask.delayed(big_bytes)(50_000, dask_key_name="huge"), scheduler=sched)
     assert_clean(redis_client)
+
+
+# -- leases outside the interpreter ------------------------------------------------------
+
+
+def test_a_task_holding_the_gil_keeps_its_lease(quick, redis_client):
+    """Four leases with the GIL held: the instance's own heartbeat cannot run, the
+    platform renews the lease from outside."""
+    started = time.monotonic()
+    work = dask.delayed(hold_the_gil)(5, 4 * LEASE_S)
+    assert dask.compute(dask.delayed(inc)(work), scheduler=quick) == (6,)
+    assert quick.recovered_invocations == 0
+    assert time.monotonic() - started < 4 * LEASE_S + SLACK_S
+    assert_clean(redis_client)
+
+
+# -- abandoned runs ----------------------------------------------------------------------
+
+KILLED_CLIENT_TTL = 2
+
+
+def start_client(url: str, seed: int) -> tuple[subprocess.Popen, list[str]]:
+    """A client process computing in a loop; returns it once it is ready, with its
+    ``server`` line when it runs an embedded Redis."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "tests.abandoned_client", url, str(seed), str(KILLED_CLIENT_TTL)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert client.stdout is not None
+    lines = []
+    for line in client.stdout:
+        lines.append(line.strip())
+        if line.startswith("ready"):
+            break
+    return client, lines
+
+
+def wait_until(condition, seconds: float) -> float:
+    """Seconds until ``condition()`` held; fails after ``seconds``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, "timed out"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_a_killed_clients_keys_are_gone_and_its_workers_stop(redis_url, redis_client, trial):
+    """20 seeded trials: a client is killed at a random point of its runs; their keys
+    outlive it by its TTL (its workers stop once the record is gone), and nothing
+    recreates one."""
+    client, _ = start_client(redis_url, trial)
+    time.sleep(random.Random(trial).uniform(0.3, 1.5))
+    client.kill()
+    client.wait()
+    wait_until(lambda: not run_keys(redis_client), KILLED_CLIENT_TTL + SLACK_S)
+    assert_clean(redis_client, recheck_s=1.0)
+
+
+def test_a_killed_clients_embedded_redis_dies_and_its_directory_goes():
+    client, lines = start_client("embedded", 0)
+    (server,) = [line for line in lines if line.startswith("server")]
+    _, pid, directory = server.split()
+    assert os.path.isdir(directory)
+    time.sleep(0.5)
+    client.kill()
+    client.wait()
+    wait_until(lambda: not os.path.exists(directory) and not _alive(int(pid)), SLACK_S)

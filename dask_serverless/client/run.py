@@ -21,6 +21,10 @@ run record, the run's store, its progress — and walks the run through its stat
      longer run;
    * a Redis that lost the run (restarted) is a clear error, and a Redis that hangs
      cannot hold the compute past its deadline (every call has a socket timeout);
+   Meanwhile a keep-alive thread gives the run's live keys (the fixed ones, the outputs
+   that unfinished tasks still read, the inboxes of tasks some parent reported to) their
+   TTL (``serverless.run-ttl``, a minute) again every quarter of it: the keys of a client
+   that was killed are gone a minute later, and its workers stop once the record is;
 3. ``take_result`` reads and deletes the result — or, when the run failed, timed out or
    was interrupted, the backend stops the run's running tasks (``Backend.cancel``) and
    ``purge`` deletes every key the run may have written (the record first, which stops
@@ -41,7 +45,7 @@ import redis
 from dask_serverless.backends.base import Backend
 from dask_serverless.client.bundling import Bundling
 from dask_serverless.client.progress import RunProgress
-from dask_serverless.constants import STUCK_LEASES, WATCHES_PER_LEASE
+from dask_serverless.constants import KEEP_ALIVES_PER_TTL, STUCK_LEASES, WATCHES_PER_LEASE
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan
 from dask_serverless.protocol import events
@@ -117,6 +121,9 @@ class Run:
         self.resent: dict[str, int] = {}
         self.last_progress = time.monotonic()
         self.deadline: float | None = None
+        # Held while events are folded into ``progress``, which the keep-alive reads.
+        self.lock = threading.Lock()
+        self.ended = threading.Event()
 
     @property
     def run_id(self) -> str:
@@ -128,12 +135,41 @@ class Run:
         self.deadline = deadline
         invocations = self.invocations(self.bundling.starts)
         self.store.create(sealed_record, invocations)
+        keeper = threading.Thread(
+            target=self.keep_alive, name=f"dask-serverless-keep-alive-{self.run_id}", daemon=True
+        )
+        keeper.start()
         try:
             self.backend.invoke(invocations)
             return self.wait(deadline, timeout)
         except BaseException as error:
+            self.ended.set()
             self.clean_up(redis_trouble=isinstance(error, (RedisUnavailableError, _RedisHung)))
             raise
+        finally:
+            self.ended.set()
+
+    def keep_alive(self) -> None:
+        """Refresh the TTL of the run's live keys every quarter TTL until the run ends."""
+        every = self.store.ttl_s / KEEP_ALIVES_PER_TTL
+        while not self.ended.wait(every):
+            with self.lock:
+                keys = self.live_keys()
+            try:
+                self.store.keep_alive(keys)
+            except redis.RedisError:
+                continue
+
+    def live_keys(self) -> list[str]:
+        """The keys the run may still need: the fixed ones, outputs an unfinished task
+        reads, inboxes of unfinished tasks that a parent reported to."""
+        dag, done, keys = self.dag, self.progress.seen, self.store.keys
+        live = keys.fixed()
+        for index in done:
+            if any(child not in done for child in dag.dependents[index]):
+                live.append(keys.output(index))
+                live.extend(keys.inbox(c) for c in dag.dependents[index] if c not in done)
+        return list(dict.fromkeys(live))
 
     def invocations(self, starts: Sequence[Sequence[int]]) -> list[Invocation]:
         """One invocation per start, each in the configuration its tasks need."""
@@ -216,8 +252,9 @@ class Run:
                 cursor, batches = self.with_retries(store.read_events, cursor, None)
             if batches:
                 self.last_progress = time.monotonic()
-            for batch in batches:
-                progress.apply(events.decode(batch))
+            with self.lock:
+                for batch in batches:
+                    progress.apply(events.decode(batch))
             if follow and batches:
                 time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:

@@ -105,6 +105,11 @@ class RunKeys:
         keys += [self.inbox(i) for i in range(node_count)]
         return keys
 
+    def fixed(self) -> list[str]:
+        """The keys of a run whatever its size, record and result included."""
+        keys = [self.record, self.events, self.result, self.error, self.invocations]
+        return keys + [self.leases, self.restart, self.signal, self.queued]
+
     def intermediates(self, node_count: int) -> list[str]:
         """What the sink's worker deletes: everything but the result and the events,
         which the client still reads."""

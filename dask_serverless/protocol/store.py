@@ -227,6 +227,14 @@ class RunStore:
             running, sealed = pipe.execute()
         return "running" if running else "sealed" if sealed else "lost"
 
+    def keep_alive(self, keys: Iterable[str]) -> None:
+        """Give ``keys`` the run's TTL again (EXPIRE never creates a key that is gone)."""
+        keys = list(keys)
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.expire(key, self.ttl_s)
+            pipe.execute()
+
     def purge(self, node_count: int) -> None:
         """Delete every key of the run, the record first so that no worker writes again."""
         self.client.delete(self.keys.record)

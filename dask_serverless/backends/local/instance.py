@@ -106,6 +106,8 @@ def instance_main(settings: InstanceSettings, connection: Connection) -> None:
         cold = False
         try:
             serve(environment, invocation, context)
+        except BrokenPipeError:
+            return  # the dispatcher is gone (its client was killed): so is this instance
         except Exception:
             # What a platform does with a crashed invocation: log it and keep the instance.
             traceback.print_exc(file=sys.stderr)

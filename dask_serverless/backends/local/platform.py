@@ -56,6 +56,8 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import redis
+
 from dask_serverless.backends.local.instance import (
     INVOKE,
     READY,
@@ -69,11 +71,15 @@ from dask_serverless.backends.local.resources import (
     TaskOutOfMemoryError,
     TaskSlot,
 )
-from dask_serverless.constants import DEFAULT_MEMORY_MB, INVOCATION_TIMEOUT_MS
+from dask_serverless.constants import (
+    DEFAULT_MEMORY_MB,
+    HEARTBEATS_PER_LEASE,
+    INVOCATION_TIMEOUT_MS,
+)
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import RunSigner
-from dask_serverless.protocol.store import RunStore, client_for
+from dask_serverless.protocol.store import RunStore, Scripts, client_for
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.handler import WorkerEnvironment
 
@@ -119,6 +125,8 @@ class Instance:
     slot: TaskSlot | None = None
     started_at: float = field(default_factory=time.time)
     served: bool = False
+    # When the lease keeper last renewed the lease of the invocation it runs.
+    renewed_at: float = field(default_factory=time.monotonic)
 
     @property
     def idle(self) -> bool:
@@ -177,6 +185,12 @@ class LocalBackend:
             target=self._dispatch_forever, name="dask-serverless-local-dispatcher", daemon=True
         )
         self._dispatcher.start()
+        self._lease_keeper: threading.Thread | None = None
+        if redis_url:
+            self._lease_keeper = threading.Thread(
+                target=self._keep_leases, name="dask-serverless-local-leases", daemon=True
+            )
+            self._lease_keeper.start()
 
     # -- the platform's API ------------------------------------------------------------
 
@@ -370,6 +384,37 @@ class LocalBackend:
             self._retired.remove(instance)
             self._release(instance)
 
+    # -- leases renewed from outside the instance --------------------------------------
+
+    def _keep_leases(self) -> None:
+        """Renew the lease of every running invocation from here, not from the instance
+        (whose interpreter a task may hold); ZADD XX never revives a released lease."""
+        client = client_for(self._settings.redis_url)
+        scripts: Scripts | None = None
+        try:
+            while not self._closed.wait(_TICK_S):
+                now = time.monotonic()
+                with self._lock:
+                    due = [
+                        i.invocation
+                        for i in self._instances.values()
+                        if i.invocation is not None
+                        and now - i.renewed_at
+                        >= i.invocation.lease_ms / 1000 / HEARTBEATS_PER_LEASE
+                    ]
+                    for instance in self._instances.values():
+                        if instance.invocation in due:
+                            instance.renewed_at = now
+                for invocation in due:
+                    assert invocation is not None
+                    with contextlib.suppress(redis.RedisError):
+                        scripts = scripts or Scripts(client)
+                        RunStore(client, invocation.run_id, invocation.ttl_s, scripts).renew_lease(
+                            invocation.invocation_id, invocation.lease_ms
+                        )
+        finally:
+            client.close()
+
     # -- configurations: cgroups, out-of-memory reports ---------------------------------
 
     @staticmethod
@@ -425,6 +470,8 @@ class LocalBackend:
         self._closed.set()
         self._wake_writer.send_bytes(b"!")
         self._dispatcher.join(timeout=5)
+        if self._lease_keeper is not None:
+            self._lease_keeper.join(timeout=5)
         with self._lock:
             instances = list(self._instances.values())
             self._instances.clear()
