@@ -1,5 +1,6 @@
 """Fault injection: killed workers, duplicate deliveries, task errors, a Redis restart,
-tampered blobs, protected Redis servers, cancellation and oversized outputs.
+tampered and moved blobs, protected Redis servers, cancellation, oversized outputs, and
+seeded trials that pause or restart Redis at random points.
 
 Every case ends with the right answer or the expected error, and the autouse fixture
 checks that no key of any run is left in Redis.
@@ -19,7 +20,7 @@ import dask
 import pytest
 import redis
 
-from dask_serverless import Scheduler, UntrustedBlobError
+from dask_serverless import Scheduler, StuckRunError, UntrustedBlobError, WorkerCrashedError
 from dask_serverless.backends.local import LocalBackend
 from dask_serverless.client import RedisUnavailableError
 from dask_serverless.storage.embedded import EmbeddedRedis
@@ -332,3 +333,59 @@ def test_output_over_the_limit_names_key_and_limit(redis_url):
         consumers = [dask.delayed(len)(blob), dask.delayed(bytes.upper)(blob)]
         with pytest.raises(OutputTooLargeError, match="the-big-one.*limit of 10000 bytes"):
             dask.compute(consumers, scheduler=sched)
+
+
+@pytest.fixture(scope="module")
+def flaky_redis():
+    """A Redis that persists every write (AOF), to pause and restart under a Scheduler."""
+    aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    with (
+        EmbeddedRedis(tcp=True, extra_args=aof) as server,
+        Scheduler(redis=server.url, concurrency=2, lease_timeout=LEASE_S, timeout=60) as sched,
+    ):
+        yield server, sched
+
+
+def disturb_redis(server: EmbeddedRedis, rng: random.Random) -> str:
+    """Pause Redis (SIGSTOP … SIGCONT) or restart it from its AOF, for a random while."""
+    time.sleep(rng.uniform(0.1, 1.0))
+    if rng.random() < 0.5:
+        pause = rng.uniform(0.3, 3.0)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        time.sleep(pause)
+        os.kill(server.process.pid, signal.SIGCONT)
+        return f"paused {pause:.1f} s"
+    down = rng.uniform(0.2, 2.0)
+    server.restart(down_s=down)
+    return f"restarted after {down:.1f} s"
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_a_paused_or_restarted_redis_ends_every_compute_in_time(flaky_redis, trial):
+    """20 seeded trials: every compute gives the right answer, or fails within its
+    timeout plus 10 s with an error that says why; Redis is clean afterwards."""
+    server, sched = flaky_redis
+    rng = random.Random(1000 + trial)
+    collection, expected = [lambda: chain(10), lambda: tree(8), lambda: fan_out_fan_in(8)][
+        trial % 3
+    ]()
+    timeout = 10
+    what: list[str] = []
+    disturber = threading.Thread(target=lambda: what.append(disturb_redis(server, rng)))
+    started = time.monotonic()
+    disturber.start()
+    try:
+        (result,) = dask.compute(collection, scheduler=sched, timeout=timeout)
+        assert result == expected
+    except (TimeoutError, RedisUnavailableError, StuckRunError, WorkerCrashedError):
+        pass
+    finally:
+        disturber.join()
+    assert time.monotonic() - started < timeout + 10, what
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 30
+    while run_keys(client) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not run_keys(client), what
+    time.sleep(1.0)
+    assert not run_keys(client), what
