@@ -343,7 +343,15 @@ class LocalBackend:
             for _ in range(waiting - booting.get(memory_mb, 0)):
                 if len(self._instances) >= self.concurrency and not self._evict_idle():
                     return
-                self._start_instance(memory_mb)
+                try:
+                    self._start_instance(memory_mb)
+                except Exception:
+                    # This configuration cannot start (a cgroup refused it): its queued
+                    # invocations fail, as a platform fails invocations it cannot place;
+                    # the dispatcher goes on serving every other configuration.
+                    traceback.print_exc(file=sys.stderr)
+                    self._queue.drop_memory(memory_mb)
+                    break
 
     def _evict_idle(self) -> bool:
         """Stop one idle instance (its configuration has nothing queued) to make room."""

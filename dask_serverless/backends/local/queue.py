@@ -37,6 +37,10 @@ class InvocationQueue:
         for memory, fifo in self._fifos.items():
             self._fifos[memory] = deque(i for i in fifo if i.run_id != run_id)
 
+    def drop_memory(self, memory_mb: int) -> None:
+        """Forget every queued invocation of configuration ``memory_mb``."""
+        self._fifos.pop(memory_mb, None)
+
     def counts(self) -> dict[int, int]:
         return {memory: len(fifo) for memory, fifo in self._fifos.items() if fifo}
 
