@@ -95,7 +95,7 @@ class StuckRunError(RuntimeError):
     """No worker runs, nothing is queued and nothing progresses: the run cannot finish."""
 
 
-class _RedisHung(TimeoutError):
+class RedisTimeoutError(TimeoutError):
     """The deadline passed while Redis did not answer."""
 
 
@@ -144,7 +144,8 @@ class Run:
             return self.wait(deadline, timeout)
         except BaseException as error:
             self.ended.set()
-            self.clean_up(redis_trouble=isinstance(error, (RedisUnavailableError, _RedisHung)))
+            redis_trouble = isinstance(error, (RedisUnavailableError, RedisTimeoutError))
+            self.clean_up(redis_trouble)
             raise
         finally:
             self.ended.set()
@@ -285,7 +286,7 @@ class Run:
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 pause = 0.2 * 2**attempt
                 if self.deadline is not None and time.monotonic() + pause >= self.deadline:
-                    raise _RedisHung(
+                    raise RedisTimeoutError(
                         f"dask-serverless run {self.run_id} did not finish within its "
                         f"timeout while Redis did not answer ({error}); its keys are "
                         "deleted once Redis answers again"

@@ -89,11 +89,11 @@ def instance_main(settings: InstanceSettings, connection: Connection) -> None:
         environment.on_task = settings.task_slot.note
     cold = True
     while True:
-        connection.send((READY,))
         try:
+            connection.send((READY,))
             invocation = connection.recv()
-        except EOFError:
-            return
+        except (EOFError, BrokenPipeError):
+            return  # the dispatcher is gone (its client was killed): so is this instance
         if invocation is None:
             return
         context = LocalContext(
@@ -107,7 +107,7 @@ def instance_main(settings: InstanceSettings, connection: Connection) -> None:
         try:
             serve(environment, invocation, context)
         except BrokenPipeError:
-            return  # the dispatcher is gone (its client was killed): so is this instance
+            return
         except Exception:
             # What a platform does with a crashed invocation: log it and keep the instance.
             traceback.print_exc(file=sys.stderr)
