@@ -13,16 +13,20 @@ from dask_serverless.client import (
     get,
 )
 from dask_serverless.graph import CycleError
+from dask_serverless.performance import performance_report
+from dask_serverless.report import RunReport
 from dask_serverless.storage.serialize import RemoteError, UntrustedBlobError
 
 __all__ = [
     "CycleError",
     "RedisUnavailableError",
     "RemoteError",
+    "RunReport",
     "Scheduler",
     "StuckRunError",
     "UntrustedBlobError",
     "WorkerCrashedError",
     "get",
+    "performance_report",
 ]
 __version__ = "0.1.0"

@@ -115,3 +115,9 @@ def hold_the_gil(x, seconds):
 
 def total_len(*values):
     return sum(len(v) for v in values)
+
+
+def main_module_file():
+    import sys
+
+    return getattr(sys.modules["__main__"], "__file__", None)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from dask_serverless.protocol.invocation import Invocation
 
 
+@runtime_checkable
 class Backend(Protocol):
     """A serverless platform: fire-and-forget invocations of the worker.
 
@@ -18,7 +19,17 @@ class Backend(Protocol):
     ``throttled`` says whether configurations get their CPU share (None: not known),
     recorded next to the run's measurements. ``failure`` is why the platform stopped
     serving invocations, if it did: the waiting client raises it instead of waiting for
-    its timeout. ``take_crashes(run_id)`` hands over, once, the invocations of a run
+    its timeout. ``warm_instances`` is how many idle instances of each configuration (MB)
+    a run starting now would find (empty when the platform does not say), and ``prewarm``
+    starts instances of the given configurations ahead of the invocations that will need
+    them (pre-warming) — the planner models both.
+
+    A worker's invoker that is a complete ``Backend`` also serves nested runs (a task that
+    calls ``dask_serverless.get``). A platform with a concurrency limit then offers
+    ``seceded()``, a context manager during which the waiting worker's slot does not count
+    against the limit (as ``distributed.secede``), so nested runs cannot deadlock.
+
+    ``take_crashes(run_id)`` hands over, once, the invocations of a run
     whose instance the platform saw die, each with the cause (exit code, signal, out of
     memory): the client re-invokes them at once and names the cause when it gives up.
     ``cancel(run_id)`` stops what the platform still runs or queues for a run that
@@ -40,6 +51,10 @@ class Backend(Protocol):
     def failure(self) -> BaseException | None: ...
 
     def invoke(self, invocations: Sequence[Invocation]) -> None: ...
+
+    def warm_instances(self) -> Mapping[int, int]: ...
+
+    def prewarm(self, counts: Mapping[int, int]) -> None: ...
 
     def take_crashes(self, run_id: str) -> dict[str, str]: ...
 

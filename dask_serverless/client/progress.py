@@ -13,6 +13,7 @@ gets ``None`` as the result: the value never travels to the client.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +26,13 @@ from dask_serverless.protocol.events import (
     ERROR,
     FINISHED,
     INVOCATION,
+    OUT_OF_MEMORY,
     RETRY,
     UPLOAD,
     Event,
 )
+
+logger = logging.getLogger(__name__)
 
 Callbacks = Sequence[tuple[Callable | None, ...]]
 
@@ -71,6 +75,7 @@ class RunProgress:
     retries: dict[int, int] = field(default_factory=dict)
     uploads: dict[int, float] = field(default_factory=dict)
     invocations: list[Event] = field(default_factory=list)
+    out_of_memory: list[tuple[int, int]] = field(default_factory=list)
     started_callbacks: list[tuple[Callable | None, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -113,6 +118,7 @@ class RunProgress:
             elif kind == RETRY:
                 index = int(event[1])
                 self.retries[index] = max(self.retries.get(index, 0), int(event[2]))
+                logger.info("task %s: retry %s after %s", self.dag.keys[index], event[2], event[3])
             elif kind == ERROR and self.failed_index is None:
                 self.failed_index = int(event[1])
             elif kind == FINISHED:
@@ -121,6 +127,10 @@ class RunProgress:
                 self.uploads[int(event[1])] = float(event[2])
             elif kind == INVOCATION:
                 self.invocations.append(event)
+            elif kind == OUT_OF_MEMORY:
+                index = int(event[1])
+                self.out_of_memory.append((index, int(event[2])))
+                self.retries[index] = self.retries.get(index, 0) + 1
 
     def _task_done(self, event: Event) -> None:
         index = int(event[1])

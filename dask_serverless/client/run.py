@@ -34,20 +34,22 @@ run record, the run's store, its progress — and walks the run through its stat
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
 
 from dask_serverless.backends.base import Backend
-from dask_serverless.client.bundling import Bundling
+from dask_serverless.backends.local.resources import TaskOutOfMemoryError
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.constants import KEEP_ALIVES_PER_TTL, STUCK_LEASES, WATCHES_PER_LEASE
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan
+from dask_serverless.planning.bundling import Bundling
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import ERROR, RESULT, RunRecord, RunSigner
@@ -66,6 +68,8 @@ _CLEANUP_RETRY_S = 1.0
 _CLEANUP_RETRY_MAX_S = 60.0
 # Tasks named in a stuck run's error, at most.
 _NAMED_TASKS = 10
+
+logger = logging.getLogger(__name__)
 
 
 class RedisUnavailableError(ConnectionError):
@@ -114,6 +118,10 @@ class Run:
     lease_ms: int
     max_reinvocations: int = 2
     recovered_invocations: int = 0
+    # Configurations given since the plan: tasks that ran out of memory, one size up.
+    memory_mb: dict[int, int] = field(default_factory=dict)
+    # For a nested run: whether the run of the task that started it is gone.
+    parent_gone: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         # Crashes per restart point, and re-sends per never-begun invocation.
@@ -180,13 +188,14 @@ class Run:
                 tasks,
                 self.store.ttl_s,
                 self.lease_ms,
-                memory_mb=self.record.planned_memory(list(tasks)),
+                memory_mb=self.memory_for(tasks),
             )
             for tasks in starts
         ]
 
     def invoke(self, starts: Sequence[Sequence[int]]) -> None:
         """Note the invocations as queued, then send them."""
+        logger.debug("run %s: invoking %d workers", self.run_id, len(starts))
         invocations = self.invocations(starts)
         self.store.note_invoked(invocations)
         self.backend.invoke(invocations)
@@ -217,6 +226,26 @@ class Run:
         threading.Thread(
             target=purge_until_done, name=f"dask-serverless-clean-up-{self.run_id}", daemon=True
         ).start()
+
+    def memory_for(self, tasks: Sequence[int]) -> int | None:
+        """The configuration an invocation of ``tasks`` needs: the plan's, or larger for a
+        task that ran out of memory."""
+        planned = self.record.planned_memory(list(tasks))
+        larger = [self.memory_mb[t] for t in tasks if t in self.memory_mb]
+        return max([planned or 0, *larger]) or None
+
+    def retry_out_of_memory(self, configs: Sequence[int]) -> None:
+        """Give tasks killed for their memory the next larger configuration.
+
+        The dead invocation's lease lapses and ``watch`` re-invokes its restart point at
+        the configuration its tasks now have. A task that ran out of memory at the largest
+        configuration fails the run with ``TaskOutOfMemoryError``.
+        """
+        for index, killed_at in self.progress.out_of_memory:
+            larger = [m for m in configs if m > killed_at]
+            if not larger:
+                raise TaskOutOfMemoryError(repr(self.dag.keys[index]), killed_at)
+            self.memory_mb[index] = max(self.memory_mb.get(index, 0), larger[0])
 
     def wait(self, deadline: float | None, timeout: float | None) -> Sequence[Any]:
         """Wait for the run to end, folding its events into ``progress``.
@@ -256,6 +285,7 @@ class Run:
             with self.lock:
                 for batch in batches:
                     progress.apply(events.decode(batch))
+            self.retry_out_of_memory(self.plan.inputs.configs)
             if follow and batches:
                 time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:
@@ -295,6 +325,13 @@ class Run:
                     raise RedisUnavailableError(
                         f"lost the connection to Redis during a run: {error}"
                     ) from None
+                logger.warning(
+                    "run %s: Redis connection lost (%s); retrying (%d of %d)",
+                    self.run_id,
+                    error,
+                    attempt + 1,
+                    _REDIS_RETRIES - 1,
+                )
                 time.sleep(pause)
         raise AssertionError("unreachable")
 
@@ -305,6 +342,11 @@ class Run:
         Returns whether the run is sealed (its result stored). A run found sealed twice in
         a row lost its sink's worker between storing the result and announcing it.
         """
+        if self.parent_gone is not None and self.parent_gone():
+            raise RuntimeError(
+                f"nested run {self.run_id} stopped: the run of the task that started it is "
+                "gone; its keys were deleted"
+            )
         failure = self.backend.failure
         if failure is not None:
             raise RuntimeError(
@@ -313,6 +355,12 @@ class Run:
         dead = self.backend.take_crashes(self.run_id)
         lapsed = self.store.take_lapsed_leases(list(dead))
         if lapsed:
+            logger.warning(
+                "run %s: %d workers lost their lease; re-invoking their work",
+                self.run_id,
+                len(lapsed),
+                extra={"run_id": self.run_id},
+            )
             self.last_progress = time.monotonic()
             for invocation_id, tasks in lapsed:
                 self.count_crash(tasks, dead.get(invocation_id))
@@ -330,6 +378,8 @@ class Run:
 
     def count_crash(self, tasks: Sequence[int], cause: str | None) -> None:
         """Count one more death of the instance running ``tasks``; past the cap, fail."""
+        if cause is not None and cause.startswith("out of memory"):
+            return  # a larger configuration is tried (``retry_out_of_memory``)
         point = tuple(sorted(tasks))
         crashes = self.crashes[point] = self.crashes.get(point, 0) + 1
         if crashes > self.max_reinvocations:

@@ -27,7 +27,8 @@ Keys of one run (``P = dsl:{<run-id>}:``):
 ``P result``  string    signed values of the requested keys, read once by the client
 ============  ========  ============================================================
 
-History keys (``H = dsl:history:v1:``) outlive runs; see ``protocol.history``.
+History keys (``H = dsl:history:v2:``) outlive runs: the planner's samples (see
+``protocol.history``) and the run history, the newest runs' reports (``protocol.runs``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass, field
 
-HISTORY_PREFIX = "dsl:history:v1:"
+HISTORY_PREFIX = "dsl:history:v2:"
 
 
 def new_run_id() -> str:
@@ -122,7 +123,8 @@ def function_digest(function: str) -> str:
 
 
 def task_history_key(function: str, memory_mb: int) -> str:
-    """``[input_bytes, output_bytes, exec_s]`` samples of one function at one size."""
+    """``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb, wait_s]`` samples of one
+    function at one size."""
     return f"{HISTORY_PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
 
 
@@ -134,3 +136,23 @@ def transfer_history_key(memory_mb: int) -> str:
 def startup_history_key(memory_mb: int) -> str:
     """``[cold 0|1, seconds]`` samples of invocation start-ups at one size."""
     return f"{HISTORY_PREFIX}startup:{int(memory_mb)}"
+
+
+def out_of_memory_history_key(function: str) -> str:
+    """The sizes (MB) one function ran out of memory at."""
+    return f"{HISTORY_PREFIX}oom:{function_digest(function)}"
+
+
+def residual_history_key(function: str) -> str:
+    """Measured / planned busy time of one function's recent tasks (calibration)."""
+    return f"{HISTORY_PREFIX}resid:{function_digest(function)}"
+
+
+# The run history (protocol.runs): the newest runs, their summaries and their reports.
+RUNS_HISTORY_KEY = f"{HISTORY_PREFIX}runs"
+RUN_SUMMARIES_KEY = f"{HISTORY_PREFIX}summaries"
+
+
+def run_report_key(run_id: str) -> str:
+    """A run's report (zlib-compressed JSON) in the run history."""
+    return f"{HISTORY_PREFIX}run:{run_id}"

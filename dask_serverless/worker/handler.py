@@ -13,17 +13,25 @@ small LRU of run records keyed by unguessable run ids.
 Redis that does not answer is asked again within the lease),
 open the run record (once per process and run), then follow the branch (``worker.loop``)
 while the heartbeat keeps the lease.
+
+While it follows the branch, ``serving()`` tells code running in a task which worker runs
+it: ``dask_serverless.get`` called inside a task starts a *nested* run on the worker's
+Redis and platform (the environment's invoker, when it is a complete backend) instead of
+a new embedded Redis and pool.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
 import os
 import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
@@ -35,9 +43,10 @@ from dask_serverless.protocol.record import RunRecord, RunSigner, open_record
 from dask_serverless.protocol.store import RunStore, Scripts, StoreRefusedError, client_for
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
-from dask_serverless.worker.branch import Branch, Invoker
+from dask_serverless.worker.branch import Branch, Invoker, MemoryProbe
 from dask_serverless.worker.cache import OutputCache
 from dask_serverless.worker.loop import WorkerLogic, run_branch
+from dask_serverless.worker.metrics import ProcessPeak
 
 RECORD_CACHE_SIZE = 8
 # First pause before an invocation's first Redis call is tried again (doubling).
@@ -48,9 +57,35 @@ _IDLE_WAKE_S = 1.0
 # Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
 CACHE_BYTES = 256 * 2**20
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The invocation a task runs in: its worker's environment, and whether its run is
+    gone (a nested run started by the task stops then, and deletes its keys)."""
+
+    environment: WorkerEnvironment
+    cancelled: Callable[[], bool]
+
+
+_serving: contextvars.ContextVar[Serving | None] = contextvars.ContextVar(
+    "dask_serverless_serving", default=None
+)
+
+
+def serving() -> Serving | None:
+    """The invocation the calling code runs in, if it runs in a task (else None)."""
+    return _serving.get()
+
 
 def handle(environment: WorkerEnvironment, event: dict, context: Any) -> dict:
-    """Run the invocation whose JSON payload is ``event`` (a malformed one is refused)."""
+    """Run the invocation whose JSON payload is ``event`` (a malformed one is refused).
+
+    A warm-up invocation (``{"warm": 1}``, pre-warming) only starts the instance.
+    """
+    if event.get("warm"):
+        return {"status": "warm"}
     return serve(environment, Invocation.from_payload(event), context)
 
 
@@ -59,7 +94,10 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     environment.invocations += 1
     started = time.monotonic()
     now = time.time()
-    startup_s = max(0.0, now - (invocation.sent_at if invocation.sent_at is not None else now))
+    # Start-up as the platform reports it: a cold start's boot to ready (``boot_s``, where
+    # the platform measures it), plus the hand-over to this handler.
+    handover = now - (invocation.sent_at if invocation.sent_at is not None else now)
+    startup_s = invocation.boot_s + max(0.0, handover)
     run_id = invocation.run_id
     store = RunStore(environment.redis, run_id, invocation.ttl_s, environment.scripts)
     record = environment.cached_record(run_id)
@@ -76,10 +114,15 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     except redis.exceptions.OutOfMemoryError:
         report_out_of_memory(environment, store, invocation, record)
         return {"status": "redis-out-of-memory"}
+    where = {"run_id": run_id, "invocation_id": invocation.invocation_id}
     if begun is None:
+        logger.debug("invocation %s: run %s is gone", invocation.invocation_id, run_id, extra=where)
         return {"status": "run-gone"}
     claimed, blob = begun
     if not claimed:
+        logger.debug(
+            "invocation %s: duplicate delivery dropped", invocation.invocation_id, extra=where
+        )
         return {"status": "duplicate"}
     if record is None:
         try:
@@ -105,17 +148,43 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         memory_mb=_memory_of(context),
         cold=environment.invocations == 1,
         on_task=environment.on_task,
+        memory_probe=environment.memory_probe,
         cache=environment.cache,
     )
     branch.pending_events.append(
-        events.invocation_started(branch.worker_id, branch.memory_mb, branch.cold, startup_s)
+        events.invocation_started(
+            branch.worker_id,
+            branch.memory_mb,
+            branch.cold,
+            startup_s,
+            invocation.invocation_id,
+            now,
+        )
     )
     environment.heartbeat.hold(store, invocation.invocation_id, lease_ms)
+    logger.debug(
+        "invocation %s of run %s: tasks %s (%s start)",
+        invocation.invocation_id,
+        run_id,
+        list(invocation.tasks),
+        "cold" if branch.cold else "warm",
+        extra=where,
+    )
+    token = _serving.set(Serving(environment, branch.cancelled))
     try:
         run_branch(branch, invocation.tasks, environment.logic)
     finally:
+        _serving.reset(token)
         environment.heartbeat.drop()
-    return {"status": "done", "seconds": time.monotonic() - started}
+    seconds = time.monotonic() - started
+    logger.debug(
+        "invocation %s: %d tasks in %.3f s",
+        invocation.invocation_id,
+        len(branch.completed),
+        seconds,
+        extra=where,
+    )
+    return {"status": "done", "seconds": seconds}
 
 
 def report_out_of_memory(
@@ -184,6 +253,8 @@ class WorkerEnvironment:
         handoff_margin_ms: int = 0,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
+        self.redis_url = redis_url
+        self.secret = secret
         self.redis = client_for(redis_url)
         self.scripts = Scripts(self.redis)
         self.signer = Signer(secret)
@@ -197,7 +268,13 @@ class WorkerEnvironment:
         self.handoff_margin_ms = int(handoff_margin_ms)
         # Called before every task (the local backend notes the running task for OOM reports).
         self.on_task: Callable[[Branch, int], None] | None = None
+        # Measures each task's peak memory: the backend's probe (a cgroup's), else the
+        # process's peak.
+        self.memory_probe: MemoryProbe = ProcessPeak()
         self.cache = OutputCache(cache_bytes)
+        # The client (a Scheduler) for nested runs this instance's tasks start, built on
+        # first use by ``dask_serverless.get`` and kept with the instance.
+        self.nested_client: Any = None
 
     def cached_record(self, run_id: str) -> RunRecord | None:
         record = self.records.get(run_id)

@@ -44,6 +44,7 @@ Faults:
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -59,6 +60,8 @@ from dask_serverless.worker.metrics import TaskMeter
 
 # How often a worker with queued work re-reads the run's load (see ``WorkerLogic.share``).
 LOAD_CHECK_S = 0.02
+
+logger = logging.getLogger(__name__)
 
 
 def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
@@ -125,6 +128,14 @@ def execute_with_retries(
             if attempt >= retries or branch.cancelled():
                 raise
             attempt += 1
+            logger.info(
+                "task %s failed (%r); retry %d of %d",
+                branch.dag.keys[index],
+                exc,
+                attempt,
+                retries,
+                extra={"run_id": record.run_id},
+            )
             branch.pending_events.append(events.retry(index, attempt, repr(exc)[:200]))
             time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
 
@@ -176,6 +187,12 @@ def store_held(branch: Branch, index: int, value: Any) -> None:
 
 def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
     """Record ``exc`` as the run's error (first one wins) and tell the client."""
+    logger.info(
+        "task %s failed: %r",
+        branch.dag.keys[index],
+        exc,
+        extra={"run_id": branch.record.run_id},
+    )
     branch.pending_events.append(events.error(index))
     batch = branch.take_events()
     assert batch is not None

@@ -10,7 +10,8 @@ there:
   queued invocation to an idle instance (a *warm* start) or, when none is idle and fewer
   than ``concurrency`` instances live, starts a new one (a *cold* start); otherwise the
   invocation waits in the queue, as Lambda queues asynchronous invocations beyond its
-  concurrency. An instance idle for ``keep_alive`` seconds is reaped.
+  concurrency. Queued invocations start in the order they arrived, whatever their
+  configuration. An instance idle for ``keep_alive`` seconds is reaped.
 * ``deliveries=2`` delivers every invocation twice, as Lambda's at-least-once delivery may:
   the worker protocol must (and does) give the same result with nothing counted twice.
 
@@ -29,21 +30,28 @@ an invocation may ask for a ``memory_mb``, and runs only in an instance of that
 configuration (the default configuration otherwise). Where Linux cgroups are writable each
 instance is held to its configuration — ``m / 1769`` CPUs and ``m`` MB, see
 ``backends.local.resources`` — and an instance the kernel kills for exceeding its memory is
-reported as an out-of-memory failure of the task it was running. Elsewhere instances run
+reported as the out-of-memory kill of the task it was running (the client retries the
+task one size up). Elsewhere instances run
 unthrottled (``throttled`` is False) after one warning. At the concurrency limit an idle
 instance of another configuration makes room for one that is needed.
 
-New instances are forked from a ``multiprocessing`` fork server that has already imported
-the worker (and the scientific stack the client has loaded), so even a cold start imports
-nothing heavy and a warm one imports nothing at all. As with dask's ``processes``
-scheduler, a script that uses the local backend needs the usual
-``if __name__ == "__main__":`` guard.
+New instances are forked from the platform's own fork server (``backends.local.forkserver``)
+that has already imported the worker (and the scientific stack the client has loaded), so
+even a cold start imports nothing heavy and a warm one imports nothing at all. The server
+is a fresh interpreter, never the user's program: scripts without an
+``if __name__ == "__main__":`` guard, ``python -``, ``python -c``, IPython, notebooks and
+pytest all work, as with dask's threaded scheduler.
+
+A task that waits for a nested run (``dask_serverless.get`` called inside a task) secedes
+from the platform, as ``distributed.secede`` does: while it waits, its instance does not
+count against ``concurrency``, so the child run's invocations always find room.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import logging
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -51,24 +59,28 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import redis
 
+from dask_serverless import logs
+from dask_serverless.backends.local.forkserver import InstanceProcess, shared_fork_server
 from dask_serverless.backends.local.instance import (
+    FAILED,
     INVOKE,
+    PREWARM,
     READY,
+    REJOIN,
+    SECEDE,
     InstanceSettings,
-    instance_main,
 )
 from dask_serverless.backends.local.queue import InvocationQueue
 from dask_serverless.backends.local.resources import (
     Cgroups,
     InstanceGroup,
-    TaskOutOfMemoryError,
     TaskSlot,
 )
 from dask_serverless.constants import (
@@ -78,22 +90,15 @@ from dask_serverless.constants import (
 )
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
-from dask_serverless.protocol.record import RunSigner
 from dask_serverless.protocol.store import RunStore, Scripts, client_for
-from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.handler import WorkerEnvironment
 
-# Modules worth importing once in the fork server when the client already uses them.
-_PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
 _TICK_S = 0.1
 _MAX_FAILED_BOOTS = 3
 # Crashed invocations and cancelled runs remembered, at most (oldest forgotten first).
 _REMEMBERED = 1024
-_MAIN_GUARD_HINT = (
-    "Local worker instances start from multiprocessing's fork server, which imports the "
-    "main module: a script that computes with dask-serverless must do so under "
-    "`if __name__ == '__main__':`, as with dask's 'processes' scheduler."
-)
+
+logger = logging.getLogger(__name__)
 
 
 def _cause_of_death(instance: Instance) -> str:
@@ -115,15 +120,18 @@ def _cause_of_death(instance: Instance) -> str:
 class Instance:
     """The dispatcher's view of one instance."""
 
-    process: Any
+    process: InstanceProcess
     connection: Connection
     booted: bool = False
+    # Waiting for a nested run: not counted against the concurrency.
+    seceded: bool = False
     invocation: Invocation | None = None
     idle_since: float = field(default_factory=time.monotonic)
     memory_mb: int = 0
     group: InstanceGroup | None = None
     slot: TaskSlot | None = None
     started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
     served: bool = False
     # When the lease keeper last renewed the lease of the invocation it runs.
     renewed_at: float = field(default_factory=time.monotonic)
@@ -150,36 +158,40 @@ class LocalBackend:
         worker_environment: Callable[[], WorkerEnvironment] | None = None,
         enforce_resources: bool = True,
     ) -> None:
-        if getattr(multiprocessing.current_process(), "_inheriting", False):
-            raise RuntimeError(_MAIN_GUARD_HINT)
         self.concurrency = int(concurrency or os.cpu_count() or 1)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.deliveries = int(deliveries)
         self.keep_alive_s = float(keep_alive_s)
         self._settings = InstanceSettings(
-            redis_url, secret, int(invocation_timeout_ms), int(memory_mb), worker_environment
+            redis_url,
+            secret,
+            int(invocation_timeout_ms),
+            int(memory_mb),
+            worker_environment,
+            concurrency=self.concurrency,
+            logging=logs.logging_config(),
         )
-        self._mp = multiprocessing.get_context("forkserver")
-        preload = ["dask_serverless.backends.local.instance"]
-        preload += [name for name in _PRELOAD_IF_LOADED if name in sys.modules]
-        self._mp.set_forkserver_preload(preload)
+        # Started now, so that its imports overlap with the client's first compute.
+        shared_fork_server()
         self.cold_starts = 0
         # Why the platform stopped serving invocations, if it did; clients raise it.
         self.failure: BaseException | None = None
         self._failed_boots = 0
+        self._boot_error = ""
         self.lost_instances = 0
         self.out_of_memory = 0
         self._queue = InvocationQueue(int(memory_mb))
         self._cgroups, self.throttled = self._resources(enforce_resources)
         self._retired: list[Instance] = []
-        self._reporter: tuple[Any, Signer] | None = None
+        # The Redis client that reports out-of-memory kills, made on the first one.
+        self._reporter: Any = None
         self._instances: dict[Connection, Instance] = {}
         # Invocation id → (run id, cause) of instances that died running it; cancelled runs.
         self._crashes: dict[str, tuple[str, str]] = {}
         self._cancelled: dict[str, None] = {}
         self._lock = threading.Lock()
-        self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
+        self._wake_reader, self._wake_writer = multiprocessing.connection.Pipe(duplex=False)
         self._closed = threading.Event()
         self._dispatcher = threading.Thread(
             target=self._dispatch_forever, name="dask-serverless-local-dispatcher", daemon=True
@@ -220,6 +232,22 @@ class LocalBackend:
                 if instance.invocation is not None and instance.invocation.run_id == run_id:
                     with contextlib.suppress(OSError):
                         instance.process.kill()
+
+    def prewarm(self, counts: Mapping[int, int]) -> None:
+        """Start ``counts[MB]`` instances of each configuration now (pre-warming), as far
+        as the concurrency allows: the next invocations of that size take them."""
+        with self._lock:
+            self._start_ahead(counts)
+        self._wake_writer.send_bytes(b"!")
+
+    def warm_instances(self) -> dict[int, int]:
+        """Idle instances per configuration (MB): what a run starting now finds warm."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for instance in self._instances.values():
+                if instance.idle:
+                    counts[instance.memory_mb] = counts.get(instance.memory_mb, 0) + 1
+            return counts
 
     def live_instances(self) -> int:
         with self._lock:
@@ -273,9 +301,20 @@ class LocalBackend:
                 self._enqueue(message[1])
             elif message[0] == READY:
                 self._failed_boots = 0
+                if instance.ready_at is None:
+                    instance.ready_at = time.time()
                 instance.booted = True
                 instance.invocation = None
                 instance.idle_since = time.monotonic()
+            elif message[0] == PREWARM:
+                self._start_ahead(message[1])
+            elif message[0] == SECEDE:
+                instance.seceded = True
+            elif message[0] == REJOIN:
+                instance.seceded = False
+            elif message[0] == FAILED:
+                self._boot_error = str(message[1])
+                logger.error("a worker instance failed to start:\n%s", self._boot_error)
 
     def _forget(self, connection: Connection) -> None:
         """An instance died (killed, out of memory) — drop it and retry its invocation.
@@ -303,11 +342,17 @@ class LocalBackend:
             if instance is not None and not instance.booted:
                 self._failed_boots += 1
                 if self._failed_boots >= _MAX_FAILED_BOOTS:
+                    said = self._boot_error.strip() or "nothing (see the process's stderr)"
                     self.failure = RuntimeError(
                         f"{self._failed_boots} worker instances in a row exited before they "
-                        f"started. {_MAIN_GUARD_HINT}"
+                        f"started; the last one said: {said}"
                     )
             if instance is not None and instance.invocation is not None:
+                logger.warning(
+                    "instance %d died running invocation %s; delivering it again",
+                    instance.process.pid,
+                    instance.invocation.invocation_id,
+                )
                 self.lost_instances += 1
                 self._queue.appendleft(instance.invocation)
         connection.close()
@@ -316,48 +361,75 @@ class LocalBackend:
             self._release(instance)
 
     def _assign(self) -> None:
-        """Hand queued invocations to idle instances of their configuration; start
-        instances for the rest, replacing idle ones of other configurations at the limit."""
+        """Start queued invocations in the order they arrived, as Lambda does across its
+        functions: each on an idle instance of its configuration (warm), on a new instance
+        while fewer than ``concurrency`` live (cold), or on a new one that replaces an idle
+        instance of another configuration; an instance already booting for its
+        configuration takes the next one. The rest wait."""
         if self.failure is not None:
             return
-        for instance in [i for i in self._instances.values() if i.idle]:
-            queued = self._queue.popleft(instance.memory_mb)
-            if queued is None:
-                continue
-            # Start-up as Lambda reports it: from the instance's start (cold) or from the
-            # hand-over (warm), not the time spent queued behind the concurrency limit.
-            at = time.time() if instance.served else instance.started_at
-            invocation = replace(queued, sent_at=at)
-            instance.served = True
-            instance.invocation = invocation
-            try:
-                instance.connection.send(invocation)
-            except (BrokenPipeError, OSError):
-                self._queue.appendleft(invocation)
-                instance.invocation = None
+        idle: dict[int, list[Instance]] = {}
         booting: dict[int, int] = {}
         for instance in self._instances.values():
-            if not instance.booted:
+            if instance.idle:
+                idle.setdefault(instance.memory_mb, []).append(instance)
+            elif not instance.booted:
                 booting[instance.memory_mb] = booting.get(instance.memory_mb, 0) + 1
-        for memory_mb, waiting in self._queue.counts().items():
-            for _ in range(waiting - booting.get(memory_mb, 0)):
-                if len(self._instances) >= self.concurrency and not self._evict_idle():
-                    return
+        # Each invocation looked at takes an idle or booting instance or a slot, or ends
+        # the pass: no more than this many can be looked at usefully.
+        useful = 2 * len(self._instances) + self.concurrency + 1
+        for number, queued in self._queue.oldest(useful):
+            memory_mb = self._queue.memory_of(queued)
+            if idle.get(memory_mb):
+                self._hand_over(idle[memory_mb].pop(), number, queued)
+            elif booting.get(memory_mb):
+                booting[memory_mb] -= 1
+            elif self._counted() < self.concurrency or self._evict_idle(idle):
                 try:
                     self._start_instance(memory_mb)
                 except Exception:
                     # This configuration cannot start (a cgroup refused it): its queued
                     # invocations fail, as a platform fails invocations it cannot place;
                     # the dispatcher goes on serving every other configuration.
-                    traceback.print_exc(file=sys.stderr)
+                    logger.exception("cannot start an instance of %d MB", memory_mb)
                     self._queue.drop_memory(memory_mb)
-                    break
+                    return
+            else:
+                return
 
-    def _evict_idle(self) -> bool:
-        """Stop one idle instance (its configuration has nothing queued) to make room."""
-        for connection, instance in self._instances.items():
-            if instance.idle:
-                del self._instances[connection]
+    def _hand_over(self, instance: Instance, number: int, queued: Invocation) -> None:
+        # Start-up as Lambda reports it: a cold start's boot (from the instance's start
+        # to ready, not the time it then waited for work) plus the hand-over; never the
+        # time spent queued behind the concurrency limit.
+        boot = 0.0
+        if not instance.served and instance.ready_at is not None:
+            boot = instance.ready_at - instance.started_at
+        invocation = replace(queued, sent_at=time.time(), boot_s=round(boot, 6))
+        try:
+            instance.connection.send(invocation)
+        except (BrokenPipeError, OSError):
+            return
+        self._queue.remove(number)
+        instance.served = True
+        instance.invocation = invocation
+
+    def _start_ahead(self, counts: Mapping[int, int]) -> None:
+        for memory_mb, count in counts.items():
+            for _ in range(count):
+                if self._counted() >= self.concurrency:
+                    return
+                self._start_instance(int(memory_mb))
+
+    def _counted(self) -> int:
+        """Instances that count against the concurrency: all but the seceded ones."""
+        return sum(1 for instance in self._instances.values() if not instance.seceded)
+
+    def _evict_idle(self, idle: dict[int, list[Instance]]) -> bool:
+        """Stop one idle instance (one nothing queued ahead could use) to make room."""
+        for instances in idle.values():
+            if instances:
+                instance = instances.pop()
+                del self._instances[instance.connection]
                 self._stop(instance)
                 self._retired.append(instance)
                 return True
@@ -365,21 +437,27 @@ class LocalBackend:
 
     def _start_instance(self, memory_mb: int) -> None:
         group = self._cgroups.create(memory_mb) if self._cgroups is not None else None
-        slot = TaskSlot(self._mp) if group is not None else None
-        settings = replace(self._settings, memory_mb=memory_mb, cgroup=group, task_slot=slot)
-        parent_end, child_end = self._mp.Pipe(duplex=True)
-        process = self._mp.Process(
-            target=instance_main,
-            args=(settings, child_end),
-            name="dask-serverless-instance",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
+        slot = TaskSlot() if group is not None else None
+        parent_end, child_end = multiprocessing.connection.Pipe(duplex=True)
+        # The settings wait in the pipe; the secret never passes through the fork server.
+        parent_end.send(replace(self._settings, memory_mb=memory_mb, cgroup=group))
+        fds = [child_end.fileno()] if slot is None else [child_end.fileno(), slot.fd]
+        try:
+            process = shared_fork_server().fork(fds)
+        except BaseException:
+            parent_end.close()
+            if slot is not None:
+                slot.close()
+            if group is not None and self._cgroups is not None:
+                self._cgroups.remove(group)
+            raise
+        finally:
+            child_end.close()
         self._instances[parent_end] = Instance(
             process, parent_end, memory_mb=memory_mb, group=group, slot=slot
         )
         self.cold_starts += 1
+        logger.debug("cold start: instance %d (%d MB)", process.pid, memory_mb)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -440,13 +518,22 @@ class LocalBackend:
         return cgroups, cgroups is not None
 
     def _release(self, instance: Instance) -> None:
-        """Remove a finished instance's cgroup."""
+        """Remove a finished instance's cgroup and task slot; stop watching its process."""
         if instance.group is not None and self._cgroups is not None:
             instance.process.join(timeout=1)
             self._cgroups.remove(instance.group)
+        if instance.slot is not None:
+            instance.slot.close()
+            instance.slot = None
+        instance.process.close()
 
     def _report_out_of_memory(self, instance: Instance) -> None:
-        """If the kernel killed ``instance`` for its memory, fail the task it ran."""
+        """If the kernel killed ``instance`` for its memory, report the task it ran.
+
+        An ``oom`` event in the run's stream: the client retries the task one size up
+        (the invocation's lease recovers it) or, at the largest size, fails the run with
+        ``TaskOutOfMemoryError``.
+        """
         assert instance.group is not None and instance.invocation is not None
         if instance.group.oom_kills() == 0 or instance.slot is None:
             return
@@ -455,15 +542,14 @@ class LocalBackend:
             return
         run_id, ttl, index, key = running
         self.out_of_memory += 1
+        logger.warning(
+            "task %s ran out of its %d MB: its instance was killed", key, instance.memory_mb
+        )
         if self._reporter is None:
-            client = client_for(self._settings.redis_url)
-            self._reporter = (client, Signer(self._settings.secret))
-        client, signer = self._reporter
-        error = TaskOutOfMemoryError(key, instance.memory_mb)
+            self._reporter = client_for(self._settings.redis_url)
         with contextlib.suppress(Exception):
-            RunStore(client, run_id, ttl).fail(
-                RunSigner(signer, run_id).dumps_exception(error),
-                events.encode([events.error(index)]),
+            RunStore(self._reporter, run_id, ttl).append_events(
+                events.encode([events.out_of_memory(index, instance.memory_mb)])
             )
 
     @staticmethod
@@ -497,6 +583,6 @@ class LocalBackend:
         if self._cgroups is not None:
             self._cgroups.close()
         if self._reporter is not None:
-            self._reporter[0].close()
+            self._reporter.close()
         self._wake_reader.close()
         self._wake_writer.close()
