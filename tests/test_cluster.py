@@ -21,7 +21,7 @@ import redis
 from redis.cluster import key_slot
 
 from dask_serverless import Scheduler
-from dask_serverless.client import RedisUnavailableError
+from dask_serverless.client import RedisUnavailableError, StuckRunError
 from dask_serverless.protocol.history import HistoryStore
 from dask_serverless.protocol.keys import RunKeys, new_run_id, task_history_key
 from dask_serverless.protocol.store import client_for, cluster_mode
@@ -34,7 +34,13 @@ TRIALS = 10
 TRIAL_TIMEOUT_S = 40
 TRIAL_SLACK_S = 15
 # Errors that say clearly why a run could not finish after a master failed.
-CLEAR_ERRORS = (RedisUnavailableError, MissingOutputError, TimeoutError, redis.RedisError)
+CLEAR_ERRORS = (
+    RedisUnavailableError,
+    StuckRunError,
+    MissingOutputError,
+    TimeoutError,
+    redis.RedisError,
+)
 
 
 def node_run_keys(ports: list[int]) -> dict[int, list[bytes]]:

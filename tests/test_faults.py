@@ -1,5 +1,6 @@
 """Fault injection: killed workers, duplicate deliveries, task errors, a Redis restart,
-tampered blobs, protected Redis servers, cancellation and oversized outputs.
+tampered and moved blobs, protected Redis servers, cancellation, oversized outputs, and
+seeded trials that pause or restart Redis at random points.
 
 Every case ends with the right answer or the expected error, and the autouse fixture
 checks that no key of any run is left in Redis.
@@ -19,7 +20,7 @@ import dask
 import pytest
 import redis
 
-from dask_serverless import Scheduler, UntrustedBlobError
+from dask_serverless import Scheduler, StuckRunError, UntrustedBlobError, WorkerCrashedError
 from dask_serverless.backends.local import LocalBackend
 from dask_serverless.client import RedisUnavailableError
 from dask_serverless.storage.embedded import EmbeddedRedis
@@ -205,28 +206,44 @@ def test_redis_restart_mid_run_is_a_clear_error(tmp_path):
         assert not run_keys(redis.Redis.from_url(server.url))
 
 
-def test_tampered_output_blob_fails_the_run(scheduler, redis_client):
-    early = dask.delayed(inc)(1)
-    slow = dask.delayed(sleep_then)(2, 1.0)
-    both = dask.delayed(add_all)(early, slow)
-    tampered = []
+@pytest.mark.parametrize("how", ["flipped", "swapped"])
+def test_tampered_or_moved_output_blob_fails_the_run(redis_url, redis_client, how):
+    """Two outputs, stored by parents that run side by side in two instances, are
+    tampered with while a third parent runs: one bit flipped, or the two validly signed
+    blobs swapped between their keys. The consumer reads them from Redis (no instance
+    holds both) and refuses them, naming the key."""
+    with Scheduler(redis=redis_url, concurrency=3, timeout=60) as sched:
+        first = dask.delayed(sleep_then)(10, 0.2, dask_key_name="first")
+        second = dask.delayed(sleep_then)(20, 0.2, dask_key_name="second")
+        slow = dask.delayed(sleep_then)(0, 2.0, dask_key_name="slow")
+        work = dask.delayed(add_all)(first, second, slow)
+        tampered = []
 
-    def tamper():
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not tampered:
-            for key in redis_client.scan_iter(match="dsl:*:o:*"):
-                value = redis_client.get(key)
-                if value:
-                    redis_client.set(key, value[:-1] + bytes([value[-1] ^ 1]), keepttl=True)
-                    tampered.append(key)
-            time.sleep(0.02)
+        def tamper():
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not tampered:
+                outputs = sorted(redis_client.scan_iter(match="dsl:*:o:*"))
+                if len(outputs) == 2:
+                    # one GET each: on a cluster the outputs live in different slots
+                    a, b = (redis_client.get(key) for key in outputs)
+                    if how == "flipped":
+                        b = a[:-1] + bytes([a[-1] ^ 1])
+                        outputs = outputs[:1]
+                    redis_client.set(outputs[0], b, keepttl=True)
+                    if how == "swapped":
+                        redis_client.set(outputs[1], a, keepttl=True)
+                    tampered.extend(outputs)
+                time.sleep(0.01)
 
-    thread = threading.Thread(target=tamper)
-    thread.start()
-    with pytest.raises(UntrustedBlobError, match="signature does not match"):
-        dask.compute(both, scheduler=scheduler)
-    thread.join()
-    assert tampered
+        thread = threading.Thread(target=tamper)
+        thread.start()
+        with pytest.raises(
+            UntrustedBlobError,
+            match=r"output of '(first|second)' \(key dsl:\{\w+:o:\d+\}\).*signature does not",
+        ):
+            dask.compute(work, scheduler=sched)
+        thread.join()
+        assert tampered
 
 
 def test_password_protected_redis():
@@ -317,3 +334,59 @@ def test_output_over_the_limit_names_key_and_limit(redis_url):
         consumers = [dask.delayed(len)(blob), dask.delayed(bytes.upper)(blob)]
         with pytest.raises(OutputTooLargeError, match="the-big-one.*limit of 10000 bytes"):
             dask.compute(consumers, scheduler=sched)
+
+
+@pytest.fixture(scope="module")
+def flaky_redis():
+    """A Redis that persists every write (AOF), to pause and restart under a Scheduler."""
+    aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    with (
+        EmbeddedRedis(tcp=True, extra_args=aof) as server,
+        Scheduler(redis=server.url, concurrency=2, lease_timeout=LEASE_S, timeout=60) as sched,
+    ):
+        yield server, sched
+
+
+def disturb_redis(server: EmbeddedRedis, rng: random.Random) -> str:
+    """Pause Redis (SIGSTOP … SIGCONT) or restart it from its AOF, for a random while."""
+    time.sleep(rng.uniform(0.1, 1.0))
+    if rng.random() < 0.5:
+        pause = rng.uniform(0.3, 3.0)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        time.sleep(pause)
+        os.kill(server.process.pid, signal.SIGCONT)
+        return f"paused {pause:.1f} s"
+    down = rng.uniform(0.2, 2.0)
+    server.restart(down_s=down)
+    return f"restarted after {down:.1f} s"
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_a_paused_or_restarted_redis_ends_every_compute_in_time(flaky_redis, trial):
+    """20 seeded trials: every compute gives the right answer, or fails within its
+    timeout plus 10 s with an error that says why; Redis is clean afterwards."""
+    server, sched = flaky_redis
+    rng = random.Random(1000 + trial)
+    collection, expected = [lambda: chain(10), lambda: tree(8), lambda: fan_out_fan_in(8)][
+        trial % 3
+    ]()
+    timeout = 10
+    what: list[str] = []
+    disturber = threading.Thread(target=lambda: what.append(disturb_redis(server, rng)))
+    started = time.monotonic()
+    disturber.start()
+    try:
+        (result,) = dask.compute(collection, scheduler=sched, timeout=timeout)
+        assert result == expected
+    except (TimeoutError, RedisUnavailableError, StuckRunError, WorkerCrashedError):
+        pass
+    finally:
+        disturber.join()
+    assert time.monotonic() - started < timeout + 10, what
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 30
+    while run_keys(client) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not run_keys(client), what
+    time.sleep(1.0)
+    assert not run_keys(client), what

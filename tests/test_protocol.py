@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dask
@@ -11,9 +12,12 @@ import pytest
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
+from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import new_run_id
+from dask_serverless.protocol.record import OUTPUT, RECORD, RESULT, RunRecord, RunSigner
 from dask_serverless.protocol.store import RunStore, redact
 from dask_serverless.storage.serialize import Signer, new_secret
+from dask_serverless.worker.branch import Branch, RunGone
 from tests.tasks import inc, slow_inc, total
 
 
@@ -63,15 +67,17 @@ def test_a_large_output_is_stored_and_never_outlives_its_run(store, redis_client
 
 def test_the_load_counts_queued_and_running_invocations(redis_client):
     run = RunStore(redis_client, new_run_id(), ttl_s=60)
-    run.create(b"record", invocations=3)
+    run.create(b"record", [Invocation.new(run.run_id, [i], 60, 5000) for i in range(3)])
     try:
         assert run.load() == 3
-        run.begin("a", [0], 5000, want_record=False)
+        first = run.queued_invocations()[0].invocation_id
+        run.begin(first, [0], 5000, want_record=False)
         assert run.load() == 3
-        run.begin("a", [0], 5000, want_record=False)
-        run.note_invoked(2)
+        run.begin(first, [0], 5000, want_record=False)
+        assert run.load() == 3
+        assert run.note_invoked([Invocation.new(run.run_id, [i], 60, 5000) for i in (3, 4)])
         assert run.load() == 5
-        run.release_lease("a")
+        run.release_lease(first)
         assert run.load() == 4
     finally:
         run.purge(4)
@@ -143,6 +149,9 @@ def test_arrays_travel_out_of_band_and_come_back_writable():
 def test_redact_hides_passwords():
     assert redact("redis://user:hunter2@host:6380/0") == "redis://user:***@host:6380/0"
     assert redact("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
+    assert redact("redis://host/0?password=hunter2&db=1") == "redis://host/0?password=***&db=1"
+    assert redact("rediss://u@h/0?ssl_password=x") == "rediss://u@h/0?ssl_password=***"
+    assert redact("unix://:hunter2@/tmp/r.sock?db=0") == "unix://:***@/tmp/r.sock?db=0"
 
 
 def test_unreachable_redis_is_a_one_line_error_without_password():
@@ -166,13 +175,77 @@ def test_every_invocation_delivered_twice_gives_the_right_result(redis_url, redi
         assert dask.compute(chain, scheduler=sched) == (51,)
 
 
-def test_a_tampered_run_record_fails_the_run(redis_url, redis_client, monkeypatch):
+@pytest.mark.parametrize("how", ["flipped", "moved-from-another-run", "an-output-as-record"])
+def test_a_tampered_run_record_fails_the_run(redis_url, redis_client, monkeypatch, how):
+    """A flipped bit, a validly signed record of another run, or a validly signed blob
+    of another kind put under the record key: each is refused before it is unpickled."""
     with Scheduler(redis=redis_url, timeout=60) as sched:
+        # RunStore.create, not a Redis command: standalone and cluster clients alike
         original = RunStore.create
+        other_run = RunSigner(sched._signer, new_run_id())
+        stolen: list[bytes] = []
 
         def tamper(self, record, *args, **kwargs):
-            return original(self, record[:-1] + bytes([record[-1] ^ 1]), *args, **kwargs)
+            if how == "flipped":
+                record = record[:-1] + bytes([record[-1] ^ 1])
+            elif how == "an-output-as-record":
+                record = RunSigner(sched._signer, self.run_id).dumps("not a record", OUTPUT, 0)
+            elif stolen:
+                record = stolen[0]
+            else:
+                stolen.append(record)
+            return original(self, record, *args, **kwargs)
 
         monkeypatch.setattr(RunStore, "create", tamper)
+        if how == "moved-from-another-run":
+            assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
         with pytest.raises(UntrustedBlobError, match="run record"):
             dask.compute(dask.delayed(inc)(1), scheduler=sched)
+        assert other_run.loads(other_run.dumps(1, RECORD), RECORD) == 1
+
+
+def test_a_signature_binds_run_kind_and_slot():
+    signer = Signer(new_secret())
+    run, other = RunSigner(signer, new_run_id()), RunSigner(signer, new_run_id())
+    blob = run.dumps([1, 2], OUTPUT, 3)
+    assert run.loads(blob, OUTPUT, 3) == [1, 2]
+    for reader, kind, slot in [(run, OUTPUT, 4), (other, OUTPUT, 3), (run, RESULT, None)]:
+        with pytest.raises(UntrustedBlobError, match="moved from another key"):
+            reader.loads(blob, kind, slot, label="output of 'x' (key dsl:{r}:o:4)")
+
+
+def test_invoked_children_are_noted_as_queued_then_sent_each_in_its_configuration(redis_client):
+    """A worker notes what it invokes before sending it: should the platform lose an
+    invocation before it begins, the client finds it there and sends it again."""
+    from tests.unit.test_branch import Sent, children, fan_out
+
+    dag = fan_out(2)
+    memory: list[int | None] = [None] * len(dag)
+    first, second = children(dag, 2)
+    memory[second] = 3008
+    run_id = new_run_id()
+    store = RunStore(redis_client, run_id, ttl_s=60)
+    store.create(b"record")
+    branch = Branch(
+        record=RunRecord(run_id, dag, memory=tuple(memory)),
+        store=store,
+        signer=RunSigner(Signer(new_secret()), run_id),
+        invoker=Sent(),
+        worker_id="test",
+    )
+    try:
+        before = time.time()
+        branch.invoke([first, second])
+        sent = branch.invoker.invocations  # type: ignore[attr-defined]
+        assert [i.tasks for i in sent] == [(first,), (second,)]
+        assert [i.memory_mb for i in sent] == [None, 3008]
+        assert all(i.run_id == run_id and i.sent_at >= before for i in sent)
+        noted = {(i.invocation_id, i.tasks, i.memory_mb) for i in store.queued_invocations()}
+        assert noted == {(i.invocation_id, i.tasks, i.memory_mb) for i in sent}
+        store.purge(len(dag))
+        # no write recreates a key of a run that is gone
+        with pytest.raises(RunGone):
+            branch.invoke([first])
+        assert not redis_client.exists(store.keys.queued)
+    finally:
+        store.purge(len(dag))

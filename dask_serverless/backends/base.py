@@ -22,13 +22,20 @@ class Backend(Protocol):
     its timeout. ``warm_instances`` is how many idle instances of each configuration (MB)
     a run starting now would find (empty when the platform does not say), and ``prewarm``
     starts instances of the given configurations ahead of the invocations that will need
-    them (pre-warming) — the planner models both. ``close`` releases what the backend
-    started.
+    them (pre-warming) — the planner models both.
 
     A worker's invoker that is a complete ``Backend`` also serves nested runs (a task that
     calls ``dask_serverless.get``). A platform with a concurrency limit then offers
     ``seceded()``, a context manager during which the waiting worker's slot does not count
     against the limit (as ``distributed.secede``), so nested runs cannot deadlock.
+
+    ``take_crashes(run_id)`` hands over, once, the invocations of a run
+    whose instance the platform saw die, each with the cause (exit code, signal, out of
+    memory): the client re-invokes them at once and names the cause when it gives up.
+    ``cancel(run_id)`` stops what the platform still runs or queues for a run that
+    timed out, was interrupted or failed — as far as the platform can (AWS Lambda cannot
+    stop a running invocation; its worker stops before its next task). ``close``
+    releases what the backend started.
     """
 
     @property
@@ -48,5 +55,9 @@ class Backend(Protocol):
     def warm_instances(self) -> Mapping[int, int]: ...
 
     def prewarm(self, counts: Mapping[int, int]) -> None: ...
+
+    def take_crashes(self, run_id: str) -> dict[str, str]: ...
+
+    def cancel(self, run_id: str) -> None: ...
 
     def close(self) -> None: ...

@@ -48,6 +48,14 @@ class InlineBackend:
         finally:
             self._draining = False
 
+    def take_crashes(self, run_id: str) -> dict[str, str]:
+        """A worker in this process cannot die without the client: nothing to report."""
+        return {}
+
+    def cancel(self, run_id: str) -> None:
+        """Drop what is queued for ``run_id``; nothing else runs while the client waits."""
+        self._queue = collections.deque(i for i in self._queue if i.run_id != run_id)
+
     def warm_instances(self) -> Mapping[int, int]:
         """None: the workers run in this process."""
         return {}

@@ -5,8 +5,8 @@ default); ``run`` is one compute from submission to result; ``progress`` folds a
 events into its outcome and the dask callbacks; ``bundling`` groups roots into bundles.
 """
 
-from dask_serverless.client.run import RedisUnavailableError
+from dask_serverless.client.run import RedisUnavailableError, StuckRunError, WorkerCrashedError
 from dask_serverless.client.scheduler import Scheduler, get
 from dask_serverless.client.scheduler import _default as _default
 
-__all__ = ["RedisUnavailableError", "Scheduler", "get"]
+__all__ = ["RedisUnavailableError", "Scheduler", "StuckRunError", "WorkerCrashedError", "get"]

@@ -40,12 +40,17 @@ from dask_serverless import config, logs
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
 from dask_serverless.client.progress import RunProgress
-from dask_serverless.client.run import RedisUnavailableError, Run
+from dask_serverless.client.run import (
+    RedisUnavailableError,
+    Run,
+    StuckRunError,
+    WorkerCrashedError,
+)
 from dask_serverless.dashboard import Dashboard, start_dashboard
 from dask_serverless.graph import translate
 from dask_serverless.planning import Plan, Planner, Planning, Platform
 from dask_serverless.protocol.keys import new_run_id
-from dask_serverless.protocol.record import RunRecord, seal_record
+from dask_serverless.protocol.record import RunRecord, RunSigner, seal_record
 from dask_serverless.protocol.runs import RunHistory
 from dask_serverless.protocol.store import RunStore, Scripts, connect
 from dask_serverless.recording import RunRecorder
@@ -63,7 +68,7 @@ _UNKNOWN_CONCURRENCY = 64
 # model's keep-alive where the backend gives none.
 LAMBDA_KEEP_ALIVE_S = 600.0
 
-__all__ = ["RedisUnavailableError", "Scheduler", "get"]
+__all__ = ["RedisUnavailableError", "Scheduler", "StuckRunError", "WorkerCrashedError", "get"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +101,7 @@ class Scheduler:
         retries: int | None = None,
         retry_backoff: float | None = None,
         lease_timeout: float | None = None,
+        max_reinvocations: int | None = None,
         max_output_bytes: int | None = None,
         lambda_function: str | None = None,
         lambda_endpoint_url: str | None = None,
@@ -124,6 +130,7 @@ class Scheduler:
             self.retries = int(config.setting("retries", retries))
             self.retry_backoff = float(config.setting("retry-backoff", retry_backoff))
             self.lease_ms = int(float(config.setting("lease-timeout", lease_timeout)) * 1000)
+            self.max_reinvocations = int(config.setting("max-reinvocations", max_reinvocations))
             self.max_output_bytes = int(config.setting("max-output-bytes", max_output_bytes))
             self.cluster_output_bytes = int(config.setting("cluster-output-bytes"))
             self.recovered_invocations = 0
@@ -231,8 +238,9 @@ class Scheduler:
                 store=RunStore(self._redis, run_id, self.run_ttl, self._scripts),
                 progress=RunProgress(dag, callbacks=active),
                 backend=self.backend,
-                signer=self._signer,
+                signer=RunSigner(self._signer, run_id),
                 lease_ms=self.lease_ms,
+                max_reinvocations=self.max_reinvocations,
                 parent_gone=parent_gone,
             )
             succeeded = False

@@ -21,8 +21,9 @@ Control keys of one run (``P = dsl:{<run-id>}:``):
 ``P leases``  zset      running invocation id → lease expiry (Redis clock, ms); a worker
                         renews its lease while it works, a lapsed lease means it died
 ``P restart`` hash      running invocation id → JSON list of the nodes to restart it from
-``P queued``  string    invocations sent but not begun; with ``leases`` it is the run's
-                        load, which workers weigh against the platform's concurrency
+``P queued``  hash      invocations sent but not begun: id → payload; with ``leases`` it
+                        is the run's load, which workers weigh against the platform's
+                        concurrency, and the client sends again what never started
 ``P events``  stream    batched events for the client (progress, errors, finished)
 ``P signal``  list      one entry per decisive event (first error, finished): a client
                         that shows no progress sleeps in BLPOP on it, not on the stream
@@ -114,6 +115,11 @@ class RunKeys:
         keys += [self.output(i) for i in range(node_count)]
         keys += [self.inbox(i) for i in range(node_count)]
         return keys
+
+    def fixed(self) -> list[str]:
+        """The keys of a run whatever its size, record and result included."""
+        keys = [self.record, self.events, self.result, self.error, self.invocations]
+        return keys + [self.leases, self.restart, self.signal, self.queued]
 
     def intermediates(self, node_count: int) -> list[str]:
         """What the sink's worker deletes: everything but the result and the events,

@@ -4,10 +4,10 @@ run are signed.
 The client builds one ``RunRecord`` per run, seals it (cloudpickle, zlib, HMAC) and stores
 it under the run's ``record`` key; a worker opens it once per process and run. Every other
 blob of the run (outputs, the first error, the result) is signed the same way through a
-``RunSigner``, which names the blob by run, *kind* and *slot* (the node index, for
-outputs). The name is what error messages say today ("output of 'x'"); it is also the
-seam where the MAC is to be bound to run, kind and slot, so that a blob copied to another
-key is refused — ``Signer`` would then take the label as associated data.
+``RunSigner``. Each MAC is bound to the blob's place — run id, *kind* and *slot* (the node
+index, for outputs; see ``blob_context``) — which the reader names again, so a validly
+signed blob copied to another key, run or kind is refused with ``UntrustedBlobError``
+naming the key it was found under.
 """
 
 from __future__ import annotations
@@ -60,28 +60,35 @@ class RunRecord:
         return max((self.memory[t] or 0 for t in tasks), default=0) or None
 
 
+def blob_context(run_id: str, kind: str, slot: int | None = None) -> bytes:
+    """Where a blob belongs — run, kind, slot — as the bytes its MAC is bound to."""
+    return f"{run_id}|{kind}|{'' if slot is None else slot}".encode()
+
+
 class RunSigner:
-    """Signs and checks the blobs of one run, each named by kind and slot."""
+    """Signs and checks the blobs of one run, each bound to its kind and slot."""
 
     def __init__(self, signer: Signer, run_id: str) -> None:
         self.signer = signer
         self.run_id = run_id
 
     def dumps(self, value: Any, kind: str, slot: int | None = None) -> bytes:
-        return self.signer.dumps(value)
+        return self.signer.dumps(value, context=blob_context(self.run_id, kind, slot))
 
-    def loads(self, blob: bytes, kind: str, label: str | None = None) -> Any:
+    def loads(
+        self, blob: bytes, kind: str, slot: int | None = None, label: str | None = None
+    ) -> Any:
         """The value of ``blob``; ``label`` names it in errors (``output of 'x'``)."""
-        return self.signer.loads(blob, label or kind)
+        return self.signer.loads(blob, label or kind, context=blob_context(self.run_id, kind, slot))
 
     def dumps_exception(self, exc: BaseException) -> bytes:
-        return self.signer.dumps_exception(exc)
+        return self.signer.dumps_exception(exc, context=blob_context(self.run_id, ERROR))
 
 
 def seal_record(signer: Signer, record: RunRecord) -> bytes:
     """The signed, compressed record; a task that cannot be pickled is named in the error."""
     try:
-        return signer.dumps(record, compress=True)
+        return signer.dumps(record, compress=True, context=blob_context(record.run_id, RECORD))
     except Exception as error:
         dag = record.dag
         for index in range(dag.sink):
@@ -96,7 +103,7 @@ def seal_record(signer: Signer, record: RunRecord) -> bytes:
 
 def open_record(signer: Signer, blob: bytes, run_id: str) -> RunRecord:
     """The record ``blob`` holds, refused unless it is signed and is run ``run_id``'s."""
-    record = signer.loads(blob, RECORD)
+    record = signer.loads(blob, f"{RECORD} of run {run_id}", context=blob_context(run_id, RECORD))
     if not isinstance(record, RunRecord) or record.run_id != run_id:
         raise UntrustedBlobError(f"the {RECORD} stored for run {run_id} is not that run's")
     return record

@@ -30,10 +30,11 @@ three things here:
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import dask.config
 import redis
@@ -42,9 +43,17 @@ from redis.commands.core import Script
 from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRespSerializer
 from redis.retry import Retry
 
-from dask_serverless.constants import LARGE_ARGUMENT_BYTES
+from dask_serverless.constants import LARGE_ARGUMENT_BYTES, REDIS_SOCKET_TIMEOUT_S
 from dask_serverless.protocol import scripts
+from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import RunKeys
+
+
+class StoreRefusedError(RuntimeError):
+    """Redis refused to store a value: it is out of memory (``maxmemory`` with
+    ``noeviction``) or the value is above its bulk limit (``proto-max-bulk-len``). Not
+    retried: storing it again would fail again."""
+
 
 # Keys per UNLINK when a run is deleted: one pipelined round trip, no giant command.
 _DELETE_CHUNK = 5000
@@ -58,16 +67,31 @@ _CLUSTER_RETRY = (0.05, 2.0, 12)
 Client = redis.Redis | redis.RedisCluster
 
 
+# Query parameters of a Redis URL that hold a credential (redis-py accepts them all).
+_SECRET_PARAMETERS = frozenset({"password", "username", "user", "auth", "ssl_password"})
+
+
 def redact(url: str) -> str:
-    """``url`` without its password, for error messages and logs."""
+    """``url`` without its credentials — in the user part or the query — for messages
+    and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    netloc = parts.netloc
+    if "@" in netloc:
+        user = parts.username or ""
+        host = netloc.rsplit("@", 1)[1]
+        netloc = f"{user}:***@{host}" if parts.password is not None else f"{user}@{host}"
+    query = "&".join(
+        f"{name}=***" if name.lower() in _SECRET_PARAMETERS else f"{name}={value}"
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not netloc and url.startswith(f"{parts.scheme}://"):
+        redacted = redacted.replace(":", "://", 1)  # unix:///path keeps its slashes
+    return redacted
+
+
+def _payloads(invocations: Sequence[Invocation]) -> dict[str, str]:
+    return {i.invocation_id: json.dumps(i.to_payload()) for i in invocations}
 
 
 class CommandPacker:
@@ -94,7 +118,9 @@ def is_cluster_url(url: str) -> bool:
     """Whether the server at ``url`` is a node of a Redis Cluster (``INFO cluster``)."""
     if urlsplit(url).scheme == "unix":
         return False
-    probe = redis.Redis.from_url(url)
+    probe = redis.Redis.from_url(
+        url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S
+    )
     try:
         return bool(probe.info("cluster").get("cluster_enabled"))
     except redis.exceptions.NoPermissionError:
@@ -130,7 +156,13 @@ def client_for(url: str, cluster: bool | str | None = None) -> Client:
 
     ``cluster``: see ``cluster_mode``; deciding ``"auto"`` costs one ``INFO`` round trip.
     A cluster client learns the slot map from the node it is given and keeps it fresh.
+    Every call gives up after ``REDIS_SOCKET_TIMEOUT_S`` (connecting included), so a Redis
+    that hangs is an error, never a wait without end.
     """
+    timeouts = {
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_SOCKET_TIMEOUT_S,
+    }
     if cluster_mode(url, cluster):
         base, cap, attempts = _CLUSTER_RETRY
         return redis.RedisCluster.from_url(
@@ -138,8 +170,11 @@ def client_for(url: str, cluster: bool | str | None = None) -> Client:
             health_check_interval=30,
             command_packer=CommandPacker(),
             retry=Retry(ExponentialWithJitterBackoff(base=base, cap=cap), attempts),
+            **timeouts,
         )
-    return redis.Redis.from_url(url, health_check_interval=30, command_packer=CommandPacker())
+    return redis.Redis.from_url(
+        url, health_check_interval=30, command_packer=CommandPacker(), **timeouts
+    )
 
 
 def connect(url: str, cluster: bool | str | None = None) -> Client:
@@ -147,6 +182,7 @@ def connect(url: str, cluster: bool | str | None = None) -> Client:
 
     Raises ``ConnectionError`` naming the URL without its password.
     """
+    client: Client | None = None
     try:
         client = client_for(url, cluster)
         client.ping()
@@ -156,7 +192,10 @@ def connect(url: str, cluster: bool | str | None = None) -> Client:
         redis.RedisClusterException,
         OSError,
     ) as error:
-        raise ConnectionError(f"cannot reach Redis at {redact(url)}: {error}") from None
+        if client is not None:
+            client.close()
+        message = str(error).replace(url, redact(url))
+        raise ConnectionError(f"cannot reach Redis at {redact(url)}: {message}") from None
     return client
 
 
@@ -193,16 +232,19 @@ class RunStore:
         self._fail = scripts["fail"]
         self._seal = scripts["seal"]
         self._announce = scripts["announce"]
+        self._queue = scripts["queue"]
 
     # -- client side -------------------------------------------------------------------
 
-    def create(self, record: bytes, invocations: int = 0) -> None:
-        """Store the run record, counting the ``invocations`` about to start the run."""
+    def create(self, record: bytes, invocations: Sequence[Invocation] = ()) -> None:
+        """Store the run record, noting the ``invocations`` about to start the run."""
         keys = self.keys
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(keys.record, record, ex=self.ttl_s, nx=True)
-            pipe.set(keys.queued, invocations, ex=self.ttl_s)
-            created, _ = pipe.execute()
+            if invocations:
+                pipe.hset(keys.queued, mapping=cast("Any", _payloads(invocations)))
+                pipe.expire(keys.queued, self.ttl_s)
+            created, *_ = pipe.execute()
         if not created:
             raise RuntimeError(f"run {self.run_id} already exists")
 
@@ -214,9 +256,9 @@ class RunStore:
         """Invocations of the run holding a lease, and invocations sent but not begun."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.leases)
-            pipe.get(self.keys.queued)
+            pipe.hlen(self.keys.queued)
             running, queued = pipe.execute()
-        return int(running), int(queued or 0)
+        return int(running), int(queued)
 
     def primaries(self) -> frozenset[str]:
         """The masters a cluster client knows now (empty for one server): a change says a
@@ -225,13 +267,19 @@ class RunStore:
             return frozenset(node.name for node in self.client.get_primaries())
         return frozenset()
 
-    def note_invoked(self, count: int) -> None:
-        """Count ``count`` invocations about to be sent in the run's load."""
-        if count > 0:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.incrby(self.keys.queued, count)
-                pipe.expire(self.keys.queued, self.ttl_s)
-                pipe.execute()
+    def note_invoked(self, invocations: Sequence[Invocation]) -> bool:
+        """Note ``invocations`` as queued before they are sent; False when the run is gone."""
+        if not invocations:
+            return True
+        args: list[Any] = [self.ttl_s]
+        for invocation_id, payload in _payloads(invocations).items():
+            args += [invocation_id, payload]
+        return bool(self._queue(keys=[self.keys.record, self.keys.queued], args=args))
+
+    def queued_invocations(self) -> list[Invocation]:
+        """Invocations sent but never begun (a client sends them again when none runs)."""
+        payloads = cast("dict[bytes, bytes]", self.client.hgetall(self.keys.queued))
+        return [Invocation.from_payload(json.loads(p)) for p in payloads.values()]
 
     def read_events(self, cursor: bytes, block_ms: int | None) -> tuple[bytes, list[bytes]]:
         """Event batches after ``cursor``, waiting up to ``block_ms`` (None: not) for one."""
@@ -267,6 +315,14 @@ class RunStore:
             pipe.exists(self.keys.result)
             running, sealed = pipe.execute()
         return "running" if running else "sealed" if sealed else "lost"
+
+    def keep_alive(self, keys: Iterable[str]) -> None:
+        """Give ``keys`` the run's TTL again (EXPIRE never creates a key that is gone)."""
+        keys = list(keys)
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.expire(key, self.ttl_s)
+            pipe.execute()
 
     def purge(self, node_count: int) -> None:
         """Delete every key of the run, the record first so that no worker writes again."""
@@ -307,11 +363,12 @@ class RunStore:
     def release_lease(self, invocation_id: str) -> None:
         self._release(keys=[self.keys.leases, self.keys.restart], args=[invocation_id])
 
-    def take_lapsed_leases(self) -> list[list[int]]:
-        """Restart points of invocations whose worker stopped renewing its lease."""
+    def take_lapsed_leases(self, dead: Sequence[str] = ()) -> list[tuple[str, list[int]]]:
+        """(invocation, restart point) of every invocation whose worker stopped renewing
+        its lease, and of those in ``dead`` (their instance is known to have died)."""
         keys = self.keys
-        reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart])
-        return [json.loads(reply[i + 1]) for i in range(0, len(reply), 2)]
+        reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart], args=list(dead))
+        return [(reply[i].decode(), json.loads(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
         """The stored outputs of ``indices`` (None where missing): one MGET, or on a cluster
@@ -348,33 +405,34 @@ class RunStore:
         for child, count in fan_in:
             tail += [child, count]
         inboxes = [keys.inbox(child) for child, _ in fan_in]
-        if output is None:
-            reply = self._complete(
-                keys=script_keys + inboxes, args=[self.ttl_s, "none", b"", *tail]
-            )
-        elif self.cluster:
-            # Two slots: the output first, acknowledged, then the counting (see above).
-            self.client.set(keys.output(index), output, ex=self.ttl_s)
-            reply = self._complete(
-                keys=script_keys + inboxes, args=[self.ttl_s, "none", b"", *tail]
-            )
-            if reply is None:
-                self.client.unlink(keys.output(index))
-        elif len(output) >= LARGE_ARGUMENT_BYTES:
-            # One MULTI: SET, then the script, so Redis never copies a large value into Lua.
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(keys.output(index), output, ex=self.ttl_s)
-                self._complete(
+        size = 0 if output is None else len(output)
+        with self.refusals(keys.output(index), size):
+            if output is None:
+                reply = self._complete(
+                    keys=script_keys + inboxes, args=[self.ttl_s, "none", b"", *tail]
+                )
+            elif self.cluster:
+                # Two slots: the output first, acknowledged, then the counting (see above).
+                self.client.set(keys.output(index), output, ex=self.ttl_s)
+                reply = self._complete(
+                    keys=script_keys + inboxes, args=[self.ttl_s, "none", b"", *tail]
+                )
+                if reply is None:
+                    self.client.unlink(keys.output(index))
+            elif len(output) >= LARGE_ARGUMENT_BYTES:
+                # A plain SET, then the script, so Redis never copies a large value into Lua
+                # (not one MULTI: an error there makes redis-py format every argument); the
+                # script deletes the output again if the run is gone meanwhile.
+                self.client.set(keys.output(index), output, ex=self.ttl_s)
+                reply = self._complete(
                     keys=[*script_keys, keys.output(index), *inboxes],
                     args=[self.ttl_s, "preset", b"", *tail],
-                    client=pipe,
                 )
-                _, reply = pipe.execute()
-        else:
-            reply = self._complete(
-                keys=[*script_keys, keys.output(index), *inboxes],
-                args=[self.ttl_s, "value", output, *tail],
-            )
+            else:
+                reply = self._complete(
+                    keys=[*script_keys, keys.output(index), *inboxes],
+                    args=[self.ttl_s, "value", output, *tail],
+                )
         if reply is None:
             return None
         load, *won = reply
@@ -385,19 +443,59 @@ class RunStore:
         keys = self.keys
         return bool(self._append_events(keys=[keys.record, keys.events], args=[self.ttl_s, events]))
 
-    def fail(self, error: bytes, events: bytes) -> bool:
-        """Record the run's first error and wake the client; False when the run is gone."""
+    def fail(self, error: bytes, events: bytes, node_count: int | None = None) -> bool:
+        """Record the run's first error and wake the client; False when the run is gone.
+
+        Should Redis be too full to take even that, the run's outputs (``node_count``
+        nodes; the run is failing anyway) are deleted to make room, and it is tried again.
+        """
         keys = self.keys
-        reply = self._fail(
-            keys=[keys.record, keys.events, keys.error, keys.signal],
-            args=[self.ttl_s, error, events],
-        )
+        script_keys = [keys.record, keys.events, keys.error, keys.signal]
+        try:
+            reply = self._fail(keys=script_keys, args=[self.ttl_s, error, events])
+        except redis.exceptions.OutOfMemoryError:
+            if node_count is None:
+                raise
+            self.delete(keys.output(i) for i in range(node_count))
+            reply = self._fail(keys=script_keys, args=[self.ttl_s, error, events])
         return reply is not None
+
+    def get_record(self) -> bytes | None:
+        return cast("bytes | None", self.client.get(self.keys.record))
 
     def seal(self, result: bytes) -> bool:
         """Store the result and delete the record: from now on no worker writes."""
         keys = self.keys
-        return self._seal(keys=[keys.record, keys.result], args=[self.ttl_s, result]) == 1
+        with self.refusals(keys.result, len(result)):
+            return self._seal(keys=[keys.record, keys.result], args=[self.ttl_s, result]) == 1
+
+    @contextlib.contextmanager
+    def refusals(self, key: str, size: int) -> Iterator[None]:
+        """Turn Redis's refusal to store ``size`` bytes under ``key`` into a
+        ``StoreRefusedError`` that says so. Redis answers a value above its bulk limit by
+        closing the connection, which looks like a lost connection: for a large value it
+        is taken for the refusal it most likely is."""
+        try:
+            yield
+        except redis.exceptions.OutOfMemoryError:
+            raise StoreRefusedError(
+                f"Redis is out of memory (maxmemory, no eviction) and refused {size} bytes "
+                f"for key {key}"
+            ) from None
+        except redis.ConnectionError:
+            if size < LARGE_ARGUMENT_BYTES or not self._answers():
+                raise
+            raise StoreRefusedError(
+                f"Redis closed the connection on receiving {size} bytes for key {key}: above "
+                "its bulk limit (proto-max-bulk-len)?"
+            ) from None
+
+    def _answers(self) -> bool:
+        """Whether Redis answers a PING (it is up: a refused value was the value)."""
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
 
     def delete_intermediates(self, node_count: int) -> None:
         """After ``seal``: every key but the result and the events the client still reads."""

@@ -5,6 +5,11 @@ to run one. The server binds to a Unix socket in a private directory (no port to
 with, nobody else can reach it) or, for tests, to a free port on 127.0.0.1. It keeps
 nothing on disk and is stopped by ``stop()``, by garbage collection, or at interpreter
 exit — whichever comes first.
+
+A process killed outright (SIGKILL, out of memory) runs none of those. So each server has
+a *watcher*: a tiny ``sh`` in its own session that waits on a pipe only its owner holds.
+When the owner dies the pipe closes, and the watcher kills the server and removes its
+directory — nothing outlives the process that started it.
 """
 
 from __future__ import annotations
@@ -49,7 +54,27 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _terminate(process: subprocess.Popen, directory: str) -> None:
+# Waits for its stdin to close (its owner died, or stopped it), then kills the server
+# ($1) and removes its directory ($2).
+_WATCHER = 'read _ignored; kill -9 "$1" 2>/dev/null; rm -rf "$2"'
+
+
+def _watch(process: subprocess.Popen, directory: str) -> subprocess.Popen:
+    """A watcher that ends ``process`` and removes ``directory`` when its owner dies."""
+    return subprocess.Popen(
+        ["sh", "-c", _WATCHER, "dask-serverless-redis-watcher", str(process.pid), directory],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _terminate(process: subprocess.Popen, directory: str, watcher: subprocess.Popen) -> None:
+    watcher.kill()
+    watcher.wait()
+    if watcher.stdin is not None:
+        watcher.stdin.close()
     if process.poll() is None:
         process.terminate()
         try:
@@ -119,7 +144,10 @@ class EmbeddedRedis:
         args += extra_args or []
         self._args = args
         self.process = self._launch()
-        self._finalizer = weakref.finalize(self, _terminate, self.process, self.directory)
+        self._watcher = _watch(self.process, self.directory)
+        self._finalizer = weakref.finalize(
+            self, _terminate, self.process, self.directory, self._watcher
+        )
         self._wait_until_ready()
 
     def _launch(self) -> subprocess.Popen:
@@ -154,13 +182,22 @@ class EmbeddedRedis:
         except OSError:
             return ""
 
-    def restart(self) -> None:
-        """Kill the server and start it again on the same address (for fault tests)."""
+    def restart(self, down_s: float = 0.0) -> None:
+        """Kill the server and start it again on the same address after ``down_s``
+        seconds (for fault tests; with ``--appendonly yes`` it comes back with its data)."""
         self.process.kill()
         self.process.wait()
+        time.sleep(down_s)
         self.process = self._launch()
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _terminate, self.process, self.directory)
+        self._watcher.kill()
+        self._watcher.wait()
+        if self._watcher.stdin is not None:
+            self._watcher.stdin.close()
+        self._watcher = _watch(self.process, self.directory)
+        self._finalizer = weakref.finalize(
+            self, _terminate, self.process, self.directory, self._watcher
+        )
         self._wait_until_ready()
 
     def stop(self) -> None:

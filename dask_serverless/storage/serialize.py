@@ -1,8 +1,11 @@
 """Pickling, compression and signing of every blob that crosses Redis.
 
-A blob is ``MAGIC | flags | HMAC-SHA256(flags | payload) | payload``. The client and the
-workers share a secret; anything whose MAC does not check out is refused *before* it is
-unpickled, so a process that can write to Redis cannot make ours run its code (I-5).
+A blob is ``MAGIC | flags | HMAC-SHA256(context | flags | payload) | payload``. The client
+and the workers share a secret; anything whose MAC does not check out is refused *before*
+it is unpickled, so a process that can write to Redis cannot make ours run its code (I-5).
+The *context* is not stored: it names where the blob belongs (run, kind, slot — see
+``protocol.record.RunSigner``) and the reader supplies it, so a validly signed blob moved
+to another key, run or kind no longer checks out.
 This module is the only place in the package that unpickles.
 
 The payload is zlib-compressed pickle (run records), or pickle protocol 5 with its
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import pickle
 import secrets
+import socket
 import struct
 import traceback
 import zlib
@@ -70,32 +75,36 @@ class Signer:
             raise ValueError("the signing secret must not be empty")
         self._secret = secret
 
-    def _mac(self, flags: int, *parts: bytes | memoryview) -> bytes:
-        mac = hmac.new(self._secret, bytes([flags]), hashlib.sha256)
+    def _mac(self, context: bytes, flags: int, *parts: bytes | memoryview) -> bytes:
+        mac = hmac.new(self._secret, struct.pack("<I", len(context)), hashlib.sha256)
+        mac.update(context)
+        mac.update(bytes([flags]))
         for part in parts:
             mac.update(part)
         return mac.digest()
 
-    def dumps(self, obj: Any, compress: bool = False) -> bytes:
+    def dumps(self, obj: Any, compress: bool = False, context: bytes = b"") -> bytes:
+        """``obj`` signed for ``context`` (where it belongs; the reader must name it too)."""
         if compress:
             flags = _COMPRESSED
             parts: list[bytes | memoryview] = [zlib.compress(pickle_in_band(obj), 1)]
         else:
             flags = _OUT_OF_BAND
             parts = pickle_out_of_band(obj)
-        return b"".join((MAGIC, bytes([flags]), self._mac(flags, *parts), *parts))
+        return b"".join((MAGIC, bytes([flags]), self._mac(context, flags, *parts), *parts))
 
-    def loads(self, blob: bytes, what: str = "blob") -> Any:
+    def loads(self, blob: bytes, what: str = "blob", context: bytes = b"") -> Any:
         view = memoryview(blob)
         if len(view) < _HEADER_SIZE or bytes(view[: len(MAGIC)]) != MAGIC:
             raise UntrustedBlobError(f"refusing to unpickle {what}: it is not a signed blob")
         flags = view[len(MAGIC)]
         mac = bytes(view[len(MAGIC) + 1 : _HEADER_SIZE])
         payload = view[_HEADER_SIZE:]
-        if not hmac.compare_digest(mac, self._mac(flags, payload)):
+        if not hmac.compare_digest(mac, self._mac(context, flags, payload)):
             raise UntrustedBlobError(
                 f"refusing to unpickle {what}: its signature does not match this "
-                "Scheduler's secret (tampered, or written with another secret)"
+                "Scheduler's secret for this place (tampered, moved from another key, run "
+                "or kind, or written with another secret)"
             )
         if flags & _COMPRESSED:
             return pickle.loads(zlib.decompress(payload))
@@ -103,14 +112,35 @@ class Signer:
             return unpickle_out_of_band(payload)
         return pickle.loads(payload)
 
-    def dumps_exception(self, exc: BaseException) -> bytes:
+    def dumps_exception(self, exc: BaseException, context: bytes = b"") -> bytes:
         """Sign ``exc`` with its traceback; unpicklable exceptions become RemoteError."""
         try:
             pickling_support.install(exc)
-            return self.dumps(exc)
+            return self.dumps(exc, context=context)
         except Exception:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            return self.dumps(RemoteError(type(exc).__qualname__, str(exc), text))
+            return self.dumps(RemoteError(type(exc).__qualname__, str(exc), text), context=context)
+
+
+# Values that stand for a live resource of the process that made them. Plain pickle
+# refuses them; cloudpickle (the fallback for what plain pickle refuses) would copy what an
+# open file holds into an ``io.StringIO``. They are refused like a lock.
+_LIVE_HANDLES = (io.IOBase, socket.socket)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, except that an open file or socket is a ``TypeError``."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, _LIVE_HANDLES):
+            raise TypeError(f"cannot pickle {type(obj).__name__!r} object (an open file or socket)")
+        return super().reducer_override(obj)
+
+
+def _cloudpickle(obj: Any, protocol: int, buffer_callback: Any = None) -> bytes:
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
+    return stream.getvalue()
 
 
 def _by_value_needed(stream: bytes) -> bool:
@@ -124,9 +154,9 @@ def pickle_in_band(obj: Any) -> bytes:
         # Plain data (most task outputs) pickles several times faster than cloudpickle.
         stream = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return _cloudpickle(obj, pickle.HIGHEST_PROTOCOL)
     if _by_value_needed(stream):
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return _cloudpickle(obj, pickle.HIGHEST_PROTOCOL)
     return stream
 
 
@@ -140,7 +170,7 @@ def pickle_out_of_band(obj: Any) -> list[bytes | memoryview]:
         by_value = True
     if by_value:
         buffers = []
-        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        stream = _cloudpickle(obj, 5, buffers.append)
     try:
         raws = [buffer.raw() for buffer in buffers]
     except BufferError:

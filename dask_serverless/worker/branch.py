@@ -165,12 +165,14 @@ class Branch:
         )
 
     def send(self, invocations: Sequence[Invocation]) -> None:
-        """Invoke ``invocations``, counting them in the run's load first when it matters."""
+        """Invoke ``invocations``, noting them as queued first: they count in the run's
+        load, and should Redis lose them before they begin, the client sends them again."""
         if not invocations:
             return
-        if self.record.concurrency is not None:
-            self.store.note_invoked(len(invocations))
-            self.load = (self.load or 0) + len(invocations)
+        if not self.store.note_invoked(invocations):
+            raise RunGone()
+        if self.load is not None:
+            self.load += len(invocations)
         self.invoker.invoke(invocations)
 
     def cached(self, index: int) -> tuple[bool, Any]:

@@ -9,7 +9,8 @@ environment once and calls ``serve`` (or ``handle`` with a JSON payload) for eve
 invocation; this module knows no backend. The environment holds no run's data beyond a
 small LRU of run records keyed by unguessable run ids.
 
-``serve`` reads top to bottom: claim the invocation (a duplicate delivery stops here),
+``serve`` reads top to bottom: claim the invocation (a duplicate delivery stops here; a
+Redis that does not answer is asked again within the lease),
 open the run record (once per process and run), then follow the branch (``worker.loop``)
 while the heartbeat keeps the lease.
 
@@ -21,6 +22,7 @@ a new embedded Redis and pool.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -30,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -38,7 +40,7 @@ from dask_serverless.constants import HEARTBEATS_PER_LEASE
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import RunRecord, RunSigner, open_record
-from dask_serverless.protocol.store import RunStore, Scripts, client_for
+from dask_serverless.protocol.store import RunStore, Scripts, StoreRefusedError, client_for
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.branch import Branch, Invoker, MemoryProbe
@@ -47,6 +49,9 @@ from dask_serverless.worker.loop import WorkerLogic, run_branch
 from dask_serverless.worker.metrics import ProcessPeak
 
 RECORD_CACHE_SIZE = 8
+# First pause before an invocation's first Redis call is tried again (doubling).
+_FIRST_RETRY_S = 0.1
+_T = TypeVar("_T")
 # How often an idle heartbeat thread looks for a lease to renew.
 _IDLE_WAKE_S = 1.0
 # Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
@@ -97,9 +102,18 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     store = RunStore(environment.redis, run_id, invocation.ttl_s, environment.scripts)
     record = environment.cached_record(run_id)
     lease_ms = invocation.lease_ms
-    begun = store.begin(
-        invocation.invocation_id, invocation.tasks, lease_ms, want_record=record is None
-    )
+    try:
+        begun = retry_within(
+            lease_ms / 1000,
+            store.begin,
+            invocation.invocation_id,
+            invocation.tasks,
+            lease_ms,
+            record is None,
+        )
+    except redis.exceptions.OutOfMemoryError:
+        report_out_of_memory(environment, store, invocation, record)
+        return {"status": "redis-out-of-memory"}
     where = {"run_id": run_id, "invocation_id": invocation.invocation_id}
     if begun is None:
         logger.debug("invocation %s: run %s is gone", invocation.invocation_id, run_id, extra=where)
@@ -114,7 +128,8 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         try:
             record = open_record(environment.signer, blob or b"", run_id)
         except Exception as exc:
-            store.fail(environment.signer.dumps_exception(exc), events.encode([events.error(-1)]))
+            signer = RunSigner(environment.signer, run_id)
+            store.fail(signer.dumps_exception(exc), events.encode([events.error(-1)]))
             return {"status": "bad-record"}
         environment.remember(record)
     branch = Branch(
@@ -170,6 +185,52 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         extra=where,
     )
     return {"status": "done", "seconds": seconds}
+
+
+def report_out_of_memory(
+    environment: WorkerEnvironment,
+    store: RunStore,
+    invocation: Invocation,
+    record: RunRecord | None,
+) -> None:
+    """Redis is too full to start ``invocation``: fail the run saying so (reads and
+    deletes still work, so the record is read and the run's outputs make room)."""
+    if record is None:
+        try:
+            record = open_record(environment.signer, store.get_record() or b"", store.run_id)
+        except Exception:
+            return
+    tasks = ", ".join(repr(record.dag.keys[i]) for i in invocation.tasks[:5])
+    error = StoreRefusedError(
+        f"Redis is out of memory (maxmemory, no eviction) and refused to start {tasks} "
+        f"(key {store.keys.invocations})"
+    )
+    signer = RunSigner(environment.signer, store.run_id)
+    with contextlib.suppress(redis.RedisError):
+        store.fail(
+            signer.dumps_exception(error),
+            events.encode([events.error(invocation.tasks[0])]),
+            len(record.dag),
+        )
+
+
+def retry_within(seconds: float, command: Callable[..., _T], *args: Any) -> _T:
+    """``command(*args)``, retried while Redis cannot be reached, for up to ``seconds``.
+
+    An invocation's first call claims it: the platform will not deliver it again, so a
+    Redis blip at that moment must not lose it. Within one lease nobody else could have
+    noticed it missing; past that the client sends it again (see ``client.run``).
+    """
+    give_up = time.monotonic() + seconds
+    pause = _FIRST_RETRY_S
+    while True:
+        try:
+            return command(*args)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + pause > give_up:
+                raise
+            time.sleep(pause)
+            pause *= 2
 
 
 def _memory_of(context: Any) -> int | None:

@@ -23,7 +23,8 @@ a planner's optimisation can override one stage without forking the loop.
 
 Faults:
 
-* a task that raises is retried in place, ``retries`` times (the run's default or the
+* a task that raises — any ``BaseException``, ``SystemExit`` included — fails the run
+  with its own exception, or is retried in place, ``retries`` times (the run's default or the
   task's ``dask.annotate(retries=…)``) with exponential backoff; each retry is an event;
 * the invocation holds a *lease* in Redis that the instance renews in the background
   while it works (see ``handler.Heartbeat``). If the instance dies, the lease lapses and
@@ -31,6 +32,11 @@ Faults:
   forward atomically whenever the worker wins a fan-in child (the only work nobody else
   can claim any more). Re-executed work is harmless because every fan-in counts a parent
   once and every child is claimed once (I-3);
+* Redis refusing a write — out of memory, or a value above its bulk limit — is a
+  ``StoreRefusedError`` naming the key and the size, recorded as the task's error (the
+  run's outputs are dropped first if Redis is too full to take even that), never a loop
+  of re-invocations; the result is held to ``serverless.max-output-bytes`` like any
+  output;
 * the renewal also tells the worker when its run is gone (cancelled, failed elsewhere, or
   timed out): it stops before starting another task.
 """
@@ -81,7 +87,9 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
             except (RunGone, redis.RedisError, redis.RedisClusterException):
                 # Redis failing is not the task's fault: the lease lapses, the work is re-run.
                 raise
-            except Exception as exc:
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt … raised by a task are its error: recorded
+                # like any other, they do not end the worker (the loop would re-run it).
                 fail_run(branch, index, exc)
                 return
             here, elsewhere = logic.split(branch, index, ready)
@@ -189,7 +197,7 @@ def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
     branch.pending_events.append(events.error(index))
     batch = branch.take_events()
     assert batch is not None
-    branch.store.fail(branch.signer.dumps_exception(exc), batch)
+    branch.store.fail(branch.signer.dumps_exception(exc), batch, len(branch.dag))
 
 
 def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
@@ -197,7 +205,15 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
     dag = branch.dag
     result = tuple(inputs[i] for i in dag.requested)
     store = branch.store
-    if not store.seal(branch.signer.dumps(result, RESULT)):
+    blob = branch.signer.dumps(result, RESULT)
+    limit = branch.record.max_output_bytes
+    if len(blob) > limit:
+        names = ", ".join(repr(dag.keys[i]) for i in dag.requested[:5])
+        raise OutputTooLargeError(
+            f"the result ({names}) is {len(blob)} bytes, over the limit of {limit} bytes "
+            "(serverless.max-output-bytes)"
+        )
+    if not store.seal(blob):
         return
     store.delete_intermediates(len(dag))
     branch.pending_events.append(events.finished())
@@ -230,7 +246,10 @@ class WorkerLogic:
                     f"output of {branch.dag.keys[parent]!r} is missing from Redis"
                 )
             inputs[parent] = branch.signer.loads(
-                branch.input_blob(blob), OUTPUT, f"output of {branch.dag.keys[parent]!r}"
+                branch.input_blob(blob),
+                OUTPUT,
+                parent,
+                f"output of {branch.dag.keys[parent]!r} (key {branch.store.keys.output(parent)})",
             )
             branch.remember(parent, inputs[parent])
         return inputs

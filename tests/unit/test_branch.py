@@ -7,7 +7,6 @@ decisions sent would fail the test.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from operator import add
 
@@ -166,18 +165,3 @@ def test_held_values_are_released_after_their_last_use():
     assert root in branch.values
     assert branch.take_held(root) == "value"
     assert root not in branch.values
-
-
-def test_invoking_children_sends_one_invocation_each_in_its_configuration():
-    dag = fan_out(2)
-    memory = [None] * len(dag)
-    first, second = children(dag, 2)
-    memory[second] = 3008
-    branch = branch_of(dag, memory=tuple(memory))
-    before = time.time()
-    branch.invoke([first, second])
-    sent = branch.invoker.invocations  # type: ignore[attr-defined]
-    assert [i.tasks for i in sent] == [(first,), (second,)]
-    assert [i.memory_mb for i in sent] == [None, 3008]
-    assert all(i.run_id == branch.record.run_id and i.sent_at >= before for i in sent)
-    assert len({i.invocation_id for i in sent}) == 2

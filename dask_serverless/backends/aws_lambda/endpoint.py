@@ -11,6 +11,10 @@ it would send to AWS, and gets the answers AWS would give:
 * any function name that follows the deploy naming (``<base>-<memory MB>``) exists; others
   get 404 ``ResourceNotFoundException``. An ``Event`` payload over the asynchronous limit
   gets 413 ``RequestTooLargeException``.
+* a request is validated before anything changes: a memory size outside Lambda's range
+  (128–10240 MB), a malformed body, or a payload that is not a valid invocation (a JSON
+  list, a negative ``memory`` …) gets 400 ``InvalidRequestContentException``; at most
+  ``MAX_FUNCTIONS`` function names get a pool, a further one gets 429;
 * forced throttling — the first ``throttle_first`` requests, and every ``throttle_every``-th
   one — gets 429 ``TooManyRequestsException`` with the headers and body boto3 parses, so
   tests can show that every invoker retries.
@@ -47,11 +51,23 @@ from urllib.parse import unquote, urlsplit
 from dask_serverless.backends import aws_lambda
 from dask_serverless.backends.aws_lambda import entry
 from dask_serverless.backends.local import LocalBackend, LocalContext
-from dask_serverless.constants import DEFAULT_MEMORY_MB, MEMORY_SIZES_MB
+from dask_serverless.constants import (
+    DEFAULT_MEMORY_MB,
+    LAMBDA_MAX_MEMORY_MB,
+    LAMBDA_MIN_MEMORY_MB,
+    MEMORY_SIZES_MB,
+)
 from dask_serverless.protocol.invocation import InvalidInvocationError, Invocation
 
 _INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations$")
 _SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
+# Function names that get a pool of their own (each one starts processes): a bound, so
+# requests naming ever new functions cannot exhaust the machine.
+MAX_FUNCTIONS = 16
+
+
+class TooManyFunctionsError(RuntimeError):
+    """A request named a function beyond ``MAX_FUNCTIONS``."""
 
 
 def _install_worker(variables: Mapping[str, str]) -> None:
@@ -195,6 +211,8 @@ class LambdaEndpoint:
                 raise RuntimeError("the endpoint is closed")
             backend = self._backends.get(function)
             if backend is None:
+                if len(self._backends) >= MAX_FUNCTIONS:
+                    raise TooManyFunctionsError(f"at most {MAX_FUNCTIONS} functions")
                 # Its instances build their environment from the variables, so the URL and
                 # secret LocalBackend would hand them are not used.
                 backend = LocalBackend(
@@ -223,6 +241,8 @@ class LambdaEndpoint:
                 raise RuntimeError("the endpoint is closed")
             pool = self._sync_pools.get(function)
             if pool is None:
+                if len(self._sync_pools) >= MAX_FUNCTIONS:
+                    raise TooManyFunctionsError(f"at most {MAX_FUNCTIONS} functions")
                 pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("forkserver"),
@@ -288,11 +308,19 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         function = unquote(match["name"])
         if function.startswith("arn:"):
             function = function.split(":")[6] if function.count(":") >= 6 else ""
-        if aws_lambda.parse_function_name(function) is None:
+        parsed = aws_lambda.parse_function_name(function)
+        if parsed is None:
             self._error(
                 404,
                 "ResourceNotFoundException",
                 f"Function not found: {function} (names look like <base>-<memory MB>)",
+            )
+            return
+        if not LAMBDA_MIN_MEMORY_MB <= parsed[1] <= LAMBDA_MAX_MEMORY_MB:
+            self._error(
+                400,
+                "InvalidParameterValueException",
+                f"memory {parsed[1]} MB is outside {LAMBDA_MIN_MEMORY_MB}–{LAMBDA_MAX_MEMORY_MB}",
             )
             return
         endpoint = self.server.endpoint
@@ -313,6 +341,18 @@ class _InvokeHandler(BaseHTTPRequestHandler):
         except ValueError:
             self._error(400, "InvalidRequestContentException", "Could not parse request body")
             return
+        if kind in ("Event", "RequestResponse"):
+            try:
+                Invocation.from_payload(payload)
+            except InvalidInvocationError as error:
+                self._error(400, "InvalidRequestContentException", str(error))
+                return
+        try:
+            self._invoke(endpoint, kind, function, payload)
+        except TooManyFunctionsError as error:
+            self._error(429, "TooManyRequestsException", str(error))
+
+    def _invoke(self, endpoint: LambdaEndpoint, kind: str, function: str, payload: Any) -> None:
         if kind == "DryRun":
             self._reply(204, b"")
         elif kind == "Event":

@@ -257,6 +257,15 @@ class LambdaBackend:
                 f"HTTP {response.get('StatusCode')}"
             )
 
+    def take_crashes(self, run_id: str) -> dict[str, str]:
+        """Lambda does not tell an asynchronous caller that an instance died; the run's
+        leases do."""
+        return {}
+
+    def cancel(self, run_id: str) -> None:
+        """Lambda cannot stop a running invocation: its worker sees the run gone at its
+        next lease renewal and stops before its next task."""
+
     def close(self) -> None:
         if self._closed:
             return

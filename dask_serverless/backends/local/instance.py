@@ -111,6 +111,13 @@ class InstancePlatform:
         if counts:
             self._send((PREWARM, dict(counts)))
 
+    def take_crashes(self, run_id: str) -> dict[str, str]:
+        """Unknown inside an instance: a nested run's lost workers show as lapsed leases."""
+        return {}
+
+    def cancel(self, run_id: str) -> None:
+        """Nothing to stop from here: a nested run's workers stop when its record is gone."""
+
     @contextlib.contextmanager
     def seceded(self) -> Iterator[None]:
         """Not count against the concurrency while the block waits (a nested run)."""

@@ -19,7 +19,11 @@ Every instance talks to the dispatcher over a pipe of its own — never through 
 shared with other instances — so an instance killed at any moment (``SIGKILL``, out of
 memory) takes nothing down with it; the dispatcher sees its pipe close and forgets it.
 Recovering the invocation it was running is the worker protocol's business (leases), as on
-a real platform.
+a real platform; the dispatcher tells the client at once which invocation died and how
+(``take_crashes``: exit code, signal, out of memory), so the client need not wait for the
+lease to lapse. ``cancel`` ends every instance that runs a task of a cancelled run (it is
+replaced by a fresh one on demand) and drops the run's queued invocations, within a
+dispatcher tick.
 
 Instances are per *configuration* (memory MB), as Lambda functions are per memory size:
 an invocation may ask for a ``memory_mb``, and runs only in an instance of that
@@ -49,6 +53,7 @@ import contextlib
 import logging
 import multiprocessing.connection
 import os
+import signal
 import sys
 import threading
 import time
@@ -58,6 +63,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+import redis
 
 from dask_serverless import logs
 from dask_serverless.backends.local.forkserver import InstanceProcess, shared_fork_server
@@ -76,16 +83,37 @@ from dask_serverless.backends.local.resources import (
     InstanceGroup,
     TaskSlot,
 )
-from dask_serverless.constants import DEFAULT_MEMORY_MB, INVOCATION_TIMEOUT_MS
+from dask_serverless.constants import (
+    DEFAULT_MEMORY_MB,
+    HEARTBEATS_PER_LEASE,
+    INVOCATION_TIMEOUT_MS,
+)
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
-from dask_serverless.protocol.store import RunStore, client_for
+from dask_serverless.protocol.store import RunStore, Scripts, client_for
 from dask_serverless.worker.handler import WorkerEnvironment
 
 _TICK_S = 0.1
 _MAX_FAILED_BOOTS = 3
+# Crashed invocations and cancelled runs remembered, at most (oldest forgotten first).
+_REMEMBERED = 1024
 
 logger = logging.getLogger(__name__)
+
+
+def _cause_of_death(instance: Instance) -> str:
+    """How an instance ended, as its exit status and its cgroup tell."""
+    instance.process.join(timeout=1)
+    if instance.group is not None and instance.group.oom_kills():
+        return f"out of memory: killed above its {instance.memory_mb} MB configuration"
+    code = instance.process.exitcode
+    if code is None:
+        return "the instance stopped answering"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"the instance exited with code {code}"
 
 
 @dataclass
@@ -105,6 +133,8 @@ class Instance:
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     served: bool = False
+    # When the lease keeper last renewed the lease of the invocation it runs.
+    renewed_at: float = field(default_factory=time.monotonic)
 
     @property
     def idle(self) -> bool:
@@ -157,6 +187,9 @@ class LocalBackend:
         # The Redis client that reports out-of-memory kills, made on the first one.
         self._reporter: Any = None
         self._instances: dict[Connection, Instance] = {}
+        # Invocation id → (run id, cause) of instances that died running it; cancelled runs.
+        self._crashes: dict[str, tuple[str, str]] = {}
+        self._cancelled: dict[str, None] = {}
         self._lock = threading.Lock()
         self._wake_reader, self._wake_writer = multiprocessing.connection.Pipe(duplex=False)
         self._closed = threading.Event()
@@ -164,6 +197,12 @@ class LocalBackend:
             target=self._dispatch_forever, name="dask-serverless-local-dispatcher", daemon=True
         )
         self._dispatcher.start()
+        self._lease_keeper: threading.Thread | None = None
+        if redis_url:
+            self._lease_keeper = threading.Thread(
+                target=self._keep_leases, name="dask-serverless-local-leases", daemon=True
+            )
+            self._lease_keeper.start()
 
     # -- the platform's API ------------------------------------------------------------
 
@@ -173,6 +212,26 @@ class LocalBackend:
         with self._lock:
             self._enqueue(invocations)
         self._wake_writer.send_bytes(b"!")
+
+    def take_crashes(self, run_id: str) -> dict[str, str]:
+        """Invocations of ``run_id`` whose instance died since the last call, with why."""
+        with self._lock:
+            taken = {i: cause for i, (run, cause) in self._crashes.items() if run == run_id}
+            for invocation_id in taken:
+                del self._crashes[invocation_id]
+        return taken
+
+    def cancel(self, run_id: str) -> None:
+        """End the instances running ``run_id``'s tasks and drop its queued invocations."""
+        with self._lock:
+            self._cancelled[run_id] = None
+            while len(self._cancelled) > _REMEMBERED:
+                del self._cancelled[next(iter(self._cancelled))]
+            self._queue.drop_run(run_id)
+            for instance in self._instances.values():
+                if instance.invocation is not None and instance.invocation.run_id == run_id:
+                    with contextlib.suppress(OSError):
+                        instance.process.kill()
 
     def prewarm(self, counts: Mapping[int, int]) -> None:
         """Start ``counts[MB]`` instances of each configuration now (pre-warming), as far
@@ -203,7 +262,8 @@ class LocalBackend:
 
     def _enqueue(self, invocations: Sequence[Invocation]) -> None:
         for invocation in invocations:
-            self._queue.extend([invocation] * self.deliveries)
+            if invocation.run_id not in self._cancelled:
+                self._queue.extend([invocation] * self.deliveries)
 
     def _dispatch_forever(self) -> None:
         """Serve invocations until closed; a failure is kept for clients to raise."""
@@ -269,8 +329,16 @@ class LocalBackend:
         if dying is not None and dying.invocation is not None and dying.group is not None:
             dying.process.join(timeout=1)
             self._report_out_of_memory(dying)
+        cause = _cause_of_death(dying) if dying is not None else ""
         with self._lock:
             instance = self._instances.pop(connection, None)
+            lost = instance.invocation if instance is not None else None
+            if instance is not None and lost is not None and lost.run_id in self._cancelled:
+                instance.invocation = lost = None
+            if lost is not None:
+                self._crashes[lost.invocation_id] = (lost.run_id, cause)
+                while len(self._crashes) > _REMEMBERED:
+                    del self._crashes[next(iter(self._crashes))]
             if instance is not None and not instance.booted:
                 self._failed_boots += 1
                 if self._failed_boots >= _MAX_FAILED_BOOTS:
@@ -317,7 +385,15 @@ class LocalBackend:
             elif booting.get(memory_mb):
                 booting[memory_mb] -= 1
             elif self._counted() < self.concurrency or self._evict_idle(idle):
-                self._start_instance(memory_mb)
+                try:
+                    self._start_instance(memory_mb)
+                except Exception:
+                    # This configuration cannot start (a cgroup refused it): its queued
+                    # invocations fail, as a platform fails invocations it cannot place;
+                    # the dispatcher goes on serving every other configuration.
+                    logger.exception("cannot start an instance of %d MB", memory_mb)
+                    self._queue.drop_memory(memory_mb)
+                    return
             else:
                 return
 
@@ -394,6 +470,37 @@ class LocalBackend:
             self._retired.remove(instance)
             self._release(instance)
 
+    # -- leases renewed from outside the instance --------------------------------------
+
+    def _keep_leases(self) -> None:
+        """Renew the lease of every running invocation from here, not from the instance
+        (whose interpreter a task may hold); ZADD XX never revives a released lease."""
+        client = client_for(self._settings.redis_url)
+        scripts: Scripts | None = None
+        try:
+            while not self._closed.wait(_TICK_S):
+                now = time.monotonic()
+                with self._lock:
+                    due = [
+                        i.invocation
+                        for i in self._instances.values()
+                        if i.invocation is not None
+                        and now - i.renewed_at
+                        >= i.invocation.lease_ms / 1000 / HEARTBEATS_PER_LEASE
+                    ]
+                    for instance in self._instances.values():
+                        if instance.invocation in due:
+                            instance.renewed_at = now
+                for invocation in due:
+                    assert invocation is not None
+                    with contextlib.suppress(redis.RedisError):
+                        scripts = scripts or Scripts(client)
+                        RunStore(client, invocation.run_id, invocation.ttl_s, scripts).renew_lease(
+                            invocation.invocation_id, invocation.lease_ms
+                        )
+        finally:
+            client.close()
+
     # -- configurations: cgroups, out-of-memory reports ---------------------------------
 
     @staticmethod
@@ -457,6 +564,8 @@ class LocalBackend:
         self._closed.set()
         self._wake_writer.send_bytes(b"!")
         self._dispatcher.join(timeout=5)
+        if self._lease_keeper is not None:
+            self._lease_keeper.join(timeout=5)
         with self._lock:
             instances = list(self._instances.values())
             self._instances.clear()

@@ -37,6 +37,18 @@ class InvocationQueue:
     def remove(self, number: int) -> None:
         self._queued.pop(number, None)
 
+    def drop_run(self, run_id: str) -> None:
+        """Forget every queued invocation of ``run_id`` (it was cancelled)."""
+        for number, invocation in list(self._queued.items()):
+            if invocation.run_id == run_id:
+                del self._queued[number]
+
+    def drop_memory(self, memory_mb: int) -> None:
+        """Forget every queued invocation of configuration ``memory_mb``."""
+        for number, invocation in list(self._queued.items()):
+            if self.memory_of(invocation) == memory_mb:
+                del self._queued[number]
+
     def clear(self) -> None:
         self._queued.clear()
 

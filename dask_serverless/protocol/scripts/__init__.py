@@ -21,6 +21,7 @@ NAMES = (
     "fail",
     "seal",
     "announce",
+    "queue",
 )
 
 

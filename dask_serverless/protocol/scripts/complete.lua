@@ -67,6 +67,6 @@ elseif after == 'release' then
   redis.call('ZREM', KEYS[3], ARGV[6])
   redis.call('HDEL', KEYS[4], ARGV[6])
 end
-local load = redis.call('ZCARD', KEYS[3]) + tonumber(redis.call('GET', KEYS[5]) or '0')
+local load = redis.call('ZCARD', KEYS[3]) + redis.call('HLEN', KEYS[5])
 table.insert(won, 1, load)
 return won
