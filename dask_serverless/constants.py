@@ -39,6 +39,10 @@ HEARTBEATS_PER_LEASE = 3
 # The client looks for lapsed leases every half lease: a dead worker's work is re-invoked
 # at most one and a half leases after its last renewal.
 WATCHES_PER_LEASE = 2
+# Leases a cancelled run's task that waits for a nested run gets before its instance is
+# ended: a heartbeat (a third of a lease) sees the parent run gone, the nested run's client
+# notices at its next watch (half a lease) and deletes the nested run's keys.
+NESTED_CANCEL_LEASES = 2
 
 # Arguments at least this long are sent to Redis as they are rather than copied into one
 # command buffer (hiredis copies; redis-py's own packer does not): measured, a 2 MB output

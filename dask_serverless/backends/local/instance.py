@@ -41,6 +41,7 @@ INVOKE = "invoke"
 SECEDE = "secede"
 REJOIN = "rejoin"
 PREWARM = "prewarm"
+CANCEL = "cancel"
 FUNCTION_NAME = "dask-serverless-local"
 
 
@@ -116,7 +117,8 @@ class InstancePlatform:
         return {}
 
     def cancel(self, run_id: str) -> None:
-        """Nothing to stop from here: a nested run's workers stop when its record is gone."""
+        """Ask the dispatcher to end a nested run's running tasks and drop its queue."""
+        self._send((CANCEL, run_id))
 
     @contextlib.contextmanager
     def seceded(self) -> Iterator[None]:

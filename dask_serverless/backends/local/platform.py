@@ -69,6 +69,7 @@ import redis
 from dask_serverless import logs
 from dask_serverless.backends.local.forkserver import InstanceProcess, shared_fork_server
 from dask_serverless.backends.local.instance import (
+    CANCEL,
     FAILED,
     INVOKE,
     PREWARM,
@@ -87,6 +88,7 @@ from dask_serverless.constants import (
     DEFAULT_MEMORY_MB,
     HEARTBEATS_PER_LEASE,
     INVOCATION_TIMEOUT_MS,
+    NESTED_CANCEL_LEASES,
 )
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
@@ -125,6 +127,8 @@ class Instance:
     booted: bool = False
     # Waiting for a nested run: not counted against the concurrency.
     seceded: bool = False
+    # A cancelled run's task waiting for a nested run: (run, when to end it regardless).
+    end_by: tuple[str, float] | None = None
     invocation: Invocation | None = None
     idle_since: float = field(default_factory=time.monotonic)
     memory_mb: int = 0
@@ -224,12 +228,23 @@ class LocalBackend:
     def cancel(self, run_id: str) -> None:
         """End the instances running ``run_id``'s tasks and drop its queued invocations."""
         with self._lock:
-            self._cancelled[run_id] = None
-            while len(self._cancelled) > _REMEMBERED:
-                del self._cancelled[next(iter(self._cancelled))]
-            self._queue.drop_run(run_id)
-            for instance in self._instances.values():
-                if instance.invocation is not None and instance.invocation.run_id == run_id:
+            self._end_run(run_id)
+
+    def _end_run(self, run_id: str) -> None:
+        self._cancelled[run_id] = None
+        while len(self._cancelled) > _REMEMBERED:
+            del self._cancelled[next(iter(self._cancelled))]
+        self._queue.drop_run(run_id)
+        now = time.monotonic()
+        for instance in self._instances.values():
+            if instance.invocation is not None and instance.invocation.run_id == run_id:
+                if instance.seceded:
+                    # Its task waits for a nested run, whose client notices the parent
+                    # run gone and deletes the nested run's keys: give it the time that
+                    # takes, then end the instance if it is still at it.
+                    grace_s = NESTED_CANCEL_LEASES * instance.invocation.lease_ms / 1000
+                    instance.end_by = (run_id, now + grace_s)
+                else:
                     with contextlib.suppress(OSError):
                         instance.process.kill()
 
@@ -312,6 +327,8 @@ class LocalBackend:
                 instance.seceded = True
             elif message[0] == REJOIN:
                 instance.seceded = False
+            elif message[0] == CANCEL:
+                self._end_run(message[1])
             elif message[0] == FAILED:
                 self._boot_error = str(message[1])
                 logger.error("a worker instance failed to start:\n%s", self._boot_error)
@@ -461,6 +478,16 @@ class LocalBackend:
 
     def _reap(self) -> None:
         now = time.monotonic()
+        for instance in self._instances.values():
+            if instance.end_by is None:
+                continue
+            run_id, end_at = instance.end_by
+            running = instance.invocation is not None and instance.invocation.run_id == run_id
+            if not running:
+                instance.end_by = None
+            elif now >= end_at:
+                with contextlib.suppress(OSError):
+                    instance.process.kill()
         for connection, instance in list(self._instances.items()):
             if instance.idle and now - instance.idle_since > self.keep_alive_s:
                 del self._instances[connection]
