@@ -44,3 +44,9 @@ WATCHES_PER_LEASE = 2
 # command buffer (hiredis copies; redis-py's own packer does not): measured, a 2 MB output
 # costs a copy that small commands do not notice.
 LARGE_ARGUMENT_BYTES = 64 * 1024
+
+# Literals in a graph (persisted chunks) at least this large leave the run record and are
+# stored once per run under their own key, read only by the worker that runs their node:
+# the same size from which an argument is worth sending without a copy, since below it a
+# value costs less inside the record than a round trip of its own.
+LARGE_LITERAL_BYTES = LARGE_ARGUMENT_BYTES

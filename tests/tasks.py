@@ -79,3 +79,20 @@ def pid_with(value, seconds=0.0):
 
     time.sleep(seconds)
     return os.getpid()
+
+
+class TaskWarning(UserWarning):
+    """A warning class of the tests' own, to check that the category travels."""
+
+
+def warn_then(x, message="careful"):
+    import warnings
+
+    warnings.warn(f"{message} {x}", TaskWarning, stacklevel=1)
+    return x
+
+
+def log_of(x):
+    import numpy as np
+
+    return float(np.log(np.float64(x)))

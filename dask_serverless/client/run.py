@@ -27,6 +27,7 @@ import redis
 from dask_serverless.backends.base import Backend
 from dask_serverless.client.bundling import Bundling
 from dask_serverless.client.progress import RunProgress
+from dask_serverless.client.tracebacks import SourceIndex, with_sources
 from dask_serverless.constants import WATCHES_PER_LEASE
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan
@@ -69,16 +70,24 @@ class Run:
     def run_id(self) -> str:
         return self.record.run_id
 
-    def execute(self, sealed_record: bytes, timeout: float | None) -> Sequence[Any]:
-        """Submit the run and wait for its values; whatever goes wrong, purge its keys."""
+    def execute(
+        self,
+        sealed_record: bytes,
+        timeout: float | None,
+        literals: dict[int, bytes] | None = None,
+    ) -> Sequence[Any]:
+        """Submit the run and wait for its values; whatever goes wrong, purge its keys.
+
+        ``literals`` are the signed values of the record's large literals, by node.
+        """
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         starts = self.bundling.starts
-        self.store.create(sealed_record, invocations=len(starts))
+        self.store.create(sealed_record, invocations=len(starts), literals=literals)
         try:
             self.invoke(starts)
             return self.wait(deadline, timeout)
         except BaseException:
-            self.store.purge(len(self.dag))
+            self.store.purge(len(self.dag), self.record.literals)
             raise
 
     def invoke(self, starts: Sequence[Sequence[int]]) -> None:
@@ -143,7 +152,7 @@ class Run:
                 was_sealed, sealed = sealed, self.watch()
                 if was_sealed and sealed:
                     blob = store.get_result()
-                    store.purge(len(self.dag))
+                    store.purge(len(self.dag), self.record.literals)
                     if blob is not None:
                         return self.signer.loads(blob, RESULT)
                 next_watch = time.monotonic() + watch_every
@@ -193,4 +202,7 @@ class Run:
         exc = self.signer.loads(blob, ERROR)
         if not isinstance(exc, BaseException):
             return RuntimeError(f"a task of run {self.run_id} failed: {exc!r}")
-        return exc
+        sources = SourceIndex()
+        sources.add_main_module()
+        sources.add_objects(self.dag.nodes)
+        return with_sources(exc, sources)

@@ -10,6 +10,8 @@ array:
 * ``["up", index, upload_s]`` — a task's output was stored (sent in a later batch);
 * ``["inv", worker_id, memory_mb, cold, startup_s]`` — an invocation started;
 * ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
+* ``["warn", index, category, message, filename, lineno]`` — a task raised a warning
+  (``category`` is ``module:qualname``); sent once per distinct warning and task;
 * ``["error", index]`` — a task failed; the signed exception is in the run's error key;
 * ``["finished"]`` — the sink ran: the result is stored and intermediates are deleted.
 
@@ -30,6 +32,7 @@ ERROR = "error"
 FINISHED = "finished"
 UPLOAD = "up"
 INVOCATION = "inv"
+WARNING = "warn"
 
 Event = list
 
@@ -63,6 +66,10 @@ def done(
 
 def retry(index: int, attempt: int, error_repr: str) -> Event:
     return [RETRY, index, attempt, error_repr]
+
+
+def warning(index: int, category: str, message: str, filename: str, lineno: int) -> Event:
+    return [WARNING, index, category, message, filename, lineno]
 
 
 def error(index: int) -> Event:

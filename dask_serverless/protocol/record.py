@@ -12,8 +12,11 @@ key is refused — ``Signer`` would then take the label as associated data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from dask._task_spec import DataNode
+from dask.sizeof import sizeof
 
 from dask_serverless.graph import DAG
 from dask_serverless.storage.serialize import Signer, UntrustedBlobError
@@ -23,6 +26,7 @@ RECORD = "run record"
 OUTPUT = "output"
 ERROR = "task error"
 RESULT = "run result"
+LITERAL = "graph literal"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class RunRecord:
     # platform's queue costs more than running its task here. Unknown (AWS Lambda scales
     # out): every ready child beyond the first gets a new worker, as in WUKONG.
     concurrency: int | None = None
+    # Nodes whose value is plain data too large to ride in the record (persisted chunks):
+    # each is stored once per run under its own key and read only by the worker that runs
+    # the node (see ``split_large_literals``).
+    literals: frozenset[int] = frozenset()
 
     def memory_of(self, index: int) -> int | None:
         return None if self.memory is None else self.memory[index]
@@ -76,6 +84,25 @@ class RunSigner:
 
     def dumps_exception(self, exc: BaseException) -> bytes:
         return self.signer.dumps_exception(exc)
+
+
+def split_large_literals(dag: DAG, min_bytes: int) -> tuple[DAG, dict[int, Any]]:
+    """``dag`` without the values of its large literals, and those values by node.
+
+    A persisted array is a graph of literals; inside the record, every worker would load
+    all of them to run any task. Taken out, the record stays small and each literal is
+    read only by the worker that runs its node. The node stays in the DAG (its dependents
+    count it like any parent) with an empty ``DataNode`` in its place.
+    """
+    values: dict[int, Any] = {}
+    nodes = list(dag.nodes)
+    for index, node in enumerate(dag.nodes):
+        if isinstance(node, DataNode) and sizeof(node.value) >= min_bytes:
+            values[index] = node.value
+            nodes[index] = DataNode(node.key, None)
+    if not values:
+        return dag, values
+    return replace(dag, nodes=tuple(nodes), index=dag.index), values
 
 
 def seal_record(signer: Signer, record: RunRecord) -> bytes:

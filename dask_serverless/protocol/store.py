@@ -114,13 +114,21 @@ class RunStore:
 
     # -- client side -------------------------------------------------------------------
 
-    def create(self, record: bytes, invocations: int = 0) -> None:
-        """Store the run record, counting the ``invocations`` about to start the run."""
+    def create(
+        self, record: bytes, invocations: int = 0, literals: dict[int, bytes] | None = None
+    ) -> None:
+        """Store the run record, counting the ``invocations`` about to start the run.
+
+        ``literals`` are the signed values of the run's large literals by node, stored
+        beside the record in the same transaction.
+        """
         keys = self.keys
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(keys.record, record, ex=self.ttl_s, nx=True)
             pipe.set(keys.queued, invocations, ex=self.ttl_s)
-            created, _ = pipe.execute()
+            for index, blob in (literals or {}).items():
+                pipe.set(keys.literal(index), blob, ex=self.ttl_s)
+            created, *_ = pipe.execute()
         if not created:
             raise RuntimeError(f"run {self.run_id} already exists")
 
@@ -175,10 +183,10 @@ class RunStore:
             running, sealed = pipe.execute()
         return "running" if running else "sealed" if sealed else "lost"
 
-    def purge(self, node_count: int) -> None:
+    def purge(self, node_count: int, literals: Iterable[int] = ()) -> None:
         """Delete every key of the run, the record first so that no worker writes again."""
         self.client.delete(self.keys.record)
-        self.delete(self.keys.all_keys(node_count))
+        self.delete(self.keys.all_keys(node_count, literals))
 
     # -- worker side -------------------------------------------------------------------
 
@@ -219,6 +227,10 @@ class RunStore:
         keys = self.keys
         reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart])
         return [json.loads(reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def fetch_literal(self, index: int) -> bytes | None:
+        """The signed value of literal node ``index``, as the client stored it."""
+        return cast("bytes | None", self.client.get(self.keys.literal(index)))
 
     def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
         if not indices:
@@ -298,9 +310,9 @@ class RunStore:
         keys = self.keys
         return self._seal(keys=[keys.record, keys.result], args=[self.ttl_s, result]) == 1
 
-    def delete_intermediates(self, node_count: int) -> None:
+    def delete_intermediates(self, node_count: int, literals: Iterable[int] = ()) -> None:
         """After ``seal``: every key but the result and the events the client still reads."""
-        self.delete(self.keys.intermediates(node_count))
+        self.delete(self.keys.intermediates(node_count, literals))
 
     def announce(self, events: bytes) -> bool:
         """Append the ``finished`` events and wake the client, unless it purged the run."""

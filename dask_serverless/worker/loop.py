@@ -38,16 +38,21 @@ Faults:
 from __future__ import annotations
 
 import itertools
+import re
 import time
+import warnings
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
+import dask.config
 import redis
+from dask.utils import shorten_traceback
 
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.placement import output_leaves_worker
-from dask_serverless.protocol.record import OUTPUT, RESULT
+from dask_serverless.protocol.record import LITERAL, OUTPUT, RESULT
 from dask_serverless.worker.branch import Branch, MissingOutputError, OutputTooLargeError, RunGone
 from dask_serverless.worker.metrics import TaskMeter
 
@@ -106,19 +111,58 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
 def execute_with_retries(
     branch: Branch, logic: WorkerLogic, index: int, inputs: dict[int, Any]
 ) -> Any:
-    """Run the task, retrying it in place with exponential backoff while retries remain."""
+    """Run the task, retrying it in place with exponential backoff while retries remain.
+
+    Warnings the task raises are recorded (every one, whatever the instance's filters)
+    and sent as events, once per distinct warning; the client re-emits them under its
+    own filters, as if the task had run there.
+    """
     record = branch.record
     retries = int(branch.dag.annotation(index, "retries", record.retries) or 0)
     attempt = 0
     while True:
         try:
-            return logic.execute(branch, index, inputs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    return logic.execute(branch, index, inputs)
+                finally:
+                    report_warnings(branch, index, caught)
         except Exception as exc:
             if attempt >= retries or branch.cancelled():
                 raise
             attempt += 1
             branch.pending_events.append(events.retry(index, attempt, repr(exc)[:200]))
             time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
+
+
+def report_warnings(branch: Branch, index: int, caught: Sequence[Any]) -> None:
+    """Queue a ``warn`` event for each distinct warning ``caught`` while running ``index``."""
+    seen = set()
+    for message in caught:
+        category = message.category
+        event = events.warning(
+            index,
+            f"{category.__module__}:{category.__qualname__}",
+            str(message.message),
+            str(message.filename),
+            int(message.lineno or 0),
+        )
+        if tuple(event) not in seen:
+            seen.add(tuple(event))
+            branch.pending_events.append(event)
+
+
+def task_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without the worker's own frames, shortened as dask's ``shorten_traceback``
+    does (the patterns of ``admin.traceback.shorten``, which lists this package)."""
+    paths = dask.config.get("admin.traceback.shorten", [])
+    if not paths or tb is None:
+        return tb
+    engine = re.compile(".*(" + "|".join(paths) + ")")
+    while tb.tb_next is not None and engine.match(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    return shorten_traceback.shorten(tb)
 
 
 def hand_off(branch: Branch, stack: Sequence[int]) -> None:
@@ -166,8 +210,22 @@ def store_held(branch: Branch, index: int, value: Any) -> None:
     branch.unstored.discard(index)
 
 
+def load_literal(branch: Branch, index: int) -> Any:
+    """The value of a literal the client stored under its own key (a persisted chunk)."""
+    blob = branch.store.fetch_literal(index)
+    if blob is None:
+        raise MissingOutputError(f"literal {branch.dag.keys[index]!r} is missing from Redis")
+    return branch.signer.loads(blob, LITERAL, f"literal {branch.dag.keys[index]!r}")
+
+
 def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
-    """Record ``exc`` as the run's error (first one wins) and tell the client."""
+    """Record ``exc`` as the run's error (first one wins) and tell the client.
+
+    The traceback keeps the task's own frames only (dask's ``admin.traceback.shorten``),
+    and a note names the task's key, as the user knows it.
+    """
+    exc.__traceback__ = task_frames(exc.__traceback__)
+    exc.add_note(f"(raised by task {branch.dag.keys[index]!r}, run on dask-serverless)")
     branch.pending_events.append(events.error(index))
     batch = branch.take_events()
     assert batch is not None
@@ -181,7 +239,7 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
     store = branch.store
     if not store.seal(branch.signer.dumps(result, RESULT)):
         return
-    store.delete_intermediates(len(dag))
+    store.delete_intermediates(len(dag), branch.record.literals)
     branch.pending_events.append(events.finished())
     batch = branch.take_events()
     assert batch is not None
@@ -219,6 +277,8 @@ class WorkerLogic:
 
     def execute(self, branch: Branch, index: int, inputs: dict[int, Any]) -> Any:
         dag = branch.dag
+        if index in branch.record.literals:
+            return load_literal(branch, index)
         node = dag.nodes[index]
         assert node is not None
         return node({dag.keys[p]: value for p, value in inputs.items()})
