@@ -5,9 +5,9 @@
 """
 
 from dask_serverless import config as _config  # noqa: F401  (registers the defaults)
+from dask_serverless._version import __version__
 from dask_serverless.client import Scheduler, get
 from dask_serverless.graph import CycleError
 from dask_serverless.storage.serialize import RemoteError, UntrustedBlobError
 
-__all__ = ["CycleError", "RemoteError", "Scheduler", "UntrustedBlobError", "get"]
-__version__ = "0.1.0"
+__all__ = ["CycleError", "RemoteError", "Scheduler", "UntrustedBlobError", "__version__", "get"]

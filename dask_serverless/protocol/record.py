@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dask._task_spec import DataNode
+from dask._task_spec import DataNode, GraphNode
 from dask.sizeof import sizeof
 
 from dask_serverless.graph import DAG
@@ -27,6 +27,9 @@ OUTPUT = "output"
 ERROR = "task error"
 RESULT = "run result"
 LITERAL = "graph literal"
+
+# Containers longer than this are sized as a whole (dask.sizeof samples them), not walked.
+_WALKED_ITEMS = 64
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,10 @@ class RunRecord:
     # platform's queue costs more than running its task here. Unknown (AWS Lambda scales
     # out): every ready child beyond the first gets a new worker, as in WUKONG.
     concurrency: int | None = None
-    # Nodes whose value is plain data too large to ride in the record (persisted chunks):
-    # each is stored once per run under its own key and read only by the worker that runs
-    # the node (see ``split_large_literals``).
+    # Nodes that carry literal data too large to ride in the record (persisted chunks,
+    # alone or fused into the task that reads them): each node is stored once per run
+    # under its own key and read only by the worker that runs it
+    # (see ``split_large_literals``).
     literals: frozenset[int] = frozenset()
 
     def memory_of(self, index: int) -> int | None:
@@ -86,23 +90,49 @@ class RunSigner:
         return self.signer.dumps_exception(exc)
 
 
-def split_large_literals(dag: DAG, min_bytes: int) -> tuple[DAG, dict[int, Any]]:
-    """``dag`` without the values of its large literals, and those values by node.
+def literal_bytes(node: Any, limit: int) -> int:
+    """Roughly how many bytes of data ``node`` carries, counted until ``limit`` is reached.
 
-    A persisted array is a graph of literals; inside the record, every worker would load
-    all of them to run any task. Taken out, the record stays small and each literal is
-    read only by the worker that runs its node. The node stays in the DAG (its dependents
-    count it like any parent) with an empty ``DataNode`` in its place.
+    Walks the task's arguments, the values of ``DataNode`` s and the subgraphs fused into
+    it (an optimized array graph inlines persisted chunks into the tasks that read them);
+    a long container is measured by ``dask.sizeof`` as a whole rather than walked.
     """
-    values: dict[int, Any] = {}
+    total = 0
+    stack = [node]
+    while stack and total < limit:
+        obj = stack.pop()
+        if isinstance(obj, DataNode):
+            stack.append(obj.value)
+        elif isinstance(obj, GraphNode):
+            stack.extend(getattr(obj, "args", ()))
+            stack.extend(getattr(obj, "kwargs", {}).values())
+        elif isinstance(obj, (list, tuple, set, frozenset)) and len(obj) <= _WALKED_ITEMS:
+            stack.extend(obj)
+        elif isinstance(obj, dict) and len(obj) <= _WALKED_ITEMS:
+            stack.extend(obj.values())
+        else:
+            total += sizeof(obj)
+    return total
+
+
+def split_large_literals(dag: DAG, min_bytes: int) -> tuple[DAG, dict[int, Any]]:
+    """``dag`` without the nodes that carry large literals, and those nodes by index.
+
+    A persisted array is a graph of literals, and optimization fuses each chunk into the
+    task that reads it. Inside the record, every worker would load all of them to run any
+    task. Taken out, the record stays small and each such node is read only by the worker
+    that runs it. The node keeps its place in the DAG (its dependents count it like any
+    parent) with an empty ``DataNode`` standing in for it in the record.
+    """
+    taken: dict[int, Any] = {}
     nodes = list(dag.nodes)
     for index, node in enumerate(dag.nodes):
-        if isinstance(node, DataNode) and sizeof(node.value) >= min_bytes:
-            values[index] = node.value
+        if node is not None and literal_bytes(node, min_bytes) >= min_bytes:
+            taken[index] = node
             nodes[index] = DataNode(node.key, None)
-    if not values:
-        return dag, values
-    return replace(dag, nodes=tuple(nodes), index=dag.index), values
+    if not taken:
+        return dag, taken
+    return replace(dag, nodes=tuple(nodes), index=dag.index), taken
 
 
 def seal_record(signer: Signer, record: RunRecord) -> bytes:

@@ -211,7 +211,7 @@ def store_held(branch: Branch, index: int, value: Any) -> None:
 
 
 def load_literal(branch: Branch, index: int) -> Any:
-    """The value of a literal the client stored under its own key (a persisted chunk)."""
+    """A node the client stored under its own key: it carries large literal data."""
     blob = branch.store.fetch_literal(index)
     if blob is None:
         raise MissingOutputError(f"literal {branch.dag.keys[index]!r} is missing from Redis")
@@ -277,9 +277,7 @@ class WorkerLogic:
 
     def execute(self, branch: Branch, index: int, inputs: dict[int, Any]) -> Any:
         dag = branch.dag
-        if index in branch.record.literals:
-            return load_literal(branch, index)
-        node = dag.nodes[index]
+        node = load_literal(branch, index) if index in branch.record.literals else dag.nodes[index]
         assert node is not None
         return node({dag.keys[p]: value for p, value in inputs.items()})
 
