@@ -6,16 +6,74 @@ upload), the predicted and the measured start and finish (seconds since the clie
 invoked the roots) and whether the task was on the plan's critical path; for the run the
 planner, the predicted and actual makespan and cost.
 
-Cost is billed memory-time in GB-seconds (MB / 1024 × seconds), measured the way the plan
-predicts it: each task's busy time at its configuration plus every invocation's start-up.
-Printing a report gives a table; ``tasks`` is a plain list of ``TaskRecord``.
+Cost is AWS Lambda's bill, computed by one formula (``Pricing.bill``) for the plan's
+prediction and for the report: every invocation's duration — its handler's run, plus the
+initialisation of a cold start — rounded up to 1 ms, times its configuration in GB, gives
+GB-seconds; those times the price per GB-second of the architecture, plus the fee per
+request, give dollars. Prices default to AWS's published on-demand prices (us-east-1) and
+are configurable (``serverless.planning.pricing``). Printing a report gives a table;
+``tasks`` is a plain list of ``TaskRecord``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# AWS Lambda on-demand prices, us-east-1 (https://aws.amazon.com/lambda/pricing/):
+# USD per GB-second of duration by architecture, and per request.
+GB_SECOND_USD = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
+REQUEST_USD = 0.20 / 1_000_000
+BILLING_GRANULARITY_S = 0.001
+
+
+@dataclass(frozen=True)
+class Bill:
+    gb_s: float
+    usd: float
+    requests: int
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Lambda's prices: per GB-second (by architecture) and per request."""
+
+    architecture: str = "x86_64"
+    gb_second_usd: float = GB_SECOND_USD["x86_64"]
+    request_usd: float = REQUEST_USD
+
+    @classmethod
+    def parse(cls, settings: Pricing | Mapping[str, Any] | None) -> Pricing:
+        """From ``{"architecture": "arm64", "gb-second": …, "request": …}`` (all optional)."""
+        if isinstance(settings, Pricing):
+            return settings
+        settings = dict(settings or {})
+        architecture = str(settings.get("architecture") or "x86_64")
+        if architecture not in GB_SECOND_USD and settings.get("gb-second") is None:
+            raise ValueError(
+                f"unknown architecture {architecture!r}: use {', '.join(GB_SECOND_USD)} or "
+                "give its price per GB-second"
+            )
+        gb_second = settings.get("gb-second")
+        request = settings.get("request")
+        return cls(
+            architecture,
+            float(GB_SECOND_USD[architecture] if gb_second is None else gb_second),
+            float(REQUEST_USD if request is None else request),
+        )
+
+    def bill(self, invocations: Iterable[tuple[int | None, float]]) -> Bill:
+        """The bill of ``(memory MB, billed seconds)`` invocations."""
+        gb_s = 0.0
+        requests = 0
+        for memory, seconds in invocations:
+            requests += 1
+            billed = math.ceil(max(0.0, seconds) / BILLING_GRANULARITY_S - 1e-9)
+            gb_s += (memory or 0) / 1024 * billed * BILLING_GRANULARITY_S
+        return Bill(gb_s, gb_s * self.gb_second_usd + requests * self.request_usd, requests)
+
 
 _TABLE_ROWS = 200
 
@@ -79,6 +137,12 @@ class RunReport:
     throttled: bool | None = None
     target_s: float | None = None
     notes: tuple[str, ...] = field(default=())
+    predicted_cost_usd: float = 0.0
+    cost_usd: float = 0.0
+    predicted_invocations: int = 0
+    predicted_cold_starts: int = 0
+    predicted_quantile_s: float | None = None
+    out_of_memory_retries: int = 0
 
     def summary(self) -> str:
         details = [f"SLA {self.sla}"]
@@ -86,14 +150,22 @@ class RunReport:
             details.append(f"target {self.target_s:.3f} s")
         if self.throttled is False:
             details.append("unthrottled")
+        quantile = ""
+        if self.predicted_quantile_s is not None:
+            quantile = f" ({self.sla} {self.predicted_quantile_s:.3f} s)"
         lines = [
             f"Run {self.run_id} by {self.planner} ({', '.join(details)})",
-            f"  makespan: predicted {self.predicted_makespan_s:.3f} s, "
+            f"  makespan: predicted {self.predicted_makespan_s:.3f} s{quantile}, "
             f"actual {self.actual_makespan_s:.3f} s",
-            f"  cost: predicted {self.predicted_cost_gb_s:.3f} GB-s, "
-            f"actual {self.cost_gb_s:.3f} GB-s",
-            f"  invocations: {self.invocations} ({self.cold_starts} cold)",
+            f"  cost: predicted {self.predicted_cost_gb_s:.3f} GB-s "
+            f"(${self.predicted_cost_usd:.8f}), actual {self.cost_gb_s:.3f} GB-s "
+            f"(${self.cost_usd:.8f})",
+            f"  invocations: predicted {self.predicted_invocations} "
+            f"({self.predicted_cold_starts} cold), actual {self.invocations} "
+            f"({self.cold_starts} cold)",
         ]
+        if self.out_of_memory_retries:
+            lines.append(f"  out-of-memory retries at a larger size: {self.out_of_memory_retries}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -119,8 +191,3 @@ class RunReport:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def billed_gb_s(items: Iterable[tuple[int | None, float]]) -> float:
-    """GB-seconds of ``(memory MB, seconds)`` items (unknown memory counts as nothing)."""
-    return sum((memory or 0) / 1024 * seconds for memory, seconds in items)

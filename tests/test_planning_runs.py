@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import string
@@ -17,6 +18,8 @@ from dask_serverless.planning.history import function_identity
 from dask_serverless.protocol.keys import task_history_key
 
 TASK_S = 0.2
+# Above this load per core even a 1024 MB instance gets less CPU than its quota.
+BUSY_LOAD_PER_CORE = 4
 SPIN_LOOPS = 4_000_000
 
 
@@ -27,12 +30,11 @@ def hold(*values):
 
 
 def spin(loops):
-    """A CPU-bound task; returns the CPU seconds it used."""
-    started = time.thread_time()
+    """A CPU-bound task."""
     total = 0
     for i in range(loops):
         total += i * i
-    return time.thread_time() - started
+    return total % 7
 
 
 def allocate(megabytes):
@@ -55,72 +57,67 @@ def fixed_time_workflow() -> tuple[dict, str]:
     return graph, f"{name}-sink"
 
 
-def test_fixed_time_workflow_is_predicted_within_ten_percent(redis_url):
+def test_fixed_time_workflow_is_predicted_within_tolerance(redis_url):
     graph, sink = fixed_time_workflow()
-    # The median of the history (p50): on a busy machine the p95 of a few samples is a
-    # deliberately pessimistic figure, not the prediction of a typical run.
-    with Scheduler(
-        redis=redis_url, planner="uniform", sla="p50", concurrency=8, timeout=60
-    ) as sched:
+    with Scheduler(redis=redis_url, planner="uniform", concurrency=8, timeout=60) as sched:
         for _ in range(3):
             sched.get(graph, sink)
         assert sched.get(graph, sink) == 5
         run = sched.last_run
     assert run is not None
     assert len(run.tasks) == 16
-    # Typical tasks within 10 %; on a busy machine one task may wait for a core a while.
-    errors = sorted(abs(task.error) for task in run.tasks if task.error is not None)
-    assert len(errors) == 16, str(run)
+    # Tolerant of a loaded machine: a 0.2 s sleep may wake 30 ms late now and then.
+    errors = []
+    for task in run.tasks:
+        assert task.actual_s is not None
+        assert task.predicted_s == pytest.approx(task.actual_s, rel=0.25), str(run)
+        errors.append(abs(task.predicted_s - task.actual_s) / task.actual_s)
     assert statistics.median(errors) <= 0.10, str(run)
-    assert errors[-1] <= 0.30, str(run)
-    # The workflow after its first start is what the timeline simulates; the start-up
-    # before it is a sample of the machine's load (a busy machine starts slower in some
-    # runs than in others), so it is compared on its own. Within 10 % on an idle machine;
-    # the 20 % allowed leaves room for the hand-offs between 16 tasks on a busy one.
-    predicted_first = min(task.predicted_start_s for task in run.tasks)
-    actual_first = min(task.actual_start_s or 0.0 for task in run.tasks)
-    assert run.predicted_makespan_s - predicted_first == pytest.approx(
-        run.actual_makespan_s - actual_first, rel=0.20
-    ), str(run)
-    assert abs(predicted_first - actual_first) < TASK_S, str(run)
+    assert run.predicted_makespan_s == pytest.approx(run.actual_makespan_s, rel=0.15), str(run)
     assert run.cost_gb_s > 0
     assert sum(t.on_critical_path for t in run.tasks) == 6  # the chain of 5, and the sink
     assert "pred s" in str(run) and run.planner == "uniform 1769 MB"
 
 
 def test_cpu_share_prediction_matches_the_measured_slowdown(redis_url):
-    """A 512 MB instance gets 512/1769 of a vCPU, as the planner predicts.
+    """Measured at 1024 MB only, a CPU-bound task is predicted at 512 MB from its CPU share.
 
-    Measured as each run's wall time over the CPU time the task used: that stretch is
-    what the CPU share makes of the task, whatever else the machine runs. A loaded machine
-    slows the 1769 MB instance (it competes for a whole core) but not the 512 MB one, whose
-    quota is below its fair share; so the 512 MB stretch is compared with the predicted
-    slowdown, and the 1769 MB one only must not beat a whole vCPU.
+    Both sizes are below one vCPU, so their quotas bind even on a machine busy with other
+    work; runs alternate and the quickest of each size counts.
     """
-    with Scheduler(redis=redis_url, planner="uniform-1769", concurrency=2, timeout=60) as sched:
-        if not sched.backend.throttled:
+    task = dask.delayed(spin)(SPIN_LOOPS, dask_key_name="cpu-spin")
+    graph, key = task.__dask_graph__(), task.key
+    options = {"redis": redis_url, "concurrency": 2, "timeout": 60}
+    with (
+        Scheduler(planner="uniform-1024", **options) as medium,
+        Scheduler(planner="uniform-512", **options) as small,
+    ):
+        if not medium.backend.throttled:
             pytest.skip("cgroups are not writable here: the local backend runs unthrottled")
-        task = dask.delayed(spin)(SPIN_LOOPS, dask_key_name="cpu-spin")
-        stretch_1769 = []
-        for _ in range(3):
-            cpu_s = task.compute(scheduler=sched)
-            stretch_1769.append(sched.last_run.tasks[0].actual_s / cpu_s)
-        predicted_1769 = sched.plan(task.__dask_graph__(), task.key).predicted_s(0)
-    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as small:
-        predicted_512 = small.plan(task.__dask_graph__(), task.key).predicted_s(0)
-        stretch_512 = []
+        load = os.getloadavg()[0]
+        if load > BUSY_LOAD_PER_CORE * (os.cpu_count() or 1):
+            pytest.skip(f"load {load:.0f}: a 0.6-vCPU quota cannot bind on a machine this busy")
+        measured = {1024: [], 512: []}
         for _ in range(2):
-            cpu_s = task.compute(scheduler=small)
-            stretch_512.append(small.last_run.tasks[0].actual_s / cpu_s)
-    assert predicted_512 > predicted_1769
-    predicted_ratio = predicted_512 / predicted_1769
-    details = f"wall / CPU at 1769 MB: {stretch_1769}, at 512 MB: {stretch_512}"
-    assert min(stretch_1769) >= 0.9, details
-    assert predicted_ratio == pytest.approx(min(stretch_512), rel=0.25), details
+            medium.get(graph, key)
+            measured[1024].append(medium.last_run.tasks[0].actual_s)
+        predicted_1024 = medium.plan(graph, key).predicted_s(0)
+        predicted_512 = small.plan(graph, key).predicted_s(0)
+        for _ in range(2):
+            small.get(graph, key)
+            measured[512].append(small.last_run.tasks[0].actual_s)
+            medium.get(graph, key)
+            measured[1024].append(medium.last_run.tasks[0].actual_s)
+    assert predicted_512 > predicted_1024
+    predicted_ratio = predicted_512 / predicted_1024
+    measured_ratio = min(measured[512]) / min(measured[1024])
+    assert predicted_ratio == pytest.approx(measured_ratio, rel=0.25), str(measured)
 
 
 def test_a_task_over_its_memory_fails_as_out_of_memory(redis_url):
-    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as sched:
+    # No larger configuration to retry at: the run fails with the task's name and size.
+    options = {"planner": "uniform-512", "concurrency": 2, "timeout": 60}
+    with Scheduler(redis=redis_url, memory_configs=[512], **options) as sched:
         if not sched.backend.throttled:
             pytest.skip("cgroups are not writable here: no memory limit to exceed")
         greedy = dask.delayed(allocate)(900, dask_key_name="greedy-task")
@@ -128,6 +125,21 @@ def test_a_task_over_its_memory_fails_as_out_of_memory(redis_url):
             greedy.compute(scheduler=sched)
         assert isinstance(error.value, MemoryError)
         assert dask.delayed(allocate)(50).compute(scheduler=sched) == 50 * 2**20
+
+
+def test_out_of_memory_is_retried_one_size_up_and_never_planned_there_again(redis_url):
+    graph = {"hungry-task": Task("hungry-task", allocate, 700)}
+    with Scheduler(redis=redis_url, planner="uniform-512", concurrency=2, timeout=60) as sched:
+        if not sched.backend.throttled:
+            pytest.skip("cgroups are not writable here: no memory limit to exceed")
+        assert sched.get(graph, "hungry-task") == 700 * 2**20
+        run = sched.last_run
+        assert sched.last_retries == {"hungry-task": 1}
+    assert run is not None and run.out_of_memory_retries == 1
+    assert run.tasks[0].memory_mb == 1024
+    assert "out-of-memory retries" in str(run)
+    with Scheduler(redis=redis_url, planner="critical-path", concurrency=2, timeout=60) as sched:
+        assert sched.plan(graph, "hungry-task").memory_mb[0] > 512
 
 
 def test_memory_annotation_overrides_the_planner(redis_url):
@@ -140,6 +152,17 @@ def test_memory_annotation_overrides_the_planner(redis_url):
         memory = {t.key: t.memory_mb for t in sched.last_run.tasks}
     assert memory["annotated-big"] == 3008
     assert memory["plain-small"] == 512
+
+
+def test_pre_warming_starts_instances_of_a_configuration(redis_url):
+    with Scheduler(redis=redis_url, concurrency=2, timeout=60) as sched:
+        backend = sched.backend
+        backend.prewarm({512: 1, 3008: 5})
+        deadline = time.monotonic() + 30
+        while backend.warm_instances() != {512: 1, 3008: 1} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Within the concurrency: one of each, ready and idle.
+        assert backend.warm_instances() == {512: 1, 3008: 1}
 
 
 def test_history_can_be_turned_off(redis_url, redis_client):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from dask_serverless.protocol.invocation import Invocation
@@ -18,7 +18,11 @@ class Backend(Protocol):
     ``throttled`` says whether configurations get their CPU share (None: not known),
     recorded next to the run's measurements. ``failure`` is why the platform stopped
     serving invocations, if it did: the waiting client raises it instead of waiting for
-    its timeout. ``close`` releases what the backend started.
+    its timeout. ``warm_instances`` is how many idle instances of each configuration (MB)
+    a run starting now would find (empty when the platform does not say), and ``prewarm``
+    starts instances of the given configurations ahead of the invocations that will need
+    them (pre-warming) — the planner models both. ``close`` releases what the backend
+    started.
     """
 
     @property
@@ -34,5 +38,9 @@ class Backend(Protocol):
     def failure(self) -> BaseException | None: ...
 
     def invoke(self, invocations: Sequence[Invocation]) -> None: ...
+
+    def warm_instances(self) -> Mapping[int, int]: ...
+
+    def prewarm(self, counts: Mapping[int, int]) -> None: ...
 
     def close(self) -> None: ...

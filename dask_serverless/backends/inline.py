@@ -14,7 +14,7 @@ run before the client starts listening; the events are all in the stream by then
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.worker.handler import WorkerEnvironment, serve
@@ -44,6 +44,13 @@ class InlineBackend:
                 serve(self._environment, self._queue.popleft(), None)
         finally:
             self._draining = False
+
+    def warm_instances(self) -> Mapping[int, int]:
+        """None: the workers run in this process."""
+        return {}
+
+    def prewarm(self, counts: Mapping[int, int]) -> None:
+        """Nothing to start: the workers run in this process."""
 
     def close(self) -> None:
         self._queue.clear()

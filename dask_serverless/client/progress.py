@@ -37,6 +37,7 @@ from dask_serverless.protocol.events import (
     ERROR,
     FINISHED,
     INVOCATION,
+    OUT_OF_MEMORY,
     RETRY,
     UPLOAD,
     WARNING,
@@ -106,6 +107,7 @@ class RunProgress:
     retries: dict[int, int] = field(default_factory=dict)
     uploads: dict[int, float] = field(default_factory=dict)
     invocations: list[Event] = field(default_factory=list)
+    out_of_memory: list[tuple[int, int]] = field(default_factory=list)
     started_callbacks: list[tuple[Callable | None, ...]] = field(default_factory=list)
     warnings: dict[tuple, Event] = field(default_factory=dict)
 
@@ -157,6 +159,10 @@ class RunProgress:
                 self.uploads[int(event[1])] = float(event[2])
             elif kind == INVOCATION:
                 self.invocations.append(event)
+            elif kind == OUT_OF_MEMORY:
+                index = int(event[1])
+                self.out_of_memory.append((index, int(event[2])))
+                self.retries[index] = self.retries.get(index, 0) + 1
             elif kind == WARNING:
                 self.warnings.setdefault(tuple(event[2:]), event)
 

@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
 
 from dask_serverless.backends.base import Backend
-from dask_serverless.client.bundling import Bundling
+from dask_serverless.backends.local.resources import TaskOutOfMemoryError
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.client.tracebacks import SourceIndex, with_sources
 from dask_serverless.constants import WATCHES_PER_LEASE
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan
+from dask_serverless.planning.bundling import Bundling
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import ERROR, RESULT, RunRecord
@@ -65,6 +66,8 @@ class Run:
     signer: Signer
     lease_ms: int
     recovered_invocations: int = 0
+    # Configurations given since the plan: tasks that ran out of memory, one size up.
+    memory_mb: dict[int, int] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
@@ -99,11 +102,31 @@ class Run:
                     tasks,
                     self.store.ttl_s,
                     self.lease_ms,
-                    memory_mb=self.record.planned_memory(list(tasks)),
+                    memory_mb=self.memory_for(tasks),
                 )
                 for tasks in starts
             ]
         )
+
+    def memory_for(self, tasks: Sequence[int]) -> int | None:
+        """The configuration an invocation of ``tasks`` needs: the plan's, or larger for a
+        task that ran out of memory."""
+        planned = self.record.planned_memory(list(tasks))
+        larger = [self.memory_mb[t] for t in tasks if t in self.memory_mb]
+        return max([planned or 0, *larger]) or None
+
+    def retry_out_of_memory(self, configs: Sequence[int]) -> None:
+        """Give tasks killed for their memory the next larger configuration.
+
+        The dead invocation's lease lapses and ``watch`` re-invokes its restart point at
+        the configuration its tasks now have. A task that ran out of memory at the largest
+        configuration fails the run with ``TaskOutOfMemoryError``.
+        """
+        for index, killed_at in self.progress.out_of_memory:
+            larger = [m for m in configs if m > killed_at]
+            if not larger:
+                raise TaskOutOfMemoryError(repr(self.dag.keys[index]), killed_at)
+            self.memory_mb[index] = max(self.memory_mb.get(index, 0), larger[0])
 
     def wait(self, deadline: float | None, timeout: float | None) -> Sequence[Any]:
         """Wait for the run to end, folding its events into ``progress``.
@@ -139,6 +162,7 @@ class Run:
                 cursor, batches = self.with_retries(store.read_events, cursor, None)
             for batch in batches:
                 progress.apply(events.decode(batch))
+            self.retry_out_of_memory(self.plan.inputs.configs)
             if follow and batches:
                 time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:

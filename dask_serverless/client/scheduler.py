@@ -8,7 +8,8 @@ backend, the secret, the planner with its history, the settings — and turns ev
    (as dask's schedulers do); a compute of literals only starts no run at all;
 2. translate the rest of the dask graph into a DAG (bad input and bad annotations fail
    here, before anything is sent);
-3. bundle its roots and plan it;
+3. plan it on the platform the backend is (``planning.Platform``), which decides the root
+   bundles too;
 4. take large literals (persisted chunks) out of the record and seal (pickle and sign)
    the run record, so an unpicklable task also fails before dispatch;
 5. hand the run to a ``Run``, which stores the record and the literals, invokes the roots
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,12 +42,11 @@ from dask.local import nested_get
 from dask_serverless import config
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
-from dask_serverless.client.bundling import bundle_roots
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.client.run import RedisUnavailableError, Run
 from dask_serverless.constants import LARGE_LITERAL_BYTES
 from dask_serverless.graph import as_task_graph, literal_values, requested_keys, translate
-from dask_serverless.planning import Plan, Planner, Planning
+from dask_serverless.planning import Plan, Planner, Planning, Platform
 from dask_serverless.protocol.keys import new_run_id
 from dask_serverless.protocol.record import (
     LITERAL,
@@ -60,10 +61,13 @@ from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
 
 # Root bundles per concurrent worker: enough to balance uneven bundles, few enough that
-# each one amortises its invocation (see dask_serverless.client.bundling).
+# each one amortises its invocation (see dask_serverless.planning.bundling).
 _BUNDLES_PER_WORKER = 4
 # Workers assumed for bundling when the platform's concurrency is unknown (AWS Lambda).
 _UNKNOWN_CONCURRENCY = 64
+# How long AWS Lambda keeps an idle instance, roughly (it does not say): the platform
+# model's keep-alive where the backend gives none.
+LAMBDA_KEEP_ALIVE_S = 600.0
 
 __all__ = ["RedisUnavailableError", "Scheduler", "get"]
 
@@ -221,6 +225,7 @@ class Scheduler:
                 history_samples=int(config.setting("planning.history-samples")),
                 history_ttl_s=int(config.setting("planning.history-ttl")),
                 min_work_s=float(config.setting("planning.min-work")),
+                pricing=config.setting("planning.pricing"),
             )
             self._last_report: Callable[[], RunReport] | None = None
         except BaseException:
@@ -272,8 +277,8 @@ class Scheduler:
         """Compute ``keys`` (none of them plain data) in one run; their values by key."""
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id, graph=graph)
-        bundling = bundle_roots(dag, self.bundles)
-        plan = self._planning.plan(dag)
+        plan = self._planning.plan(dag, self.platform())
+        bundling = plan.bundling
         workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
         record = RunRecord(
             run_id,
@@ -306,6 +311,8 @@ class Scheduler:
             succeeded = False
             try:
                 run.progress.start()
+                if plan.prewarm:
+                    self.backend.prewarm(dict(plan.prewarm))
                 run_started = time.time()
                 values = run.execute(sealed, limit, literal_blobs)
                 makespan = time.time() - run_started
@@ -316,7 +323,14 @@ class Scheduler:
                 run.progress.finish(failed=not succeeded)
                 run.progress.emit_warnings()
         self._last_report = self._planning.finish(
-            run_id, dag, plan, run.progress, run_started, makespan, throttled=self.backend.throttled
+            run_id,
+            dag,
+            plan,
+            run.progress,
+            run_started,
+            makespan,
+            throttled=self.backend.throttled,
+            out_of_memory=run.progress.out_of_memory,
         )
         return dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
 
@@ -327,7 +341,27 @@ class Scheduler:
 
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
-        return self._planning.plan(translate(dsk, keys))
+        return self._planning.plan(translate(dsk, keys), self.platform())
+
+    def platform(self) -> Platform:
+        """The platform model the planner simulates runs on (``planning.simulate``).
+
+        Its slots are the backend's concurrency (on AWS Lambda, the account's
+        ``planning.lambda-concurrency``); on the local backend every instance shares this
+        machine's cores. Idle instances found now start the run warm.
+        """
+        backend = self.backend
+        concurrency = backend.concurrency
+        return Platform(
+            slots=int(concurrency or config.setting("planning.lambda-concurrency")),
+            load_aware=concurrency is not None,
+            cores=float(os.cpu_count() or 1) if backend.name == "local" else None,
+            bundles=self.bundles,
+            keep_alive_s=float(getattr(backend, "keep_alive_s", LAMBDA_KEEP_ALIVE_S)),
+            invoke_latency_s=float(config.setting("planning.invoke-latency")),
+            cluster_output_bytes=self.cluster_output_bytes,
+            warm=tuple(sorted(backend.warm_instances().items())),
+        )
 
     def close(self) -> None:
         """Stop the backend's workers and the embedded Redis, if this Scheduler started them."""

@@ -1,10 +1,11 @@
 """Planning: from history to a plan before a run, from measurements to history after it.
 
-A Scheduler owns one ``Planning``. Before a run, ``plan(dag)`` loads the bounded history
-of the DAG's functions (one Redis round trip; see ``protocol.history``), builds a
-``Predictor`` under the Scheduler's SLA, predicts every node at every configuration and
-asks the planner for a ``Plan``. Tasks annotated with ``dask.annotate(memory=MB)`` keep
-that configuration (rounded up to a configured size).
+A Scheduler owns one ``Planning``. Before a run, ``plan(dag, platform)`` loads the
+bounded history of the DAG's functions (one Redis round trip; see ``protocol.history``),
+builds a ``Predictor``, predicts every node at every configuration and asks the planner
+for a ``Plan`` on the platform the run goes to (``simulate.Platform``: its concurrency
+slots, root bundles, warm instances, shared cores). Tasks annotated with
+``dask.annotate(memory=MB)`` keep that configuration (rounded up to a configured size).
 
 Where annotations survive: ``dask.delayed`` graphs keep them. Array graphs keep them only
 without blockwise fusion — ``dask.config.set({"optimization.fuse.active": False})`` or
@@ -12,8 +13,10 @@ without blockwise fusion — ``dask.config.set({"optimization.fuse.active": Fals
 (their optimisation rebuilds the graph without layers); dask-expr dataframes ignore
 annotations altogether.
 
-After a successful run, ``finish`` turns the workers' metrics into history samples, appends
-them, and returns the ``RunReport`` that puts the plan next to what was measured.
+After a successful run, ``finish`` turns the workers' metrics into history samples (and
+the sizes tasks ran out of memory at), appends them, and returns the ``RunReport`` that
+puts the plan next to what was measured — the cost billed as Lambda bills
+(``report.Pricing``), by the same formula as the prediction.
 
 Nothing is shared between Schedulers: each has its own Planning, and every plan its own
 history snapshot and predictor.
@@ -22,7 +25,7 @@ history snapshot and predictor.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -30,13 +33,13 @@ import redis
 
 from dask_serverless.constants import MEMORY_SIZES_MB
 from dask_serverless.graph import DAG
-from dask_serverless.planning.critical_path import NodeCosts, Timeline
 from dask_serverless.planning.history import (
     History,
     InvocationMetrics,
     TaskMetrics,
     function_identities,
     invocation_metrics,
+    literal_bytes,
     run_samples,
     task_metrics,
 )
@@ -45,14 +48,16 @@ from dask_serverless.planning.planners import (
     Plan,
     PlanInputs,
     Planner,
+    PlanWarning,
     UniformPlanner,
     WukongPlanner,
     make_planner,
 )
 from dask_serverless.planning.predict import CpuModel, Predictor
+from dask_serverless.planning.simulate import NodeCosts, Platform, Schedule, Timeline
 from dask_serverless.planning.sla import SLA, Deadline
 from dask_serverless.protocol.history import HistoryStore
-from dask_serverless.report import RunReport, TaskRecord, billed_gb_s
+from dask_serverless.report import Pricing, RunReport, TaskRecord
 
 __all__ = [
     "SLA",
@@ -63,9 +68,13 @@ __all__ = [
     "NodeCosts",
     "Plan",
     "PlanInputs",
+    "PlanWarning",
     "Planner",
     "Planning",
+    "Platform",
     "Predictor",
+    "Pricing",
+    "Schedule",
     "Timeline",
     "UniformPlanner",
     "WukongPlanner",
@@ -74,6 +83,8 @@ __all__ = [
 ]
 
 DEFAULT_CONFIGS = MEMORY_SIZES_MB
+# Tasks planned shorter than this do not calibrate their function (their ratio is noise).
+MIN_CALIBRATED_S = 0.01
 
 
 def parse_memory_configs(configs: Sequence[int] | None) -> tuple[int, ...]:
@@ -115,6 +126,8 @@ class Planning:
         history_ttl_s: int = 30 * 86400,
         cpu: CpuModel | None = None,
         min_work_s: float = 0.0,
+        platform: Platform | None = None,
+        pricing: Pricing | dict | None = None,
     ) -> None:
         self.planner = make_planner(planner)
         self.sla = SLA.parse(sla)
@@ -122,6 +135,8 @@ class Planning:
         self.configs = parse_memory_configs(memory_configs)
         self.cpu = cpu or CpuModel()
         self.min_work_s = min_work_s
+        self.platform = platform or Platform()
+        self.pricing = Pricing.parse(pricing)
         self.store = (
             HistoryStore(client, history_samples, history_ttl_s)
             if history and client is not None
@@ -131,10 +146,17 @@ class Planning:
     def load_history(self, functions: Sequence[str]) -> History:
         if self.store is None:
             return History()
-        tasks, transfers, startups = self.store.load((f for f in functions if f), self.configs)
-        return History(tasks, transfers, startups)
+        tasks, transfers, startups, ooms, residuals = self.store.load(
+            (f for f in functions if f), self.configs
+        )
+        return History(tasks, transfers, startups, ooms, residuals)
 
-    def inputs(self, dag: DAG, functions: Sequence[str] | None = None) -> PlanInputs:
+    def inputs(
+        self,
+        dag: DAG,
+        functions: Sequence[str] | None = None,
+        platform: Platform | None = None,
+    ) -> PlanInputs:
         if functions is None:
             functions = function_identities(dag)
         predictor = Predictor(self.load_history(sorted(set(functions))), self.sla, self.cpu)
@@ -147,10 +169,13 @@ class Planning:
             deadline=self.deadline,
             pinned=pinned_memory(dag, self.configs),
             min_work_s=self.min_work_s,
+            platform=platform or self.platform,
+            pricing=self.pricing,
+            literals=literal_bytes(dag),
         )
 
-    def plan(self, dag: DAG) -> Plan:
-        inputs = self.inputs(dag)
+    def plan(self, dag: DAG, platform: Platform | None = None) -> Plan:
+        inputs = self.inputs(dag, platform=platform)
         return replace(self.planner.plan(inputs), functions=inputs.functions)
 
     def finish(
@@ -162,24 +187,35 @@ class Planning:
         started_unix: float,
         makespan_s: float,
         throttled: bool | None = None,
+        out_of_memory: Sequence[tuple[int, int]] = (),
     ) -> Callable[[], RunReport]:
         """Record the run's metrics in history; returns how to build the run's report.
 
         Only the newest ``history_samples`` tasks of each function are read: history keeps
         no more, and a 10 000-task run should not pay for parsing what would be dropped.
         The report (planned next to actual, for every task) is built when asked for.
+        ``out_of_memory`` lists ``(task, MB)`` of tasks that ran out of memory at that size
+        (and were retried one size up): history keeps the size, so no later plan goes there.
         """
         uploads: dict[int, float] = getattr(progress, "uploads", {})
         invocations = [invocation_metrics(e) for e in getattr(progress, "invocations", [])]
+        functions = plan.functions or function_identities(dag)
         if self.store is not None:
-            functions = plan.functions or function_identities(dag)
             newest = newest_per_function(progress.task_events, functions, self.store.samples)
             sampled = [
                 metrics
                 for event in newest
                 if (metrics := task_metrics(event, uploads.get(int(event[1]), 0.0))) is not None
             ]
-            self.store.append(*run_samples(functions, sampled, invocations))
+            literals = plan.inputs.literals
+            ooms: dict[str, list[int]] = {}
+            for index, memory_mb in out_of_memory:
+                ooms.setdefault(functions[index], []).append(int(memory_mb))
+            self.store.append(
+                *run_samples(functions, sampled, invocations, literals),
+                ooms,
+                residuals(plan, functions, sampled),
+            )
 
         def build() -> RunReport:
             measured: dict[int, TaskMetrics] = {}
@@ -188,10 +224,38 @@ class Planning:
                 if metrics is not None:
                     measured[metrics.index] = metrics
             return report(
-                run_id, dag, plan, measured, invocations, started_unix, makespan_s, throttled
+                run_id,
+                dag,
+                plan,
+                measured,
+                invocations,
+                started_unix,
+                makespan_s,
+                throttled,
+                self.pricing,
+                len(out_of_memory),
             )
 
         return functools.cache(build)
+
+
+def residuals(
+    plan: Plan, functions: Sequence[str], tasks: Sequence[TaskMetrics]
+) -> dict[str, list[float]]:
+    """Per function, measured / planned busy time of its tasks, times the bias the plan
+    used (so each is relative to the uncalibrated model). Only plans with predictions
+    count, and only tasks the plan gave real time: a millisecond task's ratio is noise."""
+    if not plan.inputs.per_node:
+        return {}
+    predictor = plan.inputs.predictor
+    found: dict[str, list[float]] = {}
+    for task in tasks:
+        predicted = plan.predicted_s(task.index)
+        if predicted >= MIN_CALIBRATED_S and task.total_s > 0:
+            function = functions[task.index]
+            ratio = predictor.bias(function) * task.total_s / predicted
+            found.setdefault(function, []).append(round(ratio, 4))
+    return found
 
 
 def newest_per_function(
@@ -218,6 +282,8 @@ def report(
     started_unix: float,
     makespan_s: float,
     throttled: bool | None,
+    pricing: Pricing,
+    out_of_memory_retries: int = 0,
 ) -> RunReport:
     tasks = []
     for i in range(dag.sink):
@@ -240,8 +306,8 @@ def report(
                 cold=None if m is None else m.cold,
             )
         )
-    cost = billed_gb_s((m.memory_mb, m.total_s) for m in measured.values())
-    cost += billed_gb_s((inv.memory_mb, inv.startup_s) for inv in invocations)
+    bill = pricing.bill(billed_invocations(measured.values(), invocations))
+    timeline = plan.timeline
     return RunReport(
         run_id=run_id,
         planner=plan.planner,
@@ -250,10 +316,37 @@ def report(
         predicted_makespan_s=plan.predicted_makespan_s,
         actual_makespan_s=makespan_s,
         predicted_cost_gb_s=plan.predicted_cost_gb_s,
-        cost_gb_s=cost,
+        cost_gb_s=bill.gb_s,
         invocations=len(invocations),
         cold_starts=sum(1 for inv in invocations if inv.cold),
         throttled=throttled,
         target_s=plan.target_s,
         notes=plan.notes,
+        predicted_cost_usd=plan.predicted_cost_usd,
+        cost_usd=bill.usd,
+        predicted_invocations=len(timeline.invocations),
+        predicted_cold_starts=timeline.cold_starts,
+        predicted_quantile_s=None if plan.sla == "average" else plan.quantile_s,
+        out_of_memory_retries=out_of_memory_retries,
     )
+
+
+def billed_invocations(
+    tasks: Iterable[TaskMetrics], invocations: Sequence[InvocationMetrics]
+) -> list[tuple[int | None, float]]:
+    """``(MB, billed seconds)`` of every measured invocation, as Lambda bills them.
+
+    An invocation's duration runs from its handler's start to the end of its last task
+    (download, execution, upload), plus its initialisation when it started cold.
+    """
+    ends: dict[str, float] = {}
+    for task in tasks:
+        if task.invocation_id:
+            end = task.start + task.total_s
+            ends[task.invocation_id] = max(ends.get(task.invocation_id, end), end)
+    billed = []
+    for inv in invocations:
+        end = ends.get(inv.invocation_id, inv.start)
+        duration = max(0.0, end - inv.start) if inv.start else 0.0
+        billed.append((inv.memory_mb, duration + (inv.startup_s if inv.cold else 0.0)))
+    return billed

@@ -2,10 +2,14 @@
 
 Workers report per task, inside their batched ``done`` events (see ``events``): the
 memory size and cold/warm start of the invocation that ran it, input and output bytes
-(``dask.sizeof``), the time spent downloading inputs, executing, and — in a later ``up``
-event, because the upload's duration is only known after the upload — storing the output.
-Every invocation reports its start-up time (from the invoke call to the handler) in an
-``inv`` event.
+(``dask.sizeof``), the time spent downloading inputs, executing (wall and CPU time, and
+the time it waited for a CPU), the
+task's peak memory, and — in a later ``up`` event, because the upload's duration is only
+known after the upload — storing the output. Every invocation reports its start-up (a
+cold start's boot to ready, plus the hand-over) and when its handler began in an ``inv``
+event. A root's input is its literal arguments: the client sizes them
+(``literal_bytes``), since no worker downloads them. A task that ran out of memory is
+recorded with the size it ran out at.
 
 A task's *function identity* is the dask key prefix (``dask.utils.key_split``) plus the
 callable's qualified name: ``"inc:mymodule.inc"``. It is what history is kept by, so
@@ -23,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dask.sizeof import sizeof
 from dask.utils import key_split
 
 from dask_serverless.graph import DAG
@@ -45,6 +50,10 @@ class TaskMetrics:
     exec_s: float
     downloaded_bytes: int
     upload_s: float = 0.0
+    cpu_s: float | None = None
+    peak_mb: float = 0.0
+    wait_s: float = 0.0
+    invocation_id: str = ""
 
     @property
     def total_s(self) -> float:
@@ -57,6 +66,8 @@ class InvocationMetrics:
     memory_mb: int | None
     cold: bool
     startup_s: float
+    invocation_id: str = ""
+    start: float = 0.0
 
 
 def task_metrics(done: Sequence[Any], upload_s: float = 0.0) -> TaskMetrics | None:
@@ -64,6 +75,7 @@ def task_metrics(done: Sequence[Any], upload_s: float = 0.0) -> TaskMetrics | No
     if len(done) < 12:
         return None
     _kind, index, worker_id, start, _duration, memory, cold, nin, nout, down, run, read = done[:12]
+    extra = list(done[12:16]) + [None] * (16 - max(12, len(done)))
     return TaskMetrics(
         index=int(index),
         worker_id=str(worker_id),
@@ -76,12 +88,43 @@ def task_metrics(done: Sequence[Any], upload_s: float = 0.0) -> TaskMetrics | No
         exec_s=float(run),
         downloaded_bytes=int(read),
         upload_s=float(upload_s),
+        cpu_s=None if extra[0] is None else float(extra[0]),
+        peak_mb=float(extra[1] or 0.0),
+        wait_s=float(extra[2] or 0.0),
+        invocation_id=str(extra[3] or ""),
     )
 
 
 def invocation_metrics(event: Sequence[Any]) -> InvocationMetrics:
     _kind, worker_id, memory, cold, startup = event[:5]
-    return InvocationMetrics(str(worker_id), int(memory) if memory else None, bool(cold), startup)
+    invocation_id, start = (list(event[5:7]) + ["", 0.0])[:2]
+    return InvocationMetrics(
+        str(worker_id),
+        int(memory) if memory else None,
+        bool(cold),
+        float(startup),
+        str(invocation_id),
+        float(start),
+    )
+
+
+def literal_bytes(dag: DAG) -> list[int]:
+    """Bytes of every root's literal arguments (``dask.sizeof``); 0 for other nodes.
+
+    A root downloads nothing, so without this every ``sort(gen(n))`` would look the same
+    whatever ``n``.
+    """
+    sizes = [0] * len(dag)
+    for index in dag.roots:
+        node = dag.nodes[index]
+        args = getattr(node, "args", None)
+        if node is None or args is None:
+            continue
+        try:
+            sizes[index] = int(sizeof(list(args))) + int(sizeof(dict(getattr(node, "kwargs", {}))))
+        except Exception:
+            sizes[index] = 0
+    return sizes
 
 
 def callable_name(func: Any) -> str:
@@ -111,13 +154,18 @@ def function_identities(dag: DAG) -> list[str]:
 class History:
     """Samples of past runs: per (function, MB), per MB for transfers and start-ups.
 
-    ``tasks[(function, MB)]`` holds ``[input_bytes, output_bytes, exec_s]`` samples,
-    ``transfers[MB]`` ``[bytes, seconds]`` and ``startups[MB]`` ``[cold, seconds]``.
+    ``tasks[(function, MB)]`` holds ``[input_bytes, output_bytes, exec_s, cpu_s,
+    peak_mb, wait_s]`` samples (``wait_s``: waiting for a CPU), ``transfers[MB]``
+    ``[bytes, seconds]``, ``startups[MB]`` ``[cold, seconds]`` and
+    ``out_of_memory[function]`` the sizes it ran out of memory at, ``residuals[function]``
+    its recent tasks' measured / planned busy time (before calibration).
     """
 
     tasks: Mapping[tuple[str, int], Sequence[Sample]] = field(default_factory=dict)
     transfers: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
     startups: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
+    out_of_memory: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    residuals: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
     def knows(self, function: str) -> bool:
         return any(f == function for f, _m in self.tasks)
@@ -127,6 +175,7 @@ def run_samples(
     functions: Sequence[str],
     tasks: Iterable[TaskMetrics],
     invocations: Iterable[InvocationMetrics],
+    literals: Sequence[int] | None = None,
 ) -> tuple[dict[tuple[str, int], list[Sample]], dict[int, list[Sample]], dict[int, list[Sample]]]:
     """A finished run's metrics as history samples: ``(tasks, transfers, startups)``."""
     by_function: dict[tuple[str, int], list[Sample]] = {}
@@ -136,8 +185,17 @@ def run_samples(
         function = functions[task.index]
         if not function or task.memory_mb is None:
             continue
+        literal = literals[task.index] if literals is not None else 0
+        cpu_s = task.exec_s if task.cpu_s is None else task.cpu_s
         by_function.setdefault((function, task.memory_mb), []).append(
-            [task.input_bytes, task.output_bytes, round(task.exec_s, 6)]
+            [
+                task.input_bytes + literal,
+                task.output_bytes,
+                round(task.exec_s, 6),
+                round(cpu_s, 6),
+                round(task.peak_mb, 1),
+                round(task.wait_s, 6),
+            ]
         )
         if task.downloaded_bytes > 0:
             transfers.setdefault(task.memory_mb, []).append(

@@ -1,48 +1,86 @@
 """Planners: give every task a configuration (memory MB) so the run meets its SLA cheaply.
 
 A planner gets ``PlanInputs`` — the DAG, the predictions for every node at every
-configuration, the SLA and deadline, and the tasks pinned by ``dask.annotate(memory=…)``
-— and returns a ``Plan``: per task its configuration, predicted start and finish, which
-invocation it continues (the worker assignment the runtime will follow), the critical path
-and the predicted cost. A task is never planned below the memory it needs
-(``Predictor.memory_need_mb``).
+configuration, the SLA and deadline, the platform the run goes to and the tasks pinned by
+``dask.annotate(memory=…)`` — and returns a ``Plan``: per task its configuration, the
+root bundles the client will invoke (roots grouped by configuration, so a bundle never
+runs a task at a size it was not planned at), and what the platform model
+(``simulate.simulate_platform``) predicts of it: every task's start and finish, the
+invocations, cold starts, the critical path, the makespan and Lambda's bill. A task is
+never planned below the memory it needs (``Predictor.memory_need_mb``: its measured peak
+with headroom, above any size it ran out of memory at).
 
 * ``UniformPlanner`` — one configuration for every task (by default the middle one). It is
   also what any planner falls back to before history exists: the run then records the
   metrics the next plan learns from.
 * ``CriticalPathPlanner`` ("critical-path", the default) — first the fastest makespan the
-  configurations allow (the best of every uniform plan and of every task at its own
-  fastest configuration); the SLA's deadline is then set from it (``"fastest+10%"``) or
-  given in seconds. Then, in one pass from the sink back to the roots, every task takes the
-  cheapest configuration whose predicted finish still leaves its dependents their latest
-  start — tasks off the critical path have slack and go down first, tasks on it only when
-  the deadline leaves room. The pass uses the earliest finishes of the fastest plan for a
-  task's parents, which may still move, so the result is simulated again and, should it
-  miss the target, tasks on its critical path are restored one by one.
+  configurations allow (the best, on the platform model, of every uniform plan and of
+  every task at the smallest size that runs it fastest); the SLA's deadline is then set
+  from it (``"fastest+10%"``) or given in seconds. A deadline below the fastest makespan
+  cannot be kept: the plan is the fastest and a ``PlanWarning`` names its makespan. Then,
+  in one pass from the sink back to the roots over the unconstrained ``Timeline``, every
+  task takes the cheapest configuration whose predicted finish still leaves its dependents
+  their latest start — tasks off the critical path have slack and go down first, tasks
+  that wait on I/O go to the smallest size (memory buys them nothing), tasks on the
+  critical path only when the deadline leaves room. The result is run on the platform
+  model; should it miss the target (slots, bundles and cold starts the pass does not see),
+  the tasks the pass slowed down most are restored, in growing batches, until it holds.
 * ``WukongPlanner`` ("wukong") — no static optimisation: every task gets the smallest
   configuration it fits in and the runtime schedules dynamically (a worker continues with
   a ready child and invokes workers for the others), as in Wukong.
 
-All are iterative passes over the node indices (a topological order) with incremental
-updates of the simulated timeline: planning costs a few passes over the DAG.
+Under a percentile SLA (``"p95"``) the fastest makespan, the target and the plan's
+prediction are that percentile of the makespan's distribution (``Plan.quantile_s``).
+
+All are passes over the node indices (a topological order) with incremental updates of
+the timeline, plus a bounded number of platform simulations: planning costs a few passes
+over the DAG.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
+from statistics import NormalDist, pvariance
 from typing import Any, Protocol
 
 from dask_serverless.graph import DAG
-from dask_serverless.planning.critical_path import ANY_MEMORY, FirstChild, NodeCosts, Timeline
+from dask_serverless.planning.bundling import Bundling, bundle_roots
 from dask_serverless.planning.predict import Predictor
+from dask_serverless.planning.simulate import (
+    ANY_MEMORY,
+    FirstChild,
+    NodeCosts,
+    Platform,
+    Schedule,
+    Timeline,
+    makespan_quantile,
+    simulate_platform,
+)
 from dask_serverless.planning.sla import SLA, Deadline
+from dask_serverless.report import Pricing
 
 _EPSILON = 1e-9
 _TABLE_ROWS = 200
+# Monte Carlo draws of the makespan, and the most node simulations they may cost; above
+# that a normal approximation along the critical path stands in.
+MONTE_CARLO_DRAWS = 64
+MONTE_CARLO_BUDGET = 8_000
+# Above this many tasks a platform simulation is worth a few passes over the DAG: the
+# search simulates only the likeliest candidates and restores in one step.
+LARGE_DAG = 2_000
+# Candidates for the fastest plan within this fraction of the quickest count as as fast.
+AS_FAST = 0.01
+# A platform makespan this many times the unconstrained one means the slots bind.
+SLOT_BOUND = 2.0
+
+
+class PlanWarning(UserWarning):
+    """The plan cannot keep what was asked (a deadline below the fastest makespan)."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +100,15 @@ class PlanInputs:
     deadline: Deadline
     pinned: Mapping[int, int] = field(default_factory=dict)
     min_work_s: float = 0.0
+    platform: Platform = field(default_factory=Platform)
+    pricing: Pricing = field(default_factory=Pricing)
+    literals: Sequence[int] | None = None
 
     @cached_property
     def costs(self) -> NodeCosts:
-        return NodeCosts.predict(self.dag, self.functions, self.predictor, self.configs)
+        return NodeCosts.predict(
+            self.dag, self.functions, self.predictor, self.configs, self.literals
+        )
 
     @cached_property
     def task_counts(self) -> Counter[str]:
@@ -139,40 +182,127 @@ class PlanInputs:
             return memory_mb
         return next((m for m in allowed if m >= memory_mb), allowed[-1])
 
+    def bundle(self, memory: Sequence[int]) -> Bundling:
+        """The root bundles the client will invoke for ``memory`` (one size per bundle),
+        the longest remaining path first: a platform with fewer slots than bundles starts
+        them in that order, and the critical path should not wait behind side branches."""
+        bundling = bundle_roots(self.dag, self.platform.bundles, memory)
+        if not self.per_node or len(bundling.starts) < 2:
+            return bundling
+        remaining = self.remaining_work(memory)
+        starts = sorted(bundling.starts, key=lambda group: -max(remaining[r] for r in group))
+        return Bundling(starts, bundling.internal)
+
+    def remaining_work(self, memory: Sequence[int]) -> list[float]:
+        """Per node, the predicted time of the longest path from its start to the sink."""
+        dag, costs = self.dag, self.costs
+        column = {m: c for c, m in enumerate(self.configs)}
+        middle = len(self.configs) // 2
+        remaining = [0.0] * len(dag)
+        for i in range(len(dag) - 1, -1, -1):
+            own = costs.exec_s[i][column.get(memory[i], middle)]
+            remaining[i] = own + max((remaining[c] for c in dag.dependents[i]), default=0.0)
+        return remaining
+
+    def schedule(
+        self,
+        memory: Sequence[int],
+        bundling: Bundling | None = None,
+        scale: Sequence[float] | None = None,
+        prewarm: tuple[tuple[int, int], ...] = (),
+    ) -> Schedule:
+        """``memory`` run on the platform model (with ``prewarm`` instances started)."""
+        bundling = bundling or self.bundle(memory)
+        platform = replace(self.platform, prewarm=prewarm) if prewarm else self.platform
+        return simulate_platform(
+            self.dag,
+            self.costs,
+            memory,
+            bundling.starts,
+            bundling.internal,
+            platform,
+            self.pricing,
+            scale,
+        )
+
+    def prewarm(self, memory: Sequence[int], schedule: Schedule) -> tuple[tuple[int, int], ...]:
+        """Instances worth starting as the run starts: per configuration, its cold starts
+        that come late enough for a boot begun at the start to be ready (pre-warming).
+        Kept only when the platform model says the run gets faster."""
+        column = {m: c for c, m in enumerate(self.configs)}
+        counts: dict[int, int] = {}
+        for inv in schedule.invocations:
+            boot = self.costs.cold_s[column.get(inv.memory_mb, len(self.configs) // 2)]
+            if inv.cold and inv.arrived >= boot:
+                counts[inv.memory_mb] = counts.get(inv.memory_mb, 0) + 1
+        if not counts:
+            return ()
+        proposal = tuple(sorted(counts.items()))
+        warmed = self.schedule(memory, prewarm=proposal)
+        return proposal if warmed.makespan < schedule.makespan - _EPSILON else ()
+
+    def quantile(
+        self,
+        memory: Sequence[int],
+        schedule: Schedule,
+        prewarm: tuple[tuple[int, int], ...] = (),
+    ) -> float:
+        """The SLA's percentile of the makespan of ``memory`` (the mean under "average")."""
+        percentile = self.sla.percentile
+        if percentile is None or not self.per_node:
+            return schedule.makespan
+        n = len(self.dag)
+        draws = min(MONTE_CARLO_DRAWS, MONTE_CARLO_BUDGET // max(n, 1))
+        if draws >= 16:
+            bundling = self.bundle(memory)
+            value = makespan_quantile(
+                lambda scale: self.schedule(memory, bundling, scale, prewarm),
+                self.costs,
+                percentile / 100,
+                draws,
+            )
+        else:
+            value = normal_quantile(self.costs, schedule, percentile / 100)
+        # A slow-side percentile is never below the mean prediction.
+        return max(value, schedule.makespan) if percentile >= 50 else value
+
+
+def normal_quantile(costs: NodeCosts, schedule: Schedule, q: float) -> float:
+    """The makespan's ``q`` quantile, as the critical path's sum of independent residuals."""
+    variance = 0.0
+    for i in schedule.critical_path():
+        ratios = costs.ratios[i]
+        if len(ratios) > 1:
+            variance += pvariance(ratios) * schedule.duration(i) ** 2
+    return schedule.makespan + NormalDist().inv_cdf(q) * math.sqrt(variance)
+
 
 @dataclass(frozen=True)
 class Plan:
-    """A configuration for every task, and what the simulation predicts of it (I-7).
+    """A configuration for every task, and what the platform model predicts of it (I-7).
 
-    ``memory_mb`` is what the run needs; everything predicted (start and finish times,
-    continuations, critical path, cost) comes from ``timeline``, simulated on first use
-    when the planner did not need a simulation to decide.
+    ``memory_mb`` is what the run needs and ``bundling`` the root invocations the client
+    makes; everything predicted (start and finish times, invocations, critical path,
+    cost) comes from ``timeline``, simulated on first use.
     """
 
     planner: str
     sla: str
     keys: tuple[Any, ...]
     memory_mb: tuple[int, ...]
-    simulate: Callable[[], Timeline] = field(repr=False, compare=False)
+    inputs: PlanInputs = field(repr=False, compare=False)
+    bundling: Bundling = field(repr=False, compare=False)
     target_s: float | None = None
     fastest_s: float | None = None
     notes: tuple[str, ...] = ()
     functions: Sequence[str] = field(default=(), repr=False, compare=False)
+    schedule: Schedule | None = field(default=None, repr=False, compare=False)
+    # Instances per configuration (MB) the backend starts ahead (pre-warming).
+    prewarm: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def from_timeline(cls, name: str, inputs: PlanInputs, timeline: Timeline, **extra: Any) -> Plan:
-        return cls(
-            planner=name,
-            sla=str(inputs.sla),
-            keys=inputs.dag.keys,
-            memory_mb=tuple(timeline.effective_memory(i) for i in range(len(inputs.dag))),
-            simulate=lambda: timeline,
-            **extra,
-        )
-
-    @classmethod
-    def deferred(cls, name: str, inputs: PlanInputs, memory: Sequence[int], **extra: Any) -> Plan:
-        """A plan of ``memory`` whose timeline is simulated only when looked at."""
+    def of(cls, name: str, inputs: PlanInputs, memory: Sequence[int], **extra: Any) -> Plan:
+        """A plan of ``memory``, simulated on the platform model when looked at."""
         assigned = list(memory)
         assigned[inputs.dag.sink] = ANY_MEMORY
         return cls(
@@ -180,13 +310,21 @@ class Plan:
             sla=str(inputs.sla),
             keys=inputs.dag.keys,
             memory_mb=tuple(assigned),
-            simulate=lambda: simulate(inputs, assigned),
+            inputs=inputs,
+            bundling=inputs.bundle(assigned),
             **extra,
         )
 
     @cached_property
-    def timeline(self) -> Timeline:
-        return self.simulate()
+    def timeline(self) -> Schedule:
+        if self.schedule is not None:
+            return self.schedule
+        return self.inputs.schedule(self.memory_mb, self.bundling, prewarm=self.prewarm)
+
+    @cached_property
+    def quantile_s(self) -> float:
+        """The SLA's percentile of the predicted makespan (the mean under "average")."""
+        return self.inputs.quantile(self.memory_mb, self.timeline, self.prewarm)
 
     @property
     def start_s(self) -> list[float]:
@@ -210,6 +348,7 @@ class Plan:
 
     @property
     def predicted_makespan_s(self) -> float:
+        """The mean predicted makespan."""
         return self.timeline.makespan
 
     @property
@@ -217,8 +356,16 @@ class Plan:
         return self.timeline.cost_gb_s
 
     @property
+    def predicted_cost_usd(self) -> float:
+        return self.timeline.cost_usd
+
+    @property
     def sink(self) -> int:
         return len(self.keys) - 1
+
+    def first_needed(self) -> dict[int, float]:
+        """Seconds into the run each configuration is first invoked (pre-warming)."""
+        return dict(self.timeline.first_needed)
 
     def worker_memory(self) -> tuple[int | None, ...]:
         """The configuration a worker needs for each node; None for the sink (any)."""
@@ -236,22 +383,22 @@ class Plan:
         return self.finish_s[i] - self.start_s[i]
 
     def invocations(self) -> list[list[int]]:
-        """Tasks grouped by the invocation the plan expects to run them (the sink aside)."""
-        owner: dict[int, int] = {}
-        groups: dict[int, list[int]] = {}
-        for i in range(self.sink):
-            parent = self.continues[i]
-            root = owner[parent] if parent >= 0 else i
-            owner[i] = root
-            groups.setdefault(root, []).append(i)
-        return list(groups.values())
+        """Tasks grouped by the invocation the platform model runs them in (the sink aside)."""
+        return [
+            [i for i in inv.tasks if i != self.sink]
+            for inv in self.timeline.invocations
+            if any(i != self.sink for i in inv.tasks)
+        ]
 
     def summary(self) -> str:
         target = "" if self.target_s is None else f", target {self.target_s:.3f} s"
+        quantile = "" if self.sla == "average" else f" ({self.sla} {self.quantile_s:.3f} s)"
+        timeline = self.timeline
         lines = [
             f"Plan by {self.planner} (SLA {self.sla}{target}): predicted makespan "
-            f"{self.predicted_makespan_s:.3f} s, cost {self.predicted_cost_gb_s:.3f} GB-s, "
-            f"{len(self.invocations())} invocations"
+            f"{self.predicted_makespan_s:.3f} s{quantile}, cost "
+            f"{self.predicted_cost_gb_s:.3f} GB-s (${self.predicted_cost_usd:.8f}), "
+            f"{len(timeline.invocations)} invocations ({timeline.cold_starts} cold)"
         ]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -286,6 +433,7 @@ class Planner(Protocol):
 
 
 def simulate(inputs: PlanInputs, memory: Sequence[int]) -> Timeline:
+    """The unconstrained timeline of ``memory`` (the search's view)."""
     return Timeline(inputs.dag, inputs.costs, memory)
 
 
@@ -301,7 +449,7 @@ class UniformPlanner:
         if memory not in inputs.configs:
             raise ValueError(f"{memory} MB is not one of the configurations {inputs.configs}")
         plan_memory = [inputs.at_least(i, memory) for i in range(len(inputs.dag))]
-        return Plan.deferred(f"{self.name} {memory} MB", inputs, plan_memory)
+        return Plan.of(f"{self.name} {memory} MB", inputs, plan_memory)
 
 
 @dataclass(frozen=True)
@@ -311,7 +459,7 @@ class WukongPlanner:
     name: str = "wukong"
 
     def plan(self, inputs: PlanInputs) -> Plan:
-        return Plan.deferred(self.name, inputs, smallest_fitting(inputs))
+        return Plan.of(self.name, inputs, smallest_fitting(inputs))
 
 
 def smallest_fitting(inputs: PlanInputs) -> list[int]:
@@ -336,53 +484,183 @@ class CriticalPathPlanner:
                 f"{full_speed} MB, the smallest configuration at full single-thread speed"
             )
             plan_memory = [inputs.at_least(i, full_speed) for i in range(len(inputs.dag))]
-            return Plan.deferred(f"{self.name} (small work)", inputs, plan_memory, notes=(note,))
+            return Plan.of(f"{self.name} (small work)", inputs, plan_memory, notes=(note,))
         notes: list[str] = []
-        fastest = self.fastest(inputs)
-        target = inputs.deadline.target(fastest.makespan)
-        if target < fastest.makespan - _EPSILON:
-            notes.append(
+        fastest_memory, fastest = self.fastest(inputs)
+        fastest_q = inputs.quantile(fastest_memory, fastest)
+        target = inputs.deadline.target(fastest_q)
+        if target < fastest_q - _EPSILON:
+            message = (
                 f"deadline {inputs.deadline} ({target:.3f} s) is below the fastest predicted "
-                f"makespan {fastest.makespan:.3f} s: planning the fastest"
+                f"makespan {fastest_q:.3f} s ({inputs.sla}): planning the fastest"
             )
-            target = fastest.makespan
+            warnings.warn(PlanWarning(message), stacklevel=4)
+            notes.append(message)
+            target = fastest_q
+        # The search works on means: the target scaled by the fastest plan's mean/pNN.
+        mean_target = target * fastest.makespan / fastest_q if fastest_q > 0 else target
         fixed = {i for i in range(inputs.dag.sink) if i in inputs.pinned}
         fixed |= {i for i in range(inputs.dag.sink) if not inputs.costs.known[i]}
-        memory = downgrade(inputs, fastest, target, fixed)
-        timeline = simulate(inputs, memory)
-        if timeline.makespan > target + _EPSILON:
-            timeline = repair(timeline, fastest, target, fixed)
-        regroup(inputs, timeline, target, fixed)
+        base = simulate(inputs, fastest_memory)
+        large = len(inputs.dag) > LARGE_DAG
+        schedule: Schedule | None
+        if large and fastest.makespan > SLOT_BOUND * base.makespan:
+            # Queued behind the slots, every task's time counts: there is no slack to sell.
+            notes.append("the run is bound by the platform's slots: every task at its fastest")
+            memory, schedule = list(fastest_memory), fastest
+        else:
+            # The unconstrained timeline leaves out queueing: give the pass the same margin.
+            cheap_target = mean_target * base.makespan / fastest.makespan if fastest.makespan else 0
+            memory = downgrade(inputs, base, cheap_target, fixed)
+            timeline = simulate(inputs, memory)
+            if timeline.makespan > cheap_target + _EPSILON:
+                timeline = repair(timeline, base, cheap_target, fixed)
+            if not large:
+                regroup(inputs, timeline, cheap_target, fixed)
+            memory = [timeline.effective_memory(i) for i in range(len(inputs.dag))]
+            memory = smallest_when_memory_buys_nothing(inputs, memory, fixed)
+            memory, schedule = restore(
+                inputs, memory, fastest_memory, fastest, mean_target, fixed, 1 if large else None
+            )
         unknown = sum(1 for i in range(inputs.dag.sink) if not inputs.costs.known[i])
         if unknown:
             notes.append(f"{unknown} task(s) without history kept at their fastest-plan size")
-        return Plan.from_timeline(
+        if schedule is None:
+            schedule = inputs.schedule(memory)
+        prewarm = inputs.prewarm(memory, schedule)
+        if prewarm:
+            notes.append(
+                "pre-warming "
+                + ", ".join(f"{count} x {mb} MB" for mb, count in prewarm)
+                + " as the run starts"
+            )
+            schedule = inputs.schedule(memory, prewarm=prewarm)
+        plan = Plan.of(
             self.name,
             inputs,
-            timeline,
+            memory,
             target_s=target,
-            fastest_s=fastest.makespan,
+            fastest_s=fastest_q,
             notes=tuple(notes),
+            prewarm=prewarm,
         )
+        return _with_schedule(plan, schedule)
 
     @staticmethod
-    def fastest(inputs: PlanInputs) -> Timeline:
-        """The fastest of: every uniform plan, every task at its own fastest size."""
+    def fastest(inputs: PlanInputs) -> tuple[list[int], Schedule]:
+        """The fastest on the platform model of: every uniform plan, every task at the
+        smallest of its fastest sizes (equal speeds are one speed: no 3008 MB for a
+        single-threaded task) — in each, tasks memory does not speed up at their smallest
+        size."""
         n = len(inputs.dag)
         costs = inputs.costs
+        column = {m: c for c, m in enumerate(costs.configs)}
         candidates = [[inputs.at_least(i, m) for i in range(n)] for m in inputs.configs]
         own = []
         for i in range(n):
             allowed = inputs.allowed(i)
-            column = {m: c for c, m in enumerate(costs.configs)}
             own.append(
-                min(allowed, key=lambda m: (costs.exec_s[i][column[m]], -m))
+                min(allowed, key=lambda m: (round(costs.exec_s[i][column[m]], 6), m))
                 if costs.known[i]
                 else inputs.at_least(i, inputs.middle_config())
             )
         candidates.append(own)
-        timelines = [simulate(inputs, memory) for memory in candidates]
-        return min(timelines, key=lambda t: (round(t.makespan, 9), t.cost_gb_s))
+        # Whatever the candidate, memory buys an I/O-bound task nothing.
+        fixed = {i for i in range(inputs.dag.sink) if i in inputs.pinned or not costs.known[i]}
+        candidates = [smallest_when_memory_buys_nothing(inputs, c, fixed) for c in candidates]
+        if len(inputs.dag) > LARGE_DAG:
+            # Preselect on the unconstrained timeline: own sizes and the full-speed uniforms.
+            full_speed = inputs.full_speed_config()
+            likely = [candidates[-1]] + [
+                candidates[c] for c, m in enumerate(inputs.configs) if m >= full_speed
+            ]
+            timelines = [(memory, simulate(inputs, memory)) for memory in likely]
+            best = min(timelines, key=lambda mt: (round(mt[1].makespan, 6), mt[1].cost_gb_s))
+            candidates = [best[0]]
+        scheduled = [(memory, inputs.schedule(memory)) for memory in candidates]
+        # Within a percent of the fastest is as fast: take the cheapest of those.
+        quickest = min(schedule.makespan for _memory, schedule in scheduled)
+        return min(
+            (ms for ms in scheduled if ms[1].makespan <= quickest * (1 + AS_FAST)),
+            key=lambda ms: ms[1].cost_gb_s,
+        )
+
+
+def smallest_when_memory_buys_nothing(
+    inputs: PlanInputs, memory: list[int], fixed: set[int]
+) -> list[int]:
+    """Every task whose predicted time is the same at its smallest allowed size (it waits
+    on I/O, it sleeps) goes there: more memory would only cost more. Whole I/O chains move
+    together, so they still continue one another."""
+    costs = inputs.costs
+    column = {m: c for c, m in enumerate(costs.configs)}
+    moved = list(memory)
+    for i in range(inputs.dag.sink):
+        if i in fixed or memory[i] == ANY_MEMORY:
+            continue
+        smallest = inputs.allowed(i)[0]
+        at_smallest = costs.exec_s[i][column[smallest]]
+        if at_smallest <= costs.exec_s[i][column[memory[i]]] * (1 + AS_FAST):
+            moved[i] = smallest
+    return moved
+
+
+def restore(
+    inputs: PlanInputs,
+    memory: list[int],
+    fastest_memory: Sequence[int],
+    fastest: Schedule,
+    target: float,
+    fixed: set[int],
+    steps: int | None = None,
+) -> tuple[list[int], Schedule | None]:
+    """Check ``memory`` on the platform model; restore slowed tasks until it keeps ``target``.
+
+    The tasks are restored to their fastest-plan size in order of how much the downgrade
+    slowed them, in batches that double (a platform simulation each), so at most about
+    log2(n) simulations run — or ``steps``, after which the fastest plan stands. Returns
+    the memory and its schedule.
+    """
+    schedule = inputs.schedule(memory)
+    if schedule.makespan <= target + _EPSILON:
+        return memory, schedule
+    costs = inputs.costs
+    column = {m: c for c, m in enumerate(costs.configs)}
+
+    def slowdown(i: int) -> float:
+        return costs.exec_s[i][column[memory[i]]] - costs.exec_s[i][column[fastest_memory[i]]]
+
+    # Only tasks that memory makes faster: a sleep restored to 1769 MB gains nothing.
+    slowed = sorted(
+        (
+            i
+            for i in range(inputs.dag.sink)
+            if i not in fixed
+            and memory[i] != fastest_memory[i]
+            and memory[i] != ANY_MEMORY
+            and slowdown(i) > _EPSILON
+        ),
+        key=lambda i: -slowdown(i),
+    )
+    batch, done = 1, 0
+    if steps is not None:
+        batch = max(1, len(slowed) // 2)
+    current = list(memory)
+    while done < len(slowed) and (steps is None or steps > 0):
+        if steps is not None:
+            steps -= 1
+        for i in slowed[done : done + batch]:
+            current[i] = fastest_memory[i]
+        done += batch
+        batch *= 2
+        schedule = inputs.schedule(current)
+        if schedule.makespan <= target + _EPSILON:
+            return current, schedule
+    return list(fastest_memory), fastest
+
+
+def _with_schedule(plan: Plan, schedule: Schedule) -> Plan:
+    return replace(plan, schedule=schedule)
 
 
 def downgrade(inputs: PlanInputs, base: Timeline, target: float, fixed: set[int]) -> list[int]:
@@ -516,8 +794,6 @@ def regroup(
 
 
 def _renamed(plan: Plan, name: str, note: str) -> Plan:
-    from dataclasses import replace
-
     return replace(plan, planner=name, notes=(*plan.notes, note))
 
 

@@ -1,42 +1,58 @@
-"""Predictions from history: execution time, output size, transfer and start-up times.
+"""Predictions from history: execution time, output size, memory need, transfers, start-up.
 
 The model (see docs: "The planner's model"):
 
-* **Execution time** of function *f* at memory *m* with input bytes *s* is a line with an
-  intercept, ``t = a + b·s``, fitted by least squares to *f*'s samples at *m* (slope
-  clamped at 0). The intercept matters: a constant-time task is predicted constant
-  whatever its input, so a chain of 500 ms tasks is predicted 500 ms per task all the way
-  down (the origin system, which stored time per input byte, predicted 500, 7 754,
-  15 007 … ms).
-* **Across memory sizes** a serverless platform scales CPU with memory: *m* MB give
-  ``m / 1769`` vCPU (capped at the machine's cores). A task runs at a *speed* of its CPU
-  share up to the threads it can use (one, for Python code holding the GIL), so an
-  unmeasured size is predicted from the nearest measured one as
-  ``t(m) = t(m₀) · (speed(m₀) / speed(m))^k`` with ``k = 1``; once two measured sizes
-  differ in speed, ``k`` is fitted to them (``k ≈ 0`` for a task that sleeps or waits on
-  I/O, ``k ≈ 1`` for one that computes). Measured sizes are always used directly.
-* **Output size** of *f*: a line with intercept in the input size, over all memory sizes.
+* **Execution time** of function *f* at memory *m* with input bytes *s* has two parts.
+  A serverless platform scales CPU with memory: *m* MB give ``m / 1769`` vCPU (capped at
+  the machine's cores), so a task runs its CPU work at a *speed* ``min(share(m), p)``,
+  ``p`` the threads it can use (one, for Python code holding the GIL; more when its CPU
+  time was seen to exceed its wall time). Every task records its CPU time beside its wall
+  time, so each sample splits into CPU work ``c`` (CPU seconds, the same at every size)
+  and the rest, ``w − c / speed(m)`` — waiting on I/O, sleeping — which memory does not
+  buy. Both parts are lines with an intercept in *s* (``a + b·s``, slope ≥ 0) fitted by
+  least squares to the samples of *every* size together::
+
+      t(s, m) = io(s) + cpu(s) / speed(m)
+
+  So sizes of equal speed are pooled (1769 and 3008 MB are one sample for a
+  single-threaded task), a size never measured is predicted from the model rather than
+  penalised, a ``sleep`` measured at one size is predicted the same at every size, and
+  the prediction never increases with memory. The intercept keeps a constant-time task
+  constant whatever its input (the origin system, which stored time per input byte,
+  predicted a fixed 500 ms task at 7 754, 15 007 … ms down a chain).
+* **Calibration**: after every run each task's measured busy time is compared with what
+  the plan's platform model predicted for it; the median of a function's recent ratios
+  (its *bias*: what the model does not see, such as other processes contending for the
+  local machine's cores) scales its predictions.
+* **Error margins are relative**: each sample's ratio of measured to predicted time is
+  kept per function, and the SLA's percentile is applied to the makespan by drawing those
+  ratios, centred on 1 (``planning.simulate.makespan_quantile``), never by adding
+  per-task percentiles along a path.
+* **Output size** of *f*: a line with intercept in the input size, over all sizes.
+* **Memory need** of *f*: the largest peak memory measured (cgroup accounting, or the
+  process's peak) for its input size, times ``MEMORY_HEADROOM``; at least the next size
+  above any size it ran out of memory at; before any peak was measured, the runtime plus
+  a multiple of the data it holds.
 * **Transfer time** of *n* bytes at memory *m*: a line ``latency + n / bandwidth``
   fitted to measured reads and writes at *m* (or at any size when *m* has none).
-* **Start-up** of an invocation at *m*: cold and warm separately, mixed by how often
-  starts at *m* were cold (a size never used starts cold, taking the nearest measured
-  size's cold start). An invocation pays it once, however many tasks it runs. Start-up
-  is the platform's (instance boot, or hand-over to a warm instance), not time spent
-  queued behind a concurrency limit, which the model leaves out.
+* **Start-up** of an invocation: cold (an instance's boot to ready, plus the hand-over)
+  and warm (the hand-over) separately, measured at every size together; the quickest
+  cold start is the boot's own work, which instances booting together on one machine
+  share. Whether
+  an invocation starts cold is the platform model's business (``planning.simulate``),
+  not history's.
 
-Which value of a fitted distribution is predicted is the SLA's choice (``sla.SLA``): the
-average, or a slow-side percentile of the residuals around the fitted line (a p95 time —
-the 5th-percentile speed). Every prediction is a time, so "slow side" is always "high".
-
-A ``Predictor`` is built from one ``History`` snapshot and holds no global state.
+Predictions are means; which value of the makespan's distribution is planned with is the
+SLA's choice (``sla.SLA``). A ``Predictor`` is built from one ``History`` snapshot and
+holds no global state.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from statistics import median
 
 from dask_serverless.constants import MB_PER_VCPU
 from dask_serverless.planning.history import History
@@ -46,12 +62,16 @@ from dask_serverless.planning.sla import SLA, mean
 RUNTIME_MB = 128.0
 # Bytes of memory per byte of input or output a task holds (copies, deserialisation).
 DATA_MEMORY_FACTOR = 2.0
+# A task is planned at no less than its measured peak times this.
+MEMORY_HEADROOM = 1.2
 # What is assumed before anything was measured.
 DEFAULT_COLD_START_S = 0.1
 DEFAULT_WARM_START_S = 0.005
 DEFAULT_LATENCY_S = 0.001
 DEFAULT_BANDWIDTH_BPS = 100e6
-MAX_EXPONENT = 1.5
+# Residuals a function needs before they calibrate it, and how far they may move it.
+CALIBRATION_SAMPLES = 3
+BIAS_RANGE = (0.5, 4.0)
 
 
 @dataclass(frozen=True)
@@ -65,28 +85,24 @@ class CpuModel:
     def share(self, memory_mb: float) -> float:
         return min(memory_mb / self.mb_per_vcpu, self.max_vcpus)
 
-    def speed(self, memory_mb: float) -> float:
-        """Relative speed of a task that can use ``task_threads`` threads."""
-        return min(self.share(memory_mb), self.task_threads)
+    def speed(self, memory_mb: float, threads: float | None = None) -> float:
+        """Relative speed of a task that can use ``threads`` (default ``task_threads``)."""
+        return min(self.share(memory_mb), self.task_threads if threads is None else threads)
 
 
 @dataclass(frozen=True)
 class Line:
-    """``intercept + slope·x`` (never below 0) plus ``tail``, the SLA's residual."""
+    """``intercept + slope·x``, never below 0."""
 
     intercept: float
     slope: float
-    tail: float = 0.0
 
     def at(self, x: float) -> float:
-        return max(0.0, self.intercept + self.slope * x + self.tail)
-
-    def scaled(self, factor: float) -> Line:
-        return Line(self.intercept * factor, self.slope * factor, self.tail * factor)
+        return max(0.0, self.intercept + self.slope * x)
 
 
-def fit_line(xs: Sequence[float], ys: Sequence[float], sla: SLA) -> Line:
-    """Least-squares line with intercept (slope ≥ 0), its tail the SLA's residual."""
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> Line:
+    """Least-squares line with intercept (slope ≥ 0)."""
     if not ys:
         return Line(0.0, 0.0)
     mean_x, mean_y = mean(xs), mean(ys)
@@ -96,31 +112,108 @@ def fit_line(xs: Sequence[float], ys: Sequence[float], sla: SLA) -> Line:
         slope = max(
             0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
         )
-    intercept = mean_y - slope * mean_x
-    residuals = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
-    return Line(intercept, slope, sla.of_times(residuals))
+    return Line(mean_y - slope * mean_x, slope)
 
 
-def speed_exponent(points: Sequence[tuple[float, float]]) -> float:
-    """``k`` in ``t ∝ speed^-k`` fitted to ``(speed, time)`` points (clamped to 0…1.5)."""
-    usable = [(math.log(s), math.log(t)) for s, t in points if s > 0 and t > 0]
-    if len({round(s, 9) for s, _t in usable}) < 2:
-        return 1.0
-    xs, ys = [s for s, _ in usable], [t for _, t in usable]
-    mean_x, mean_y = mean(xs), mean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in usable) / sum((x - mean_x) ** 2 for x in xs)
-    return min(MAX_EXPONENT, max(0.0, -slope))
+def robust_line(xs: Sequence[float], ys: Sequence[float]) -> Line:
+    """``fit_line``, or the median when the inputs do not vary (one noisy sample among
+    equal inputs must not move the prediction as a mean would)."""
+    if not ys:
+        return Line(0.0, 0.0)
+    if max(xs) - min(xs) <= 1e-9 * max(1.0, abs(max(xs))):
+        return Line(median(ys), 0.0)
+    return fit_line(xs, ys)
+
+
+@dataclass(frozen=True)
+class ExecModel:
+    """``io(s) + cpu(s) / speed(m)`` of one function, and its relative residuals.
+
+    ``speed(m)`` is the CPU share's speed, ``min(m / 1769, threads)``, times the
+    *efficiency* measured at shares below the task's threads: a small CPU quota runs a task
+    slower than its share (it is throttled in slices). Efficiency is 1 until measured,
+    interpolated between measured shares, and the speed never falls with memory, so the
+    prediction never grows with it.
+    """
+
+    io: Line
+    cpu: Line
+    threads: float
+    ratios: tuple[float, ...]
+    efficiency: tuple[tuple[float, float], ...] = ()
+
+    def effective(self, speed: float) -> float:
+        """The speed a task runs at, given its nominal ``speed``."""
+        points = self.efficiency
+        if not points or speed >= self.threads - 1e-9:
+            return speed
+        if speed <= points[0][0]:
+            factor = points[0][1]
+        elif speed >= points[-1][0]:
+            factor = points[-1][1] + (1 - points[-1][1]) * (speed - points[-1][0]) / max(
+                self.threads - points[-1][0], 1e-9
+            )
+        else:
+            factor = points[-1][1]
+            for (s0, e0), (s1, e1) in zip(points, points[1:], strict=False):
+                if speed <= s1:
+                    factor = e0 + (e1 - e0) * (speed - s0) / (s1 - s0)
+                    break
+        return speed * min(1.0, factor)
+
+    def time(self, input_bytes: float, speed: float) -> float:
+        return self.io.at(input_bytes) + self.cpu.at(input_bytes) / max(self.effective(speed), 1e-9)
+
+
+def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) -> ExecModel:
+    """Fit ``ExecModel`` to ``(memory MB, sample)`` pairs of every size.
+
+    A sample is ``[input_bytes, output_bytes, wall_s, cpu_s, peak_mb, wait_s]``
+    (``wait_s``: runnable but waiting for a CPU — throttling, contention); shorter ones
+    come from sources that measure less: without ``wait_s`` the wall time beyond the CPU
+    time at the share's speed counts as waiting, without ``cpu_s`` the task counts as
+    CPU-bound. CPU time does not depend on the share, and neither does the time the task
+    itself waited (I/O, sleep), so every size's samples are pooled.
+    """
+    parallel = [s[3] / s[2] for m, s in samples if len(s) > 3 and s[2] > 0 and cpu.share(m) > 1]
+    threads = max(cpu.task_threads, max(parallel, default=0.0))
+    xs, work, io = [], [], []
+    rates: dict[float, list[float]] = {}
+    for memory, sample in samples:
+        speed = cpu.speed(memory, threads)
+        wall = float(sample[2])
+        used = float(sample[3]) if len(sample) > 3 else wall * speed
+        xs.append(float(sample[0]))
+        if len(sample) > 5:
+            delayed = float(sample[5])
+            work.append(used)
+            io.append(max(0.0, wall - used - delayed))
+            if used > 0.001 and speed < threads - 1e-9:
+                rate = used / (used + delayed) if used + delayed > 0 else speed
+                rates.setdefault(round(speed, 6), []).append(min(1.0, rate / speed))
+        else:
+            used = min(used, wall * speed)
+            work.append(used)
+            io.append(max(0.0, wall - used / speed))
+    # The least contended sample at each share tells its efficiency best.
+    efficiency = tuple(sorted((speed, max(values)) for speed, values in rates.items()))
+    model = ExecModel(robust_line(xs, io), robust_line(xs, work), threads, (), efficiency)
+    ratios = []
+    for memory, sample in samples:
+        predicted = model.time(float(sample[0]), cpu.speed(memory, threads))
+        if predicted > 0:
+            ratios.append(float(sample[2]) / predicted)
+    return ExecModel(model.io, model.cpu, threads, tuple(ratios), efficiency)
 
 
 @dataclass(frozen=True)
 class Startup:
+    """Mean cold and warm start-up, and ``boot_s``: the quickest cold start seen — the
+    boot's own work, which instances booting at once on one machine share."""
+
     cold_s: float
     warm_s: float
-    cold_fraction: float
-
-    @property
-    def expected_s(self) -> float:
-        return self.cold_fraction * self.cold_s + (1 - self.cold_fraction) * self.warm_s
+    boot_s: float = 0.0
 
 
 class Predictor:
@@ -130,65 +223,91 @@ class Predictor:
         self.history = history
         self.sla = sla
         self.cpu = cpu or CpuModel()
-        self._measured: dict[str, dict[int, Line]] = {}
-        self._typical_input: dict[str, float] = {}
+        by_function: dict[str, list[tuple[int, Sequence[float]]]] = {}
+        for (function, memory), samples in history.tasks.items():
+            by_function.setdefault(function, []).extend((memory, s) for s in samples)
+        self._models = {f: exec_model(pairs, self.cpu) for f, pairs in by_function.items()}
         self._largest: dict[str, tuple[float, float]] = {}
         self._outputs: dict[str, Line] = {}
-        self._exponents: dict[str, float] = {}
-        self._exec_cache: dict[tuple[str, int], Line] = {}
-        by_function: dict[str, list[Sequence[float]]] = {}
-        for (function, memory), samples in history.tasks.items():
-            xs = [s[0] for s in samples]
-            self._measured.setdefault(function, {})[memory] = fit_line(
-                xs, [s[2] for s in samples], sla
-            )
-            by_function.setdefault(function, []).extend(samples)
-        average = SLA(None)
-        for function, pooled in by_function.items():
-            self._typical_input[function] = mean([s[0] for s in pooled])
+        self._peaks: dict[str, Line] = {}
+        for function, pairs in by_function.items():
+            pooled = [s for _m, s in pairs]
             self._largest[function] = (max(s[0] for s in pooled), max(s[1] for s in pooled))
-            self._outputs[function] = fit_line(
-                [s[0] for s in pooled], [s[1] for s in pooled], average
-            )
+            self._outputs[function] = fit_line([s[0] for s in pooled], [s[1] for s in pooled])
+            peaks = [(s[0], s[4]) for s in pooled if len(s) > 4 and s[4] > 0]
+            if peaks:
+                line = fit_line([x for x, _ in peaks], [p for _, p in peaks])
+                # Upper envelope: the line raised to the highest peak it fell short of.
+                worst = max(p - line.at(x) for x, p in peaks)
+                self._peaks[function] = Line(line.intercept + max(0.0, worst), line.slope)
+        self._bias = {
+            function: min(max(median(values), BIAS_RANGE[0]), BIAS_RANGE[1])
+            for function, values in history.residuals.items()
+            if len(values) >= CALIBRATION_SAMPLES
+        }
+        self._too_small = {
+            function: max(sizes) for function, sizes in history.out_of_memory.items() if sizes
+        }
+        self._exec_cache: dict[tuple[str, int], tuple[Line, Line, float]] = {}
         self._transfers = {
-            m: fit_line([s[0] for s in ss], [s[1] for s in ss], sla)
+            m: fit_line([s[0] for s in ss], [s[1] for s in ss])
             for m, ss in history.transfers.items()
         }
-        pooled = [s for ss in history.transfers.values() for s in ss]
+        pooled_transfers = [s for ss in history.transfers.values() for s in ss]
         self._pooled_transfer = (
-            fit_line([s[0] for s in pooled], [s[1] for s in pooled], sla)
-            if pooled
+            fit_line([s[0] for s in pooled_transfers], [s[1] for s in pooled_transfers])
+            if pooled_transfers
             else Line(DEFAULT_LATENCY_S, 1 / DEFAULT_BANDWIDTH_BPS)
         )
-        self._startups = {m: self._startup_of(ss) for m, ss in history.startups.items()}
-        self._pooled_startup = self._startup_of([s for ss in history.startups.values() for s in ss])
+        # One start-up for every size: an instance boots the same code whatever its size
+        # (measured boots do not depend on it), and per-size figures would let noise
+        # pick sizes.
+        everything = [s for ss in history.startups.values() for s in ss]
+        self._startup = _startup_of(everything)
 
     # -- execution -----------------------------------------------------------------------
 
     def knows(self, function: str) -> bool:
-        return function in self._measured
+        return function in self._models
 
-    def exec_line(self, function: str, memory_mb: int) -> Line | None:
-        """The fitted (or scaled) execution-time line of ``function`` at ``memory_mb``."""
-        measured = self._measured.get(function)
-        if not measured:
-            return None
-        cached = self._exec_cache.get((function, memory_mb))
-        if cached is not None:
-            return cached
-        line = measured.get(memory_mb)
-        if line is None:
-            target = self.cpu.speed(memory_mb)
-            reference = min(measured, key=lambda m: (abs(math.log(self.cpu.speed(m) / target)), -m))
-            ratio = self.cpu.speed(reference) / target
-            line = measured[reference].scaled(ratio ** self._exponent(function))
-        self._exec_cache[(function, memory_mb)] = line
-        return line
+    def model(self, function: str) -> ExecModel | None:
+        return self._models.get(function)
+
+    def bias(self, function: str) -> float:
+        """The calibration factor of ``function`` on this platform (1.0 until known)."""
+        return self._bias.get(function, 1.0)
 
     def exec_time(self, function: str, input_bytes: float, memory_mb: int) -> float:
-        """Predicted execution seconds; 0.0 for a function without history."""
-        line = self.exec_line(function, memory_mb)
-        return 0.0 if line is None else line.at(input_bytes)
+        """Predicted mean execution seconds; 0.0 for a function without history."""
+        model = self._models.get(function)
+        if model is None:
+            return 0.0
+        speed = self.cpu.speed(memory_mb, model.threads)
+        return model.time(input_bytes, speed) * self.bias(function)
+
+    def exec_parts(self, function: str, input_bytes: float) -> tuple[float, float]:
+        """``(io_s, cpu_s at speed 1)``: the parts the platform model runs."""
+        model = self._models.get(function)
+        if model is None:
+            return 0.0, 0.0
+        bias = self.bias(function)
+        return model.io.at(input_bytes) * bias, model.cpu.at(input_bytes) * bias
+
+    def ratios(self, function: str) -> tuple[float, ...]:
+        """Measured / predicted time of the samples of ``function``, centred on 1 (their
+        median: the bias is the calibration's); empty if unknown."""
+        model = self._models.get(function)
+        if model is None or not model.ratios:
+            return ()
+        centre = median(model.ratios)
+        return tuple(r / centre for r in model.ratios) if centre > 0 else model.ratios
+
+    def speed(self, function: str, memory_mb: float) -> float:
+        """The speed ``function`` computes at in ``memory_mb`` (1: one full vCPU)."""
+        model = self._models.get(function)
+        if model is None:
+            return self.cpu.speed(memory_mb)
+        return model.effective(self.cpu.speed(memory_mb, model.threads))
 
     def work_bound_s(self, function: str, memory_mb: int) -> float | None:
         """Execution seconds at the largest input ``function`` was seen with; None if unknown."""
@@ -196,22 +315,7 @@ class Predictor:
             return None
         return self.exec_time(function, self._largest[function][0], memory_mb)
 
-    def need_bound_mb(self, function: str) -> float:
-        """Memory ``function`` needs at the largest input and output it was seen with."""
-        largest_input, largest_output = self._largest.get(function, (0.0, 0.0))
-        return self.memory_need_mb(largest_input, largest_output)
-
-    def _exponent(self, function: str) -> float:
-        if function not in self._exponents:
-            typical = self._typical_input[function]
-            points = [
-                (self.cpu.speed(m), line.at(typical))
-                for m, line in self._measured[function].items()
-            ]
-            self._exponents[function] = speed_exponent(points)
-        return self._exponents[function]
-
-    # -- data ----------------------------------------------------------------------------
+    # -- data and memory -----------------------------------------------------------------
 
     def output_bytes(self, function: str, input_bytes: float) -> float:
         line = self._outputs.get(function)
@@ -221,29 +325,36 @@ class Predictor:
         """Seconds to read or write ``nbytes`` from a worker of ``memory_mb``."""
         return self._transfers.get(memory_mb, self._pooled_transfer).at(nbytes)
 
-    @staticmethod
-    def memory_need_mb(input_bytes: float, output_bytes: float) -> float:
-        """Memory a task needs: the runtime plus a multiple of the data it holds."""
-        return RUNTIME_MB + DATA_MEMORY_FACTOR * (input_bytes + output_bytes) / 2**20
+    def memory_need_mb(self, function: str, input_bytes: float, output_bytes: float) -> float:
+        """Memory a task needs: its measured peak with headroom, else a data estimate.
+
+        Never at or below a size ``function`` ran out of memory at.
+        """
+        peak = self._peaks.get(function)
+        if peak is not None:
+            need = MEMORY_HEADROOM * peak.at(input_bytes)
+        else:
+            need = RUNTIME_MB + DATA_MEMORY_FACTOR * (input_bytes + output_bytes) / 2**20
+        too_small = self._too_small.get(function)
+        if too_small is not None:
+            need = max(need, too_small + 1)
+        return need
+
+    def need_bound_mb(self, function: str) -> float:
+        """Memory ``function`` needs at the largest input and output it was seen with."""
+        largest_input, largest_output = self._largest.get(function, (0.0, 0.0))
+        return self.memory_need_mb(function, largest_input, largest_output)
 
     # -- start-up ------------------------------------------------------------------------
 
-    def _startup_of(self, samples: Sequence[Sequence[float]]) -> Startup:
-        cold = [s[1] for s in samples if s[0]]
-        warm = [s[1] for s in samples if not s[0]]
-        return Startup(
-            self.sla.of_times(cold) if cold else DEFAULT_COLD_START_S,
-            self.sla.of_times(warm) if warm else DEFAULT_WARM_START_S,
-            len(cold) / len(samples) if samples else 1.0,
-        )
-
     def startup(self, memory_mb: int) -> Startup:
-        """Start-up at ``memory_mb``; at a size never used, a cold start of the nearest."""
-        if memory_mb in self._startups or not self._startups:
-            return self._startups.get(memory_mb, self._pooled_startup)
-        nearest = min(self._startups, key=lambda m: (abs(math.log(m / memory_mb)), -m))
-        return replace(self._startups[nearest], cold_fraction=1.0)
+        """Cold and warm start-up at ``memory_mb`` (measured at every size together)."""
+        return self._startup
 
-    def startup_time(self, memory_mb: int) -> float:
-        """Expected start-up of one invocation at ``memory_mb`` (cold and warm mixed)."""
-        return self.startup(memory_mb).expected_s
+
+def _startup_of(samples: Sequence[Sequence[float]]) -> Startup:
+    cold = [s[1] for s in samples if s[0]]
+    warm = [s[1] for s in samples if not s[0]]
+    cold_s = mean(cold) if cold else DEFAULT_COLD_START_S
+    warm_s = mean(warm) if warm else DEFAULT_WARM_START_S
+    return Startup(cold_s, warm_s, min(cold) if cold else cold_s)

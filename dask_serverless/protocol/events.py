@@ -6,13 +6,18 @@ array:
 
 * ``["done", index, worker_id, start_unix_s, duration_s, *metrics]`` — a task finished;
   ``metrics`` (for the planner's history, see ``planning.history``) are memory MB, cold
-  start 0/1, input bytes, output bytes, download s, execution s, downloaded bytes;
+  start 0/1, input bytes, output bytes, download s, execution s, downloaded bytes, CPU s
+  of the execution, peak memory MB, seconds it waited for a CPU (run delay), and the id
+  of the invocation that ran it;
 * ``["up", index, upload_s]`` — a task's output was stored (sent in a later batch);
-* ``["inv", worker_id, memory_mb, cold, startup_s]`` — an invocation started;
+* ``["inv", worker_id, memory_mb, cold, startup_s, invocation_id, start_unix_s]`` — an
+  invocation started (``startup_s``: a cold start's boot to ready plus the hand-over);
 * ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
 * ``["warn", index, category, message, filename, lineno]`` — a task raised a warning
   (``category`` is ``module:qualname``); sent once per distinct warning and task;
 * ``["error", index]`` — a task failed; the signed exception is in the run's error key;
+* ``["oom", index, memory_mb]`` — the platform killed the instance running a task for
+  exceeding its configuration; the client retries it one size up;
 * ``["finished"]`` — the sink ran: the result is stored and intermediates are deleted.
 
 The client folds them into a run's progress (``client.progress``); the planner reads
@@ -33,6 +38,7 @@ FINISHED = "finished"
 UPLOAD = "up"
 INVOCATION = "inv"
 WARNING = "warn"
+OUT_OF_MEMORY = "oom"
 
 Event = list
 
@@ -45,9 +51,13 @@ DONE_METRICS = (
     "download_s",
     "exec_s",
     "downloaded_bytes",
+    "cpu_s",
+    "peak_mb",
+    "wait_s",
+    "invocation_id",
 )
 # The fields of an ``inv`` event after its kind.
-INVOCATION_FIELDS = ("worker_id", "memory_mb", "cold", "startup_s")
+INVOCATION_FIELDS = ("worker_id", "memory_mb", "cold", "startup_s", "invocation_id", "start")
 
 
 def encode(events: Sequence[Event]) -> bytes:
@@ -80,11 +90,28 @@ def finished() -> Event:
     return [FINISHED]
 
 
+def out_of_memory(index: int, memory_mb: int) -> Event:
+    return [OUT_OF_MEMORY, index, int(memory_mb)]
+
+
 def upload(index: int, seconds: float) -> Event:
     return [UPLOAD, index, round(seconds, 6)]
 
 
 def invocation_started(
-    worker_id: str, memory_mb: int | None, cold: bool, startup_s: float
+    worker_id: str,
+    memory_mb: int | None,
+    cold: bool,
+    startup_s: float,
+    invocation_id: str = "",
+    start: float = 0.0,
 ) -> Event:
-    return [INVOCATION, worker_id, memory_mb or 0, int(cold), round(startup_s, 6)]
+    return [
+        INVOCATION,
+        worker_id,
+        memory_mb or 0,
+        int(cold),
+        round(startup_s, 6),
+        invocation_id,
+        round(start, 6),
+    ]

@@ -7,12 +7,17 @@ same after 10 runs as after 10 000 (I-6) — one pipelined round trip of ``LRANG
 number of keys that depends on the DAG's distinct functions and the memory sizes, never on
 the number of past runs.
 
-Keys (``H = dsl:history:v1:``, named in ``protocol.keys``), every entry a compact JSON array:
+Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compact JSON array:
 
 ==============================  =======================================================
-``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s]`` of one function
-                                 at one memory size (``fn-digest``: hash of the function
-                                 identity, so no user text ever becomes key syntax)
+``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb,
+                                 wait_s]`` of one function at one memory size
+                                 (``fn-digest``: hash of the function identity, so no
+                                 user text ever becomes key syntax)
+``H oom:<fn-digest>``            memory sizes (MB) the function ran out of memory at
+``H resid:<fn-digest>``          measured / planned busy time of its recent tasks (the
+                                 model's calibration on this platform; ``RESIDUALS``
+                                 kept)
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
 ==============================  =======================================================
@@ -30,10 +35,15 @@ from typing import Any
 import redis
 
 from dask_serverless.protocol.keys import (
+    out_of_memory_history_key,
+    residual_history_key,
     startup_history_key,
     task_history_key,
     transfer_history_key,
 )
+
+# Residuals kept per function: the calibration follows the platform's recent behaviour.
+RESIDUALS = 32
 
 Sample = list[float]
 
@@ -51,48 +61,65 @@ class HistoryStore:
     def load(
         self, functions: Iterable[str], memories: Iterable[int]
     ) -> tuple[
-        dict[tuple[str, int], list[Sample]], dict[int, list[Sample]], dict[int, list[Sample]]
+        dict[tuple[str, int], list[Sample]],
+        dict[int, list[Sample]],
+        dict[int, list[Sample]],
+        dict[str, list[int]],
+        dict[str, list[float]],
     ]:
         """Samples of ``functions`` at ``memories``, and transfer and start-up samples.
 
-        One pipelined round trip; returns ``(tasks, transfers, startups)`` keyed by
-        ``(function, MB)`` and ``MB``; series without samples are left out.
+        One pipelined round trip; returns ``(tasks, transfers, startups, out_of_memory,
+        residuals)`` keyed by ``(function, MB)``, ``MB`` and function; series without
+        samples are left out.
         """
         sizes = sorted({int(m) for m in memories})
+        names = list(dict.fromkeys(functions))
         series: list[tuple[str, Any, str]] = [
-            ("task", (f, m), task_history_key(f, m))
-            for f in dict.fromkeys(functions)
-            for m in sizes
+            ("task", (f, m), task_history_key(f, m)) for f in names for m in sizes
         ]
+        series += [("oom", f, out_of_memory_history_key(f)) for f in names]
+        series += [("resid", f, residual_history_key(f)) for f in names]
         series += [("transfer", m, transfer_history_key(m)) for m in sizes]
         series += [("startup", m, startup_history_key(m)) for m in sizes]
         with self.client.pipeline(transaction=False) as pipe:
             for _kind, _name, key in series:
                 pipe.lrange(key, 0, self.samples - 1)
             replies = pipe.execute()
-        found: dict[str, dict[Any, list[Sample]]] = {"task": {}, "transfer": {}, "startup": {}}
+        found: dict[str, dict[Any, Any]] = {
+            kind: {} for kind in ("task", "transfer", "startup", "oom", "resid")
+        }
         for (kind, name, _key), entries in zip(series, replies, strict=True):
             if entries:
                 # One parse per series: a JSON array of its samples.
                 found[kind][name] = json.loads(b"[" + b",".join(entries) + b"]")
-        return found["task"], found["transfer"], found["startup"]
+        return found["task"], found["transfer"], found["startup"], found["oom"], found["resid"]
 
     def append(
         self,
         tasks: Mapping[tuple[str, int], Sequence[Sample]],
         transfers: Mapping[int, Sequence[Sample]],
         startups: Mapping[int, Sequence[Sample]],
+        out_of_memory: Mapping[str, Sequence[int]] | None = None,
+        residuals: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         """Add samples (newest last), trimming every series to its bound; one round trip."""
-        writes = [(task_history_key(f, m), s) for (f, m), s in tasks.items()]
-        writes += [(transfer_history_key(m), s) for m, s in transfers.items()]
-        writes += [(startup_history_key(m), s) for m, s in startups.items()]
+        writes: list[tuple[str, Sequence[Any], int]] = [
+            (task_history_key(f, m), s, self.samples) for (f, m), s in tasks.items()
+        ]
+        writes += [
+            (out_of_memory_history_key(f), m, self.samples)
+            for f, m in (out_of_memory or {}).items()
+        ]
+        writes += [(residual_history_key(f), r, RESIDUALS) for f, r in (residuals or {}).items()]
+        writes += [(transfer_history_key(m), s, self.samples) for m, s in transfers.items()]
+        writes += [(startup_history_key(m), s, self.samples) for m, s in startups.items()]
         with self.client.pipeline(transaction=False) as pipe:
-            for key, samples in writes:
+            for key, samples, bound in writes:
                 if not samples:
                     continue
-                recent = samples[-self.samples :]
+                recent = samples[-bound:]
                 pipe.lpush(key, *(json.dumps(s, separators=(",", ":")) for s in recent))
-                pipe.ltrim(key, 0, self.samples - 1)
+                pipe.ltrim(key, 0, bound - 1)
                 pipe.expire(key, self.ttl_s)
             pipe.execute()

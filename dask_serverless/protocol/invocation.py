@@ -8,7 +8,9 @@ local platform's pipe — and holds no secret and no Redis address (I-5)::
 
 ``done`` (bundle nodes an earlier invocation already completed, when a bundle is handed on
 half-way) and ``memory`` (the planned configuration, MB) are optional; ``at`` is when the
-payload was sent, for start-up metrics. ``Invocation`` is its typed form; ``from_payload``
+payload was sent — or handed to an instance, by a platform that queues it — and ``boot``
+how long the instance that takes it booted, when it is a new one, for start-up metrics.
+``Invocation`` is its typed form; ``from_payload``
 is the one parser, and it refuses a malformed payload with an ``InvalidInvocationError``
 that says which field is wrong.
 """
@@ -40,6 +42,7 @@ class Invocation:
     done: tuple[int, ...] = ()
     memory_mb: int | None = None
     sent_at: float | None = None
+    boot_s: float = 0.0
 
     @classmethod
     def new(
@@ -77,6 +80,8 @@ class Invocation:
             payload["memory"] = self.memory_mb
         if self.sent_at is not None:
             payload["at"] = round(self.sent_at, 6)
+        if self.boot_s:
+            payload["boot"] = round(self.boot_s, 6)
         return payload
 
     @classmethod
@@ -92,6 +97,7 @@ class Invocation:
         lease = payload.get("lease", DEFAULT_LEASE_MS)
         memory = payload.get("memory")
         at = payload.get("at")
+        boot = payload.get("boot", 0.0)
         return cls(
             run_id=_text(payload, "run"),
             invocation_id=_text(payload, "id"),
@@ -101,10 +107,11 @@ class Invocation:
             done=_indices(payload, "done", required=False),
             memory_mb=None if memory in (None, 0) else _positive(memory, "memory"),
             sent_at=None if at is None else _number(at, "at"),
+            boot_s=_number(boot, "boot"),
         )
 
 
-_FIELDS = frozenset({"run", "id", "tasks", "ttl", "lease", "done", "memory", "at"})
+_FIELDS = frozenset({"run", "id", "tasks", "ttl", "lease", "done", "memory", "at", "boot"})
 
 
 def _text(payload: Mapping[str, Any], name: str) -> str:

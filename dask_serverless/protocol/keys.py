@@ -28,7 +28,7 @@ Keys of one run (``P = dsl:{<run-id>}:``):
                         (a persisted chunk), stored by the client with the record
 ============  ========  ============================================================
 
-History keys (``H = dsl:history:v1:``) outlive runs; see ``protocol.history``.
+History keys (``H = dsl:history:v2:``) outlive runs; see ``protocol.history``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-HISTORY_PREFIX = "dsl:history:v1:"
+HISTORY_PREFIX = "dsl:history:v2:"
 
 
 def new_run_id() -> str:
@@ -125,7 +125,8 @@ def function_digest(function: str) -> str:
 
 
 def task_history_key(function: str, memory_mb: int) -> str:
-    """``[input_bytes, output_bytes, exec_s]`` samples of one function at one size."""
+    """``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb, wait_s]`` samples of one
+    function at one size."""
     return f"{HISTORY_PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
 
 
@@ -137,3 +138,13 @@ def transfer_history_key(memory_mb: int) -> str:
 def startup_history_key(memory_mb: int) -> str:
     """``[cold 0|1, seconds]`` samples of invocation start-ups at one size."""
     return f"{HISTORY_PREFIX}startup:{int(memory_mb)}"
+
+
+def out_of_memory_history_key(function: str) -> str:
+    """The sizes (MB) one function ran out of memory at."""
+    return f"{HISTORY_PREFIX}oom:{function_digest(function)}"
+
+
+def residual_history_key(function: str) -> str:
+    """Measured / planned busy time of one function's recent tasks (calibration)."""
+    return f"{HISTORY_PREFIX}resid:{function_digest(function)}"

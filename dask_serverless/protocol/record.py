@@ -42,7 +42,7 @@ class RunRecord:
     retry_backoff_s: float = 0.1
     max_output_bytes: int = 512 * 2**20
     # Nodes of a bundle whose dependencies all run in the same invocation: counted in the
-    # worker's memory, never in Redis (see ``dask_serverless.client.bundling``).
+    # worker's memory, never in Redis (see ``dask_serverless.planning.bundling``).
     internal: frozenset[int] = frozenset()
     # Outputs at least this large are not fanned out: their single-dependency children
     # run in the worker that holds them (WUKONG's task clustering).

@@ -31,6 +31,14 @@ from dask_serverless.worker.cache import OutputCache
 EVENT_FLUSH_S = 0.1
 
 
+class MemoryProbe(Protocol):
+    """Peak memory of the work done since the last ``reset`` (``worker.metrics``)."""
+
+    def reset(self) -> None: ...
+
+    def peak_mb(self) -> float: ...
+
+
 class Invoker(Protocol):
     """How a worker starts other workers; provided by the backend that started it."""
 
@@ -71,6 +79,8 @@ class Branch:
     memory_mb: int | None = None
     cold: bool = False
     on_task: Callable[[Branch, int], None] | None = None
+    # Measures each task's peak memory; the backend's probe, or none.
+    memory_probe: MemoryProbe | None = None
     cache: OutputCache | None = None
     values: dict[int, Any] = field(default_factory=dict)
     clustered: set[int] = field(default_factory=set)

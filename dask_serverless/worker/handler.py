@@ -33,9 +33,10 @@ from dask_serverless.protocol.record import RunRecord, RunSigner, open_record
 from dask_serverless.protocol.store import RunStore, Scripts, client_for
 from dask_serverless.storage.s3 import LargeOutputStore
 from dask_serverless.storage.serialize import Signer
-from dask_serverless.worker.branch import Branch, Invoker
+from dask_serverless.worker.branch import Branch, Invoker, MemoryProbe
 from dask_serverless.worker.cache import OutputCache
 from dask_serverless.worker.loop import WorkerLogic, run_branch
+from dask_serverless.worker.metrics import ProcessPeak
 
 RECORD_CACHE_SIZE = 8
 # How often an idle heartbeat thread looks for a lease to renew.
@@ -45,7 +46,12 @@ CACHE_BYTES = 256 * 2**20
 
 
 def handle(environment: WorkerEnvironment, event: dict, context: Any) -> dict:
-    """Run the invocation whose JSON payload is ``event`` (a malformed one is refused)."""
+    """Run the invocation whose JSON payload is ``event`` (a malformed one is refused).
+
+    A warm-up invocation (``{"warm": 1}``, pre-warming) only starts the instance.
+    """
+    if event.get("warm"):
+        return {"status": "warm"}
     return serve(environment, Invocation.from_payload(event), context)
 
 
@@ -54,7 +60,10 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     environment.invocations += 1
     started = time.monotonic()
     now = time.time()
-    startup_s = max(0.0, now - (invocation.sent_at if invocation.sent_at is not None else now))
+    # Start-up as the platform reports it: a cold start's boot to ready (``boot_s``, where
+    # the platform measures it), plus the hand-over to this handler.
+    handover = now - (invocation.sent_at if invocation.sent_at is not None else now)
+    startup_s = invocation.boot_s + max(0.0, handover)
     run_id = invocation.run_id
     store = RunStore(environment.redis, run_id, invocation.ttl_s, environment.scripts)
     record = environment.cached_record(run_id)
@@ -90,10 +99,18 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         memory_mb=_memory_of(context),
         cold=environment.invocations == 1,
         on_task=environment.on_task,
+        memory_probe=environment.memory_probe,
         cache=environment.cache,
     )
     branch.pending_events.append(
-        events.invocation_started(branch.worker_id, branch.memory_mb, branch.cold, startup_s)
+        events.invocation_started(
+            branch.worker_id,
+            branch.memory_mb,
+            branch.cold,
+            startup_s,
+            invocation.invocation_id,
+            now,
+        )
     )
     environment.heartbeat.hold(store, invocation.invocation_id, lease_ms)
     try:
@@ -136,6 +153,9 @@ class WorkerEnvironment:
         self.handoff_margin_ms = int(handoff_margin_ms)
         # Called before every task (the local backend notes the running task for OOM reports).
         self.on_task: Callable[[Branch, int], None] | None = None
+        # Measures each task's peak memory: the backend's probe (a cgroup's), else the
+        # process's peak.
+        self.memory_probe: MemoryProbe = ProcessPeak()
         self.cache = OutputCache(cache_bytes)
 
     def cached_record(self, run_id: str) -> RunRecord | None:

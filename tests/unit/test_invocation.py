@@ -80,22 +80,21 @@ def invocation(name: str, memory_mb: int | None = None) -> Invocation:
     return Invocation(RUN, name, (0,), 60, memory_mb=memory_mb)
 
 
-def test_the_queue_keeps_one_fifo_per_configuration():
+def test_the_queue_keeps_arrival_order_across_configurations():
     queue = InvocationQueue(default_memory_mb=1769)
     queue.extend([invocation("a"), invocation("b", 512), invocation("c", 1769), invocation("d")])
-    assert queue.counts() == {1769: 3, 512: 1}
     assert len(queue) == 4
-    assert [queue.popleft(1769).invocation_id for _ in range(3)] == ["a", "c", "d"]
-    assert queue.popleft(1769) is None
-    assert queue.popleft(3008) is None
-    assert queue.popleft(512).invocation_id == "b"
-    assert len(queue) == 0 and queue.counts() == {}
+    oldest = queue.oldest(3)
+    assert [i.invocation_id for _n, i in oldest] == ["a", "b", "c"]
+    assert [queue.memory_of(i) for _n, i in oldest] == [1769, 512, 1769]
+    queue.remove(oldest[1][0])
+    assert [i.invocation_id for _n, i in queue.oldest(10)] == ["a", "c", "d"]
 
 
 def test_a_redelivered_invocation_goes_first():
     queue = InvocationQueue(default_memory_mb=1769)
     queue.extend([invocation("a"), invocation("b")])
     queue.appendleft(invocation("lost"))
-    assert queue.popleft(1769).invocation_id == "lost"
+    assert [i.invocation_id for _n, i in queue.oldest(1)] == ["lost"]
     queue.clear()
     assert len(queue) == 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from operator import add
 
-from dask_serverless.client.bundling import bundle_roots
 from dask_serverless.graph import translate
+from dask_serverless.planning.bundling import bundle_roots
 from dask_serverless.protocol.placement import output_leaves_worker
 from tests.tasks import inc, total
 

@@ -80,14 +80,21 @@ def test_finished_uploads_and_invocations_are_recorded():
     batch = events.encode(
         [
             events.upload(0, 0.25),
-            events.invocation_started("w", 1769, True, 0.5),
+            events.invocation_started("w", 1769, True, 0.5, "i1", 1.0),
             events.finished(),
         ]
     )
     progress.apply(events.decode(batch))
     assert progress.finished
     assert progress.uploads == {0: 0.25}
-    assert progress.invocations == [[events.INVOCATION, "w", 1769, 1, 0.5]]
+    assert progress.invocations == [[events.INVOCATION, "w", 1769, 1, 0.5, "i1", 1.0]]
+
+
+def test_an_out_of_memory_kill_is_a_retry():
+    progress = RunProgress(chain())
+    progress.apply(events.decode(events.encode([events.out_of_memory(1, 512)])))
+    assert progress.out_of_memory == [(1, 512)]
+    assert progress.retries == {1: 1}
 
 
 def test_finish_reaches_only_callbacks_that_started():

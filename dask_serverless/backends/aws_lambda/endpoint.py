@@ -181,12 +181,15 @@ class LambdaEndpoint:
 
     def invoke_event(self, function: str, payload: dict) -> None:
         base, memory = _parse(function)
-        try:
-            invocation = Invocation.from_payload(payload)
-        except InvalidInvocationError:
-            # Lambda accepts any asynchronous payload and the function fails on it.
-            traceback.print_exc(file=sys.stderr)
-            return
+        warm_up = bool(payload.get("warm"))
+        invocation = None
+        if not warm_up:
+            try:
+                invocation = Invocation.from_payload(payload)
+            except InvalidInvocationError:
+                # Lambda accepts any asynchronous payload and the function fails on it.
+                traceback.print_exc(file=sys.stderr)
+                return
         with self._lock:
             if self._closed:
                 raise RuntimeError("the endpoint is closed")
@@ -207,7 +210,11 @@ class LambdaEndpoint:
                 )
                 self._backends[function] = backend
             self.invocations[function] += 1
-        backend.invoke([invocation])
+        if invocation is None:
+            # A warm-up invocation (pre-warming) only starts an instance.
+            backend.prewarm({memory: 1})
+        else:
+            backend.invoke([invocation])
 
     def invoke_request_response(self, function: str, payload: dict) -> tuple[bool, Any]:
         base, memory = _parse(function)

@@ -236,6 +236,23 @@ class LambdaBackend:
         for _ in self._pool.map(lambda request: self._send(*request), requests):
             pass
 
+    def warm_instances(self) -> Mapping[int, int]:
+        """Unknown: Lambda does not say which instances are warm."""
+        return {}
+
+    def prewarm(self, counts: Mapping[int, int]) -> None:
+        """Warm-up invocations (``{"warm": 1}``, answered at once by the handler): per
+        configuration, ``counts[MB]`` instances start their cold start now, ahead of the
+        invocations the plan expects of them."""
+        body = json.dumps({"warm": 1}).encode()
+        requests = [
+            (self.settings.function_for(int(mb)), body)
+            for mb, count in counts.items()
+            for _ in range(count)
+        ]
+        for _ in self._pool.map(lambda request: self._send(*request), requests):
+            pass
+
     def _request(self, invocation: Invocation) -> tuple[str, bytes]:
         body = json.dumps(invocation.to_payload(), separators=(",", ":")).encode()
         if len(body) > self.settings.max_payload_bytes:

@@ -87,6 +87,9 @@ def instance_main(settings: InstanceSettings, connection: Connection) -> None:
         )
     if settings.task_slot is not None:
         environment.on_task = settings.task_slot.note
+    probe = settings.cgroup.memory_probe() if settings.cgroup is not None else None
+    if probe is not None:
+        environment.memory_probe = probe
     cold = True
     while True:
         connection.send((READY,))

@@ -10,7 +10,8 @@ there:
   queued invocation to an idle instance (a *warm* start) or, when none is idle and fewer
   than ``concurrency`` instances live, starts a new one (a *cold* start); otherwise the
   invocation waits in the queue, as Lambda queues asynchronous invocations beyond its
-  concurrency. An instance idle for ``keep_alive`` seconds is reaped.
+  concurrency. Queued invocations start in the order they arrived, whatever their
+  configuration. An instance idle for ``keep_alive`` seconds is reaped.
 * ``deliveries=2`` delivers every invocation twice, as Lambda's at-least-once delivery may:
   the worker protocol must (and does) give the same result with nothing counted twice.
 
@@ -25,7 +26,8 @@ an invocation may ask for a ``memory_mb``, and runs only in an instance of that
 configuration (the default configuration otherwise). Where Linux cgroups are writable each
 instance is held to its configuration — ``m / 1769`` CPUs and ``m`` MB, see
 ``backends.local.resources`` — and an instance the kernel kills for exceeding its memory is
-reported as an out-of-memory failure of the task it was running. Elsewhere instances run
+reported as the out-of-memory kill of the task it was running (the client retries the
+task one size up). Elsewhere instances run
 unthrottled (``throttled`` is False) after one warning. At the concurrency limit an idle
 instance of another configuration makes room for one that is needed.
 
@@ -46,7 +48,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -61,14 +63,12 @@ from dask_serverless.backends.local.queue import InvocationQueue
 from dask_serverless.backends.local.resources import (
     Cgroups,
     InstanceGroup,
-    TaskOutOfMemoryError,
     TaskSlot,
 )
 from dask_serverless.constants import DEFAULT_MEMORY_MB, INVOCATION_TIMEOUT_MS
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.store import RunStore, client_for
-from dask_serverless.storage.serialize import Signer
 from dask_serverless.worker.handler import WorkerEnvironment
 
 # Modules worth importing once in the fork server when the client already uses them.
@@ -95,6 +95,7 @@ class Instance:
     group: InstanceGroup | None = None
     slot: TaskSlot | None = None
     started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
     served: bool = False
 
     @property
@@ -142,7 +143,8 @@ class LocalBackend:
         self._queue = InvocationQueue(int(memory_mb))
         self._cgroups, self.throttled = self._resources(enforce_resources)
         self._retired: list[Instance] = []
-        self._reporter: tuple[Any, Signer] | None = None
+        # The Redis client that reports out-of-memory kills, made on the first one.
+        self._reporter: Any = None
         self._instances: dict[Connection, Instance] = {}
         self._lock = threading.Lock()
         self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
@@ -160,6 +162,26 @@ class LocalBackend:
         with self._lock:
             self._enqueue(invocations)
         self._wake_writer.send_bytes(b"!")
+
+    def prewarm(self, counts: Mapping[int, int]) -> None:
+        """Start ``counts[MB]`` instances of each configuration now (pre-warming), as far
+        as the concurrency allows: the next invocations of that size take them."""
+        with self._lock:
+            for memory_mb, count in counts.items():
+                for _ in range(count):
+                    if len(self._instances) >= self.concurrency:
+                        break
+                    self._start_instance(int(memory_mb))
+        self._wake_writer.send_bytes(b"!")
+
+    def warm_instances(self) -> dict[int, int]:
+        """Idle instances per configuration (MB): what a run starting now finds warm."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for instance in self._instances.values():
+                if instance.idle:
+                    counts[instance.memory_mb] = counts.get(instance.memory_mb, 0) + 1
+            return counts
 
     def live_instances(self) -> int:
         with self._lock:
@@ -212,6 +234,8 @@ class LocalBackend:
                 self._enqueue(message[1])
             elif message[0] == READY:
                 self._failed_boots = 0
+                if instance.ready_at is None:
+                    instance.ready_at = time.time()
                 instance.booted = True
                 instance.invocation = None
                 instance.idle_since = time.monotonic()
@@ -247,40 +271,56 @@ class LocalBackend:
             self._release(instance)
 
     def _assign(self) -> None:
-        """Hand queued invocations to idle instances of their configuration; start
-        instances for the rest, replacing idle ones of other configurations at the limit."""
+        """Start queued invocations in the order they arrived, as Lambda does across its
+        functions: each on an idle instance of its configuration (warm), on a new instance
+        while fewer than ``concurrency`` live (cold), or on a new one that replaces an idle
+        instance of another configuration; an instance already booting for its
+        configuration takes the next one. The rest wait."""
         if self.failure is not None:
             return
-        for instance in [i for i in self._instances.values() if i.idle]:
-            queued = self._queue.popleft(instance.memory_mb)
-            if queued is None:
-                continue
-            # Start-up as Lambda reports it: from the instance's start (cold) or from the
-            # hand-over (warm), not the time spent queued behind the concurrency limit.
-            at = time.time() if instance.served else instance.started_at
-            invocation = replace(queued, sent_at=at)
-            instance.served = True
-            instance.invocation = invocation
-            try:
-                instance.connection.send(invocation)
-            except (BrokenPipeError, OSError):
-                self._queue.appendleft(invocation)
-                instance.invocation = None
+        idle: dict[int, list[Instance]] = {}
         booting: dict[int, int] = {}
         for instance in self._instances.values():
-            if not instance.booted:
-                booting[instance.memory_mb] = booting.get(instance.memory_mb, 0) + 1
-        for memory_mb, waiting in self._queue.counts().items():
-            for _ in range(waiting - booting.get(memory_mb, 0)):
-                if len(self._instances) >= self.concurrency and not self._evict_idle():
-                    return
-                self._start_instance(memory_mb)
-
-    def _evict_idle(self) -> bool:
-        """Stop one idle instance (its configuration has nothing queued) to make room."""
-        for connection, instance in self._instances.items():
             if instance.idle:
-                del self._instances[connection]
+                idle.setdefault(instance.memory_mb, []).append(instance)
+            elif not instance.booted:
+                booting[instance.memory_mb] = booting.get(instance.memory_mb, 0) + 1
+        # Each invocation looked at takes an idle or booting instance or a slot, or ends
+        # the pass: no more than this many can be looked at usefully.
+        useful = 2 * len(self._instances) + self.concurrency + 1
+        for number, queued in self._queue.oldest(useful):
+            memory_mb = self._queue.memory_of(queued)
+            if idle.get(memory_mb):
+                self._hand_over(idle[memory_mb].pop(), number, queued)
+            elif booting.get(memory_mb):
+                booting[memory_mb] -= 1
+            elif len(self._instances) < self.concurrency or self._evict_idle(idle):
+                self._start_instance(memory_mb)
+            else:
+                return
+
+    def _hand_over(self, instance: Instance, number: int, queued: Invocation) -> None:
+        # Start-up as Lambda reports it: a cold start's boot (from the instance's start
+        # to ready, not the time it then waited for work) plus the hand-over; never the
+        # time spent queued behind the concurrency limit.
+        boot = 0.0
+        if not instance.served and instance.ready_at is not None:
+            boot = instance.ready_at - instance.started_at
+        invocation = replace(queued, sent_at=time.time(), boot_s=round(boot, 6))
+        try:
+            instance.connection.send(invocation)
+        except (BrokenPipeError, OSError):
+            return
+        self._queue.remove(number)
+        instance.served = True
+        instance.invocation = invocation
+
+    def _evict_idle(self, idle: dict[int, list[Instance]]) -> bool:
+        """Stop one idle instance (one nothing queued ahead could use) to make room."""
+        for instances in idle.values():
+            if instances:
+                instance = instances.pop()
+                del self._instances[instance.connection]
                 self._stop(instance)
                 self._retired.append(instance)
                 return True
@@ -338,23 +378,25 @@ class LocalBackend:
             self._cgroups.remove(instance.group)
 
     def _report_out_of_memory(self, instance: Instance) -> None:
-        """If the kernel killed ``instance`` for its memory, fail the task it ran."""
+        """If the kernel killed ``instance`` for its memory, report the task it ran.
+
+        An ``oom`` event in the run's stream: the client retries the task one size up
+        (the invocation's lease recovers it) or, at the largest size, fails the run with
+        ``TaskOutOfMemoryError``.
+        """
         assert instance.group is not None and instance.invocation is not None
         if instance.group.oom_kills() == 0 or instance.slot is None:
             return
         running = instance.slot.read()
         if running is None or running[0] != instance.invocation.run_id:
             return
-        run_id, ttl, index, key = running
+        run_id, ttl, index, _key = running
         self.out_of_memory += 1
         if self._reporter is None:
-            client = client_for(self._settings.redis_url)
-            self._reporter = (client, Signer(self._settings.secret))
-        client, signer = self._reporter
-        error = TaskOutOfMemoryError(key, instance.memory_mb)
+            self._reporter = client_for(self._settings.redis_url)
         with contextlib.suppress(Exception):
-            RunStore(client, run_id, ttl).fail(
-                signer.dumps_exception(error), events.encode([events.error(index)])
+            RunStore(self._reporter, run_id, ttl).append_events(
+                events.encode([events.out_of_memory(index, instance.memory_mb)])
             )
 
     @staticmethod
@@ -386,6 +428,6 @@ class LocalBackend:
         if self._cgroups is not None:
             self._cgroups.close()
         if self._reporter is not None:
-            self._reporter[0].close()
+            self._reporter.close()
         self._wake_reader.close()
         self._wake_writer.close()

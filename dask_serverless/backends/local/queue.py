@@ -2,41 +2,43 @@
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from collections.abc import Sequence
 
 from dask_serverless.protocol.invocation import Invocation
 
 
 class InvocationQueue:
-    """Queued invocation payloads: one FIFO per configuration (memory MB)."""
+    """Queued invocations in arrival order (a redelivery goes first), each numbered so
+    the dispatcher can take any of them out."""
 
     def __init__(self, default_memory_mb: int) -> None:
         self.default_memory_mb = default_memory_mb
-        self._fifos: dict[int, deque[Invocation]] = {}
+        self._queued: dict[int, Invocation] = {}
+        self._first = 0
+        self._last = 0
 
     def memory_of(self, invocation: Invocation) -> int:
         return invocation.memory_mb or self.default_memory_mb
 
-    def _fifo(self, invocation: Invocation) -> deque[Invocation]:
-        return self._fifos.setdefault(self.memory_of(invocation), deque())
-
     def extend(self, invocations: Sequence[Invocation]) -> None:
         for invocation in invocations:
-            self._fifo(invocation).append(invocation)
+            self._last += 1
+            self._queued[self._last] = invocation
 
     def appendleft(self, invocation: Invocation) -> None:
-        self._fifo(invocation).appendleft(invocation)
+        self._first -= 1
+        self._queued = {self._first: invocation, **self._queued}
 
-    def popleft(self, memory_mb: int) -> Invocation | None:
-        fifo = self._fifos.get(memory_mb)
-        return fifo.popleft() if fifo else None
+    def oldest(self, count: int) -> list[tuple[int, Invocation]]:
+        """The ``count`` oldest ``(number, invocation)`` pairs (a copy: safe to remove from)."""
+        return list(itertools.islice(self._queued.items(), count))
 
-    def counts(self) -> dict[int, int]:
-        return {memory: len(fifo) for memory, fifo in self._fifos.items() if fifo}
+    def remove(self, number: int) -> None:
+        self._queued.pop(number, None)
 
     def clear(self) -> None:
-        self._fifos.clear()
+        self._queued.clear()
 
     def __len__(self) -> int:
-        return sum(len(fifo) for fifo in self._fifos.values())
+        return len(self._queued)

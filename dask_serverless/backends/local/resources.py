@@ -119,6 +119,12 @@ class InstanceGroup:
         for directory in self.directories:
             _write(os.path.join(directory, "cgroup.procs"), str(os.getpid()))
 
+    def memory_probe(self) -> GroupPeak | None:
+        """A per-task peak-memory probe over this group (cgroup v1, whose peak resets)."""
+        if self.version != 1:
+            return None
+        return GroupPeak(os.path.join(self.memory_directory, "memory.max_usage_in_bytes"))
+
     def oom_kills(self) -> int:
         """How often the kernel killed a process of this group for lack of memory."""
         name = "memory.events" if self.version == 2 else "memory.oom_control"
@@ -131,6 +137,28 @@ class InstanceGroup:
         except OSError:
             return 0
         return 0
+
+
+@dataclass(frozen=True)
+class GroupPeak:
+    """Peak memory of an instance's cgroup since the last reset (``worker.metrics``).
+
+    The instance is the group's only process, so between two resets its peak is the
+    task's own, interpreter included: what the configuration must hold.
+    """
+
+    path: str
+
+    def reset(self) -> None:
+        with contextlib.suppress(OSError):
+            _write(self.path, "0")
+
+    def peak_mb(self) -> float:
+        try:
+            with open(self.path) as file:
+                return int(file.read()) / 2**20
+        except (OSError, ValueError):
+            return 0.0
 
 
 def _write(path: str, value: str) -> None:

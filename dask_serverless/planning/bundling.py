@@ -11,10 +11,15 @@ Fan-outs are not absorbed (a node with a single dependency joins a bundle only a
 only child of its parent): their children stay free to run in parallel workers. Bundles
 are formed only when there are more roots than ``bundles``, which the client sizes to a
 few per concurrent worker, so every worker still gets work.
+
+An invocation runs at one configuration, so a bundle holds roots of one planned
+configuration only: given the plan's ``memory``, roots are grouped by it first, and a
+root planned at 512 MB never runs at 1769 MB because it was bundled with a larger one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dask_serverless.graph import DAG
@@ -28,8 +33,9 @@ class Bundling:
     internal: frozenset[int]
 
 
-def bundle_roots(dag: DAG, bundles: int) -> Bundling:
-    """Group the roots (in index order, which keeps neighbours together) into ``bundles``.
+def bundle_roots(dag: DAG, bundles: int, memory: Sequence[int | None] | None = None) -> Bundling:
+    """Group the roots (in index order, which keeps neighbours together) into ``bundles``,
+    never mixing roots of different configurations (``memory[i]``, MB).
 
     With no more roots than ``bundles``, every root gets its own invocation.
     """
@@ -37,7 +43,13 @@ def bundle_roots(dag: DAG, bundles: int) -> Bundling:
     if bundles < 1 or len(roots) <= bundles:
         return Bundling([[root] for root in roots], frozenset())
     size = -(-len(roots) // bundles)
-    starts = [roots[i : i + size] for i in range(0, len(roots), size)]
+    by_memory: dict[int | None, list[int]] = {}
+    for root in roots:
+        by_memory.setdefault(None if memory is None else memory[root], []).append(root)
+    starts = [
+        group[i : i + size] for group in by_memory.values() for i in range(0, len(group), size)
+    ]
+    starts.sort(key=lambda group: group[0])
     bundle_of = [-1] * len(dag)
     for number, group in enumerate(starts):
         for root in group:

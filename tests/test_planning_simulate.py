@@ -1,0 +1,215 @@
+"""The platform model against schedules computed by hand: slots, bundles, cold and warm
+starts, shared cores, and Lambda's bill."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from dask._task_spec import Task, TaskRef
+
+from dask_serverless.graph import translate
+from dask_serverless.planning import (
+    SLA,
+    CpuModel,
+    Deadline,
+    History,
+    PlanInputs,
+    PlanWarning,
+    Platform,
+    Predictor,
+    Pricing,
+    make_planner,
+)
+from dask_serverless.planning.bundling import bundle_roots
+from dask_serverless.planning.history import function_identities
+
+CONFIGS = (512, 1024, 1769, 3008)
+COLD, WARM = 0.1, 0.01
+
+
+def wait(*args):
+    return 0
+
+
+def spin(*args):
+    return 0
+
+
+def join(*args):
+    return 0
+
+
+def history(functions: dict[str, tuple[float, float]]) -> History:
+    """``functions[name] = (wall_s, cpu_s)`` at 1769 MB; free transfers; fixed start-ups."""
+    tasks = {(f, 1769): [[0, 0, wall, cpu, 0]] * 3 for f, (wall, cpu) in functions.items()}
+    return History(
+        tasks=tasks,
+        transfers={1769: [[0, 0.0], [10**6, 0.0]]},
+        startups={1769: [[1, COLD]] * 3 + [[0, WARM]] * 3},
+    )
+
+
+def fan_in(width: int, root: str = "wait") -> dict:
+    """``width`` independent roots joined by one task."""
+    graph = {(root, i): Task((root, i), wait if root == "wait" else spin) for i in range(width)}
+    graph["join"] = Task("join", join, *(TaskRef((root, i)) for i in range(width)))
+    return graph
+
+
+def inputs_for(graph: dict, platform: Platform, functions: dict, deadline=None) -> PlanInputs:
+    dag = translate(graph, "join")
+    names = function_identities(dag)
+    known = {}
+    for name in set(names) - {""}:
+        known[name] = functions[name.split(":")[0]]
+    predictor = Predictor(history(known), SLA.parse("average"), CpuModel(max_vcpus=2))
+    return PlanInputs(
+        dag=dag,
+        functions=names,
+        predictor=predictor,
+        configs=CONFIGS,
+        sla=SLA.parse("average"),
+        deadline=Deadline.parse(deadline),
+        platform=platform,
+    )
+
+
+TIMES = {"wait": (1.0, 0.0), "spin": (1.0, 1.0), "join": (0.0, 0.0), "root": (0.0, 0.0)}
+
+
+def test_slots_queue_invocations_and_warm_instances_take_the_rest():
+    # Four 1 s roots through two slots: two cold starts, then two warm ones.
+    inputs = inputs_for(fan_in(4), Platform(slots=2, load_aware=True, invoke_latency_s=0), TIMES)
+    schedule = inputs.schedule([1769] * len(inputs.dag))
+    roots = [inputs.dag.index[("wait", i)] for i in range(4)]
+    finishes = sorted(schedule.finish[r] for r in roots)
+    assert finishes == pytest.approx([COLD + 1, COLD + 1, COLD + 1 + WARM + 1, COLD + 1 + WARM + 1])
+    assert schedule.cold_starts == 2
+    assert len(schedule.invocations) == 4
+    assert schedule.makespan == pytest.approx(COLD + 2 + WARM)
+
+
+def test_a_bundle_runs_its_roots_one_after_another():
+    # Six roots in two bundles of three, no slot limit: two invocations of 3 s each.
+    platform = Platform(bundles=2)
+    inputs = inputs_for(fan_in(6), platform, TIMES)
+    memory = [1769] * len(inputs.dag)
+    assert [len(group) for group in inputs.bundle(memory).starts] == [3, 3]
+    schedule = inputs.schedule(memory)
+    assert len(schedule.invocations) == 2
+    assert schedule.makespan == pytest.approx(COLD + 3)
+    first = schedule.invocations[0]
+    assert first.billed_s == pytest.approx(COLD + 3)
+
+
+def test_bundles_never_mix_configurations():
+    dag = translate(fan_in(6), "join")
+    memory = [512, 1769, 512, 1769, 512, 1769, 1769, 0]
+    bundling = bundle_roots(dag, 2, memory)
+    for group in bundling.starts:
+        assert len({memory[i] for i in group}) == 1
+
+
+def test_warm_instances_start_the_run_warm():
+    inputs = inputs_for(fan_in(2), Platform(slots=2, warm=((1769, 1),)), TIMES)
+    schedule = inputs.schedule([1769] * len(inputs.dag))
+    finishes = sorted(schedule.finish[inputs.dag.index[("wait", i)]] for i in range(2))
+    assert finishes == pytest.approx([WARM + 1, COLD + 1])
+    assert schedule.cold_starts == 1
+
+
+def test_an_idle_instance_of_another_size_is_evicted_at_the_limit():
+    inputs = inputs_for(fan_in(1), Platform(slots=1, warm=((512, 1),)), TIMES)
+    schedule = inputs.schedule([1769] * len(inputs.dag))
+    assert schedule.cold_starts == 1
+    assert schedule.makespan == pytest.approx(COLD + 1)
+
+
+def test_cpu_parts_share_the_cores_sleeps_do_not():
+    # One core: two instances boot together (0.1 s of CPU each: 0.2 s), then two
+    # CPU-bound 1 s tasks take 2 s each; two sleeps still take 1 s.
+    spinning = inputs_for(fan_in(2, "spin"), Platform(slots=2, cores=1.0), TIMES)
+    schedule = spinning.schedule([1769] * len(spinning.dag))
+    assert schedule.makespan == pytest.approx(2 * COLD + 2)
+    assert [inv.startup_s for inv in schedule.invocations[:2]] == pytest.approx([2 * COLD] * 2)
+    sleeping = inputs_for(fan_in(2), Platform(slots=2, cores=1.0), TIMES)
+    assert sleeping.schedule([1769] * len(sleeping.dag)).makespan == pytest.approx(2 * COLD + 1)
+
+
+def test_a_worker_keeps_children_when_the_platform_is_full():
+    # A root fanning out to three 1 s children with one slot: all run in its invocation.
+    graph = {"root": Task("root", join)}
+    for i in range(3):
+        graph[("wait", i)] = Task(("wait", i), wait, TaskRef("root"))
+    graph["join"] = Task("join", join, *(TaskRef(("wait", i)) for i in range(3)))
+    inputs = inputs_for(graph, Platform(slots=1, load_aware=True, invoke_latency_s=0), TIMES)
+    schedule = inputs.schedule([1769] * len(inputs.dag))
+    assert len(schedule.invocations) == 1
+    assert schedule.makespan == pytest.approx(COLD + 3)
+    # Unlimited: one child continues, two get new invocations (cold) and run in parallel.
+    free = inputs_for(graph, Platform(invoke_latency_s=0), TIMES).schedule([1769] * len(inputs.dag))
+    assert len(free.invocations) == 3
+    assert free.makespan == pytest.approx(COLD + COLD + 1)
+
+
+def test_lambda_bill_rounds_up_to_the_millisecond_and_charges_requests():
+    pricing = Pricing.parse({"architecture": "arm64"})
+    bill = pricing.bill([(1024, 0.0011), (2048, 1.0)])
+    assert bill.gb_s == pytest.approx(0.002 + 2.0)
+    assert bill.usd == pytest.approx(2.002 * 0.0000133334 + 2 * 0.2e-6)
+    assert bill.requests == 2
+    with pytest.raises(ValueError, match="architecture"):
+        Pricing.parse({"architecture": "sparc"})
+
+
+def test_an_infeasible_deadline_warns_with_the_fastest_makespan():
+    inputs = inputs_for(fan_in(2, "spin"), Platform(), TIMES, deadline=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = make_planner("critical-path").plan(inputs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, PlanWarning)]
+    assert messages and f"{plan.fastest_s:.3f} s" in messages[0]
+    assert plan.predicted_makespan_s <= plan.fastest_s + 1e-9
+
+
+def test_io_bound_tasks_get_the_smallest_size():
+    graph = {("wait", 0): Task(("wait", 0), wait)}
+    graph[("spin", 0)] = Task(("spin", 0), spin)
+    graph["join"] = Task("join", join, TaskRef(("wait", 0)), TaskRef(("spin", 0)))
+    inputs = inputs_for(graph, Platform(), TIMES, deadline="fastest+10%")
+    plan = make_planner("critical-path").plan(inputs)
+    assert plan.memory_mb[inputs.dag.index[("wait", 0)]] == 512
+    assert plan.memory_mb[inputs.dag.index[("spin", 0)]] == 1769
+
+
+def test_pre_warming_takes_a_later_cold_start_off_the_critical_path():
+    # A 1 s root at 1769 MB, then its consumer at 512 MB: a new invocation at 1.1 s that
+    # would boot (0.1 s). Pre-warmed as the run starts, a 512 MB instance is ready by then.
+    graph = {("wait", 0): Task(("wait", 0), wait)}
+    graph["join"] = Task("join", join, TaskRef(("wait", 0)))
+    inputs = inputs_for(graph, Platform(slots=4, invoke_latency_s=0), TIMES)
+    memory = [1769, 512, 0]
+    cold = inputs.schedule(memory)
+    assert cold.makespan == pytest.approx(COLD + 1 + COLD)
+    prewarm = inputs.prewarm(memory, cold)
+    assert prewarm == ((512, 1),)
+    warmed = inputs.schedule(memory, prewarm=prewarm)
+    assert warmed.makespan == pytest.approx(COLD + 1 + WARM)
+    # The pre-warmed instance's boot is still billed, as its first invocation's init.
+    assert warmed.cost_gb_s == pytest.approx(cold.cost_gb_s, rel=0.05)
+
+
+def test_roots_on_the_longest_path_are_invoked_first():
+    # A lone 1 s root beside the root of a 3-task chain: the chain's root goes first, so
+    # on a platform with one free slot the critical path does not queue behind the side.
+    graph = {("wait", 0): Task(("wait", 0), wait)}
+    graph[("spin", 0)] = Task(("spin", 0), spin)
+    for step in (1, 2):
+        graph[("spin", step)] = Task(("spin", step), spin, TaskRef(("spin", step - 1)))
+    graph["join"] = Task("join", join, TaskRef(("wait", 0)), TaskRef(("spin", 2)))
+    inputs = inputs_for(graph, Platform(slots=1, invoke_latency_s=0), TIMES)
+    memory = [1769] * len(inputs.dag)
+    assert inputs.bundle(memory).starts[0] == [inputs.dag.index[("spin", 0)]]
+    schedule = inputs.schedule(memory)
+    assert schedule.start[inputs.dag.index[("spin", 0)]] == pytest.approx(COLD)
