@@ -61,7 +61,21 @@ LOAD_CHECK_S = 0.02
 
 
 def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
-    """Follow the branch from ``starts`` until it ends; see the module docstring."""
+    """Follow the branch from ``starts`` until it ends; see the module docstring.
+
+    Warnings are recorded for the whole invocation (whatever the instance's filters: the
+    client applies its own when it re-emits them); ``execute_with_retries`` takes those a
+    task raised.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        follow_branch(branch, starts, logic, caught)
+
+
+def follow_branch(
+    branch: Branch, starts: Sequence[int], logic: WorkerLogic, caught: list[Any]
+) -> None:
+    """The branch loop itself; ``caught`` collects the warnings raised meanwhile."""
     dag = branch.dag
     stack = list(starts)
     try:
@@ -76,7 +90,7 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
                 if index == dag.sink:
                     finish_run(branch, inputs)
                     return
-                value = execute_with_retries(branch, logic, index, inputs)
+                value = execute_with_retries(branch, logic, index, inputs, caught)
                 branch.pending_events.append(meter.done(inputs, value))
                 ready = logic.publish(branch, index, value, last_step=not stack)
                 meter.published(index not in branch.unstored)
@@ -109,25 +123,29 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
 
 
 def execute_with_retries(
-    branch: Branch, logic: WorkerLogic, index: int, inputs: dict[int, Any]
+    branch: Branch,
+    logic: WorkerLogic,
+    index: int,
+    inputs: dict[int, Any],
+    caught: list[Any] | None = None,
 ) -> Any:
     """Run the task, retrying it in place with exponential backoff while retries remain.
 
-    Warnings the task raises are recorded (every one, whatever the instance's filters)
-    and sent as events, once per distinct warning; the client re-emits them under its
-    own filters, as if the task had run there.
+    The warnings the task adds to ``caught`` are sent as events, once per distinct
+    warning; the client re-emits them under its own filters, as if the task ran there.
     """
     record = branch.record
     retries = int(branch.dag.annotation(index, "retries", record.retries) or 0)
     attempt = 0
+    caught = [] if caught is None else caught
     while True:
+        caught.clear()  # what the worker itself raised since the last task is not the task's
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    return logic.execute(branch, index, inputs)
-                finally:
-                    report_warnings(branch, index, caught)
+            try:
+                return logic.execute(branch, index, inputs)
+            finally:
+                report_warnings(branch, index, caught)
+                caught.clear()
         except Exception as exc:
             if attempt >= retries or branch.cancelled():
                 raise
