@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks.__main__ import parse_args as parse_benchmark_args
+from dask_serverless import Scheduler
 from dask_serverless.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +51,15 @@ def with_test_redis(code: str, redis_url: str) -> str:
 
 
 def test_readme_python_blocks_run(redis_url, capsys):
-    for code in blocks(ROOT / "README.md", "python"):
-        exec(compile(with_test_redis(code, redis_url), "README.md", "exec"), {})
+    """In order and in one namespace, as a reader runs them in one session."""
+    namespace: dict = {}
+    try:
+        for code in blocks(ROOT / "README.md", "python"):
+            exec(compile(with_test_redis(code, redis_url), "README.md", "exec"), namespace)
+    finally:
+        for value in namespace.values():
+            if isinstance(value, Scheduler):
+                value.close()
     printed = capsys.readouterr().out
     assert printed.count("\n") >= 2
 
