@@ -8,6 +8,17 @@ from dask_serverless import config as _config  # noqa: F401  (registers the defa
 from dask_serverless._version import __version__
 from dask_serverless.client import Scheduler, get
 from dask_serverless.graph import CycleError
+from dask_serverless.performance import performance_report
+from dask_serverless.report import RunReport
 from dask_serverless.storage.serialize import RemoteError, UntrustedBlobError
 
-__all__ = ["CycleError", "RemoteError", "Scheduler", "UntrustedBlobError", "__version__", "get"]
+__all__ = [
+    "CycleError",
+    "RemoteError",
+    "RunReport",
+    "Scheduler",
+    "UntrustedBlobError",
+    "__version__",
+    "get",
+    "performance_report",
+]

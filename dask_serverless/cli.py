@@ -443,6 +443,112 @@ def serve_local(
         endpoint.close()
 
 
+# -- seeing runs: the run history, reports, what the planner knows, the dashboard ---------
+
+redis_option = click.option(
+    "--redis",
+    "redis_url",
+    envvar=_REDIS_ENV,
+    default=lambda: config.setting("redis"),
+    required=True,
+    help=f"Redis URL of the runs (or ${_REDIS_ENV}; default: serverless.redis).",
+)
+
+
+def _run_history(redis_url: str) -> Any:
+    from dask_serverless.protocol.runs import RunHistory
+    from dask_serverless.protocol.store import connect
+
+    try:
+        client = connect(redis_url)
+    except ConnectionError as error:
+        _fail(error)
+    keep = max(1, int(config.setting("history.runs")))
+    return RunHistory(client, keep, int(config.setting("planning.history-ttl")))
+
+
+@main.command()
+@redis_option
+@click.option("--last", default=20, show_default=True, help="How many runs, newest first.")
+def runs(redis_url: str, last: int) -> None:
+    """List recent runs: when, tasks, planner, SLA, makespans, cost, status."""
+    from dask_serverless.runs import recent_summaries, runs_table
+
+    click.echo(runs_table(recent_summaries(_run_history(redis_url), last)))
+
+
+@main.command()
+@click.argument("run_id")
+@redis_option
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write HTML here.")
+def report(run_id: str, redis_url: str, html_file: str | None) -> None:
+    """Print one run's report (RUN_ID or a unique prefix), or write it as HTML."""
+    from dask_serverless.runs import find_report, makespans, recent_summaries
+
+    history = _run_history(redis_url)
+    found = find_report(history, run_id, history.keep)
+    if found is None:
+        raise click.ClickException(f"no run {run_id!r} in the run history")
+    if html_file:
+        others = makespans(recent_summaries(history, history.keep))
+        click.echo(f"wrote {found.to_html(html_file, others)}")
+    else:
+        click.echo(str(found.summary()) + "\n" + found.table(limit=None))
+
+
+@main.command()
+@click.argument("function")
+@redis_option
+@click.option(
+    "--sla",
+    default=lambda: config.setting("planning.sla"),
+    show_default="p95",
+    help="Statistic the predictions use: average or a percentile p50…p99.",
+)
+def history(function: str, redis_url: str, sla: str) -> None:
+    """What the planner knows of FUNCTION (key prefix or full identity)."""
+    from dask_serverless.protocol.history import HistoryStore
+    from dask_serverless.runs import function_history
+
+    runs_store = _run_history(redis_url)
+    samples = HistoryStore(runs_store.client, int(config.setting("planning.history-samples")))
+    sizes = [int(m) for m in config.setting("planning.memory-configs")]
+    click.echo(function_history(samples, runs_store, function, sizes, sla))
+
+
+@main.command()
+@redis_option
+@click.option(
+    "--port",
+    default=lambda: config.setting("dashboard.port"),
+    show_default="8788",
+    help="0 picks a free port.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; the page shows task keys and run ids.",
+)
+def dashboard(redis_url: str, port: int, host: str) -> None:
+    """Serve the live dashboard of the runs on a Redis server."""
+    from dask_serverless.dashboard import Dashboard
+
+    try:
+        server = Dashboard(redis_url, int(port), host).start()
+    except RuntimeError as error:
+        _fail(error)
+    signal.signal(signal.SIGTERM, _interrupt)
+    click.echo(f"dask-serverless dashboard: {server.url} (Ctrl-C stops it)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

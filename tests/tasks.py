@@ -96,3 +96,9 @@ def log_of(x):
     import numpy as np
 
     return float(np.log(np.float64(x)))
+
+
+def main_module_file():
+    import sys
+
+    return getattr(sys.modules["__main__"], "__file__", None)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing.connection
 import os
-import subprocess
-import sys
+import signal
 import time
 
 import dask
@@ -12,8 +12,9 @@ import pytest
 
 from dask_serverless import Scheduler
 from dask_serverless.backends.local import LocalBackend
+from dask_serverless.backends.local.forkserver import shared_fork_server
 from dask_serverless.storage.serialize import new_secret
-from tests.tasks import big_bytes, pid_with, sleep_then
+from tests.tasks import big_bytes, main_module_file, pid_with, sleep_then
 
 
 def pid_after(seconds: float) -> int:
@@ -83,24 +84,43 @@ def test_consumers_of_a_large_output_run_where_it_is(redis_url):
         assert len(set(pids)) > 1
 
 
-SCRIPT_WITHOUT_MAIN_GUARD = """
-import dask
-from dask_serverless import Scheduler
-
-with Scheduler(redis={url!r}, timeout=120) as sched:
-    print(dask.delayed(sum)([1, 2, 3]).compute(scheduler=sched))
-"""
+def unbootable_environment() -> None:
+    raise ValueError("this instance cannot reach its configuration")
 
 
-def test_a_script_without_main_guard_fails_fast_with_the_fix(redis_url, tmp_path):
-    script = tmp_path / "no_guard.py"
-    script.write_text(SCRIPT_WITHOUT_MAIN_GUARD.format(url=redis_url))
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+def test_instances_that_cannot_boot_stop_the_platform_with_their_reason(redis_url):
+    secret = new_secret()
+    backend = LocalBackend(redis_url, secret, worker_environment=unbootable_environment)
+    with Scheduler(redis=redis_url, backend=backend, secret=secret, timeout=120) as sched:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="cannot reach its configuration"):
+            dask.compute(dask.delayed(os.getpid)(), scheduler=sched)
+        assert time.monotonic() - started < 60
+
+
+def test_an_instance_runs_the_platform_main_module_not_the_clients(scheduler):
+    instance_main = dask.compute(dask.delayed(main_module_file)(), scheduler=scheduler)[0]
+    assert instance_main.endswith(
+        os.path.join("dask_serverless", "backends", "local", "__main__.py")
     )
-    assert done.returncode != 0
-    last_line = done.stderr.strip().splitlines()[-1]
-    assert "stopped serving invocations" in last_line
-    assert "if __name__ == '__main__':" in last_line
-    assert time.monotonic() - started < 60
+
+
+def test_the_fork_server_reports_how_an_instance_ended():
+    """Instances are not the client's children; their handle still gives the exit code."""
+    server = shared_fork_server()
+    ours, theirs = multiprocessing.connection.Pipe()
+    stopped = server.fork([theirs.fileno()])
+    theirs.close()
+    ours.close()  # no settings, no dispatcher: the instance exits quietly
+    stopped.join(timeout=30)
+    assert stopped.exitcode == 0
+    ours, theirs = multiprocessing.connection.Pipe()
+    killed = server.fork([theirs.fileno()])
+    theirs.close()
+    assert killed.is_alive()
+    killed.kill()
+    killed.join(timeout=30)
+    assert killed.exitcode == -signal.SIGKILL
+    ours.close()
+    for process in (stopped, killed):
+        process.close()

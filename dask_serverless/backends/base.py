@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from dask_serverless.protocol.invocation import Invocation
 
 
+@runtime_checkable
 class Backend(Protocol):
     """A serverless platform: fire-and-forget invocations of the worker.
 
@@ -23,6 +24,11 @@ class Backend(Protocol):
     starts instances of the given configurations ahead of the invocations that will need
     them (pre-warming) — the planner models both. ``close`` releases what the backend
     started.
+
+    A worker's invoker that is a complete ``Backend`` also serves nested runs (a task that
+    calls ``dask_serverless.get``). A platform with a concurrency limit then offers
+    ``seceded()``, a context manager during which the waiting worker's slot does not count
+    against the limit (as ``distributed.secede``), so nested runs cannot deadlock.
     """
 
     @property

@@ -8,13 +8,16 @@ same Redis scripts, the same signed record, but no process boundary and no paral
 ``invoke`` queues the invocations; the first call drains the queue — it serves each
 invocation with ``worker.handler.serve``, and invocations the workers make meanwhile join
 the queue — and returns when it is empty. So the client's first ``invoke`` runs the whole
-run before the client starts listening; the events are all in the stream by then.
+run before the client starts listening; the events are all in the stream by then. A task
+that starts a nested run secedes (``seceded``): the nested run's ``invoke`` drains the
+queue in turn, inside the task.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.worker.handler import WorkerEnvironment, serve
@@ -51,6 +54,15 @@ class InlineBackend:
 
     def prewarm(self, counts: Mapping[int, int]) -> None:
         """Nothing to start: the workers run in this process."""
+
+    @contextlib.contextmanager
+    def seceded(self) -> Iterator[None]:
+        """A task waits for a nested run: the run's ``invoke`` drains the queue itself."""
+        draining, self._draining = self._draining, False
+        try:
+            yield
+        finally:
+            self._draining = draining
 
     def close(self) -> None:
         self._queue.clear()

@@ -21,6 +21,7 @@ line, so ``warnings`` filters and ``pytest.warns`` see them as if the task ran h
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import time
 import warnings
@@ -43,6 +44,8 @@ from dask_serverless.protocol.events import (
     WARNING,
     Event,
 )
+
+logger = logging.getLogger(__name__)
 
 Callbacks = Sequence[tuple[Callable | None, ...]]
 
@@ -151,6 +154,7 @@ class RunProgress:
             elif kind == RETRY:
                 index = int(event[1])
                 self.retries[index] = max(self.retries.get(index, 0), int(event[2]))
+                logger.info("task %s: retry %s after %s", self.dag.keys[index], event[2], event[3])
             elif kind == ERROR and self.failed_index is None:
                 self.failed_index = int(event[1])
             elif kind == FINISHED:

@@ -17,6 +17,7 @@ run record, the run's store, its progress — and walks the run through its stat
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ _BATCH_PAUSE_S = 0.02
 # Attempts, doubling from 0.2 s, before a lost Redis connection fails the run.
 _REDIS_RETRIES = 6
 
+logger = logging.getLogger(__name__)
+
 
 class RedisUnavailableError(ConnectionError):
     """Redis went away during a run, or came back without the run's state."""
@@ -68,6 +71,8 @@ class Run:
     recovered_invocations: int = 0
     # Configurations given since the plan: tasks that ran out of memory, one size up.
     memory_mb: dict[int, int] = field(default_factory=dict)
+    # For a nested run: whether the run of the task that started it is gone.
+    parent_gone: Callable[[], bool] | None = None
 
     @property
     def run_id(self) -> str:
@@ -95,6 +100,7 @@ class Run:
 
     def invoke(self, starts: Sequence[Sequence[int]]) -> None:
         """One invocation per start, each in the configuration its tasks need."""
+        logger.debug("run %s: invoking %d workers", self.run_id, len(starts))
         self.backend.invoke(
             [
                 Invocation.new(
@@ -191,6 +197,13 @@ class Run:
                     raise RedisUnavailableError(
                         f"lost the connection to Redis during a run: {error}"
                     ) from None
+                logger.warning(
+                    "run %s: Redis connection lost (%s); retrying (%d of %d)",
+                    self.run_id,
+                    error,
+                    attempt + 1,
+                    _REDIS_RETRIES - 1,
+                )
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -200,6 +213,11 @@ class Run:
         Returns whether the run is sealed (its result stored). A run found sealed twice in
         a row lost its sink's worker between storing the result and announcing it.
         """
+        if self.parent_gone is not None and self.parent_gone():
+            raise RuntimeError(
+                f"nested run {self.run_id} stopped: the run of the task that started it is "
+                "gone; its keys were deleted"
+            )
         failure = self.backend.failure
         if failure is not None:
             raise RuntimeError(
@@ -207,6 +225,12 @@ class Run:
             ) from failure
         lapsed = self.store.take_lapsed_leases()
         if lapsed:
+            logger.warning(
+                "run %s: %d workers lost their lease; re-invoking their work",
+                self.run_id,
+                len(lapsed),
+                extra={"run_id": self.run_id},
+            )
             self.recovered_invocations += len(lapsed)
             self.store.note_invoked(len(lapsed))
             self.invoke(lapsed)

@@ -5,29 +5,38 @@ backend, the secret, the planner with its history, the settings — and turns ev
 ``get`` into one ``Run`` (``client.run``):
 
 1. answer the requested keys that are plain data itself, with the objects themselves
-   (as dask's schedulers do); a compute of literals only starts no run at all;
-2. translate the rest of the dask graph into a DAG (bad input and bad annotations fail
-   here, before anything is sent);
-3. plan it on the platform the backend is (``planning.Platform``), which decides the root
+   (as dask's schedulers do), and translate the rest of the dask graph into a DAG (bad
+   input and bad annotations fail here, before anything is sent);
+2. plan it on the platform the backend is (``planning.Platform``), which decides the root
    bundles too;
-4. take large literals (persisted chunks) out of the record and seal (pickle and sign)
-   the run record, so an unpicklable task also fails before dispatch;
-5. hand the run to a ``Run``, which stores the record and the literals, invokes the roots
-   and listens, and drive the dask callbacks around it; warnings the tasks raised are
-   re-emitted here;
-6. record the run's measurements in history and keep its report for ``last_run``.
+3. take large literals (persisted chunks) out of the record, store them under keys of
+   their own, and seal (pickle and sign) the run record, so an unpicklable task also
+   fails before dispatch; warnings the tasks raised are re-emitted after the run;
+4. hand the run to a ``Run``, which stores the record, invokes the roots and listens, and
+   drive the dask callbacks around it;
+5. record the run's measurements in history and keep its report for ``last_run`` — also
+   when the run failed, timed out or was cancelled (``dask_serverless.recording``).
 
 Every argument is checked when the Scheduler is made, with an error that names it; the
 settings a Scheduler was not given come from ``dask.config``. ``get``, the embedded
 default, reads ``dask.config`` at every compute: when the ``serverless`` settings changed
 since its Scheduler was made, it makes a new one. ``import dask_serverless`` also
 registers the name ``"serverless"`` with dask, so ``scheduler="serverless"`` works.
+
+``get``, the embedded default, called inside a task (a worker runs it) starts a *nested*
+run instead: a child run on the worker's own Redis and platform, through a Scheduler the
+worker keeps for its tasks. While the task waits, its instance secedes from the platform's
+concurrency (``seceded``), so a fan-out decided at run time cannot deadlock the limit;
+the child run's error is raised in the task, and the child run stops (deleting its keys)
+if the parent run goes away.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
+import logging
 import os
 import threading
 import time
@@ -39,12 +48,13 @@ import dask.config
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
-from dask_serverless import config
+from dask_serverless import config, logs
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.client.run import RedisUnavailableError, Run
 from dask_serverless.constants import LARGE_LITERAL_BYTES
+from dask_serverless.dashboard import Dashboard, start_dashboard
 from dask_serverless.graph import as_task_graph, literal_values, requested_keys, translate
 from dask_serverless.planning import Plan, Planner, Planning, Platform
 from dask_serverless.protocol.keys import new_run_id
@@ -55,10 +65,13 @@ from dask_serverless.protocol.record import (
     seal_record,
     split_large_literals,
 )
+from dask_serverless.protocol.runs import RunHistory
 from dask_serverless.protocol.store import RunStore, Scripts, connect, redact
+from dask_serverless.recording import RunRecorder
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
+from dask_serverless.worker.handler import Serving, serving
 
 # Root bundles per concurrent worker: enough to balance uneven bundles, few enough that
 # each one amortises its invocation (see dask_serverless.planning.bundling).
@@ -70,6 +83,8 @@ _UNKNOWN_CONCURRENCY = 64
 LAMBDA_KEEP_ALIVE_S = 600.0
 
 __all__ = ["RedisUnavailableError", "Scheduler", "get"]
+
+logger = logging.getLogger(__name__)
 
 _BACKEND_NAMES = ("local", "inline", "lambda")
 
@@ -137,8 +152,11 @@ class Scheduler:
         deadline: float | str | None = None,
         memory_configs: Sequence[int] | None = None,
         history: bool | None = None,
+        dashboard: bool | None = None,
     ) -> None:
+        logs.configure()
         self._closed = False
+        self._dashboard: Dashboard | None = None
         self._embedded: EmbeddedRedis | None = None
         self._backend: Backend | None = None
         checked = {
@@ -227,7 +245,18 @@ class Scheduler:
                 min_work_s=float(config.setting("planning.min-work")),
                 pricing=config.setting("planning.pricing"),
             )
-            self._last_report: Callable[[], RunReport] | None = None
+            self._last_report: Callable[[], RunReport | None] | None = None
+            # Run history and reports of failed runs (dask_serverless.recording).
+            keep_runs = int(config.setting("history.runs"))
+            self._recorder = RunRecorder(
+                RunHistory(self._redis, keep_runs, int(config.setting("planning.history-ttl")))
+                if keep_runs > 0
+                else None,
+                self._planning.pricing,
+            )
+            if dashboard or (dashboard is None and config.setting("dashboard.enabled")):
+                self._dashboard = start_dashboard(url, int(config.setting("dashboard.port")))
+                print(f"dask-serverless dashboard: {self._dashboard.url}")
         except BaseException:
             self.close()
             raise
@@ -257,11 +286,13 @@ class Scheduler:
         keys: Any,
         callbacks: Any = None,
         timeout: float | None = None,
+        parent_gone: Callable[[], bool] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Compute ``keys`` of ``dsk`` like ``dask.threaded.get``, on serverless workers.
 
-        Extra keyword arguments other schedulers take (``num_workers`` …) are ignored.
+        ``parent_gone`` (for a nested run) stops the run when it turns true. Extra keyword
+        arguments other schedulers take (``num_workers`` …) are ignored.
         """
         if self._closed:
             raise RuntimeError("this Scheduler is closed")
@@ -270,16 +301,32 @@ class Scheduler:
         results = literal_values(graph, wanted)
         computed = [key for key in wanted if key not in results]
         if computed:
-            results.update(self.run(dsk, graph, computed, callbacks, timeout))
+            results.update(self.run(dsk, graph, computed, callbacks, timeout, parent_gone))
         return nested_get(keys, results)
 
-    def run(self, dsk: Any, graph: dict, keys: list, callbacks: Any, timeout: float | None) -> dict:
+    def run(
+        self,
+        dsk: Any,
+        graph: dict,
+        keys: list,
+        callbacks: Any,
+        timeout: float | None,
+        parent_gone: Callable[[], bool] | None = None,
+    ) -> dict:
         """Compute ``keys`` (none of them plain data) in one run; their values by key."""
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id, graph=graph)
         plan = self._planning.plan(dag, self.platform())
         bundling = plan.bundling
         workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
+        logger.debug(
+            "run %s: planner %s (SLA %s) chose memory %s MB",
+            run_id,
+            plan.planner,
+            plan.sla,
+            sorted(set(plan.memory_mb)),
+            extra={"run_id": run_id},
+        )
         record = RunRecord(
             run_id,
             workers_dag,
@@ -307,8 +354,20 @@ class Scheduler:
                 backend=self.backend,
                 signer=self._signer,
                 lease_ms=self.lease_ms,
+                parent_gone=parent_gone,
             )
             succeeded = False
+            logger.info(
+                "run %s started: %d tasks, %d invocations on the %s backend%s",
+                run_id,
+                len(dag) - 1,
+                len(bundling.starts),
+                self.backend.name,
+                " (nested)" if parent_gone is not None else "",
+                extra={"run_id": run_id},
+            )
+            run_started = time.time()
+            self._recorder.started(run_id, dag, plan, run.progress, run_started)
             try:
                 run.progress.start()
                 if plan.prewarm:
@@ -317,12 +376,25 @@ class Scheduler:
                 values = run.execute(sealed, limit, literal_blobs)
                 makespan = time.time() - run_started
                 succeeded = True
+            except BaseException as error:
+                logger.info("run %s failed: %r", run_id, error, extra={"run_id": run_id})
+                self._last_report = self._recorder.ended_with(
+                    error, run_id, dag, plan, run.progress, run_started, self.backend.throttled
+                )
+                raise
             finally:
                 self.recovered_invocations += run.recovered_invocations
                 self.last_retries = {dag.keys[i]: n for i, n in run.progress.retries.items()}
                 run.progress.finish(failed=not succeeded)
                 run.progress.emit_warnings()
-        self._last_report = self._planning.finish(
+        logger.info(
+            "run %s finished in %.3f s (%d invocations recovered)",
+            run_id,
+            makespan,
+            run.recovered_invocations,
+            extra={"run_id": run_id},
+        )
+        self._planning.finish(
             run_id,
             dag,
             plan,
@@ -332,12 +404,23 @@ class Scheduler:
             throttled=self.backend.throttled,
             out_of_memory=run.progress.out_of_memory,
         )
+        self._last_report = self._recorder.succeeded(
+            run_id, dag, plan, run.progress, run_started, makespan, self.backend.throttled
+        )
         return dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
 
     @property
     def last_run(self) -> RunReport | None:
-        """The last successful run's plan next to what was measured (built on first use)."""
+        """The last run's plan next to what was measured (built on first use).
+
+        A run that failed, timed out or was cancelled has one too (``status`` says so).
+        """
         return None if self._last_report is None else self._last_report()
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The address of the dashboard this Scheduler started, if it started one."""
+        return None if self._dashboard is None else self._dashboard.url
 
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
@@ -368,6 +451,10 @@ class Scheduler:
         if self._closed:
             return
         self._closed = True
+        if self._dashboard is not None:
+            self._dashboard.stop()
+        if hasattr(self, "_recorder"):
+            self._recorder.close()
         if self._backend is not None:
             self._backend.close()
         if hasattr(self, "_redis"):
@@ -408,8 +495,34 @@ _default = _DefaultScheduler()
 
 
 def get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
-    """The embedded default: like ``dask.threaded.get``, on a process-wide Scheduler."""
+    """The embedded default: like ``dask.threaded.get``, on a process-wide Scheduler.
+
+    Inside a task it starts a nested run on the worker's Redis and platform instead.
+    """
+    invocation = serving()
+    if invocation is not None:
+        return child_run_get(invocation, dsk, keys, **kwargs)
     return _default.get()(dsk, keys, **kwargs)
+
+
+def child_run_get(invocation: Serving, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Compute ``keys`` as a child run of the task ``invocation`` is running."""
+    environment = invocation.environment
+    platform = environment.invoker
+    if not isinstance(platform, Backend):
+        raise RuntimeError(
+            f"this worker's platform ({type(platform).__name__}) cannot start nested runs"
+        )
+    if environment.nested_client is None:
+        environment.nested_client = Scheduler(
+            redis=environment.redis_url,
+            backend=platform,
+            secret=environment.secret,
+            dashboard=False,  # a worker serves no pages; the parent's dashboard sees the run
+        )
+    seceded = getattr(platform, "seceded", contextlib.nullcontext)
+    with seceded():
+        return environment.nested_client.get(dsk, keys, parent_gone=invocation.cancelled, **kwargs)
 
 
 # ``scheduler="serverless"``: dask looks names up in this table.

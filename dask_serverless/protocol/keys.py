@@ -28,7 +28,8 @@ Keys of one run (``P = dsl:{<run-id>}:``):
                         (a persisted chunk), stored by the client with the record
 ============  ========  ============================================================
 
-History keys (``H = dsl:history:v2:``) outlive runs; see ``protocol.history``.
+History keys (``H = dsl:history:v2:``) outlive runs: the planner's samples (see
+``protocol.history``) and the run history, the newest runs' reports (``protocol.runs``).
 """
 
 from __future__ import annotations
@@ -148,3 +149,13 @@ def out_of_memory_history_key(function: str) -> str:
 def residual_history_key(function: str) -> str:
     """Measured / planned busy time of one function's recent tasks (calibration)."""
     return f"{HISTORY_PREFIX}resid:{function_digest(function)}"
+
+
+# The run history (protocol.runs): the newest runs, their summaries and their reports.
+RUNS_HISTORY_KEY = f"{HISTORY_PREFIX}runs"
+RUN_SUMMARIES_KEY = f"{HISTORY_PREFIX}summaries"
+
+
+def run_report_key(run_id: str) -> str:
+    """A run's report (zlib-compressed JSON) in the run history."""
+    return f"{HISTORY_PREFIX}run:{run_id}"

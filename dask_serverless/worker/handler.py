@@ -12,16 +12,24 @@ small LRU of run records keyed by unguessable run ids.
 ``serve`` reads top to bottom: claim the invocation (a duplicate delivery stops here),
 open the run record (once per process and run), then follow the branch (``worker.loop``)
 while the heartbeat keeps the lease.
+
+While it follows the branch, ``serving()`` tells code running in a task which worker runs
+it: ``dask_serverless.get`` called inside a task starts a *nested* run on the worker's
+Redis and platform (the environment's invoker, when it is a complete backend) instead of
+a new embedded Redis and pool.
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -43,6 +51,27 @@ RECORD_CACHE_SIZE = 8
 _IDLE_WAKE_S = 1.0
 # Outputs a warm instance keeps for later tasks of the same run (see worker/cache.py).
 CACHE_BYTES = 256 * 2**20
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The invocation a task runs in: its worker's environment, and whether its run is
+    gone (a nested run started by the task stops then, and deletes its keys)."""
+
+    environment: WorkerEnvironment
+    cancelled: Callable[[], bool]
+
+
+_serving: contextvars.ContextVar[Serving | None] = contextvars.ContextVar(
+    "dask_serverless_serving", default=None
+)
+
+
+def serving() -> Serving | None:
+    """The invocation the calling code runs in, if it runs in a task (else None)."""
+    return _serving.get()
 
 
 def handle(environment: WorkerEnvironment, event: dict, context: Any) -> dict:
@@ -71,10 +100,15 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     begun = store.begin(
         invocation.invocation_id, invocation.tasks, lease_ms, want_record=record is None
     )
+    where = {"run_id": run_id, "invocation_id": invocation.invocation_id}
     if begun is None:
+        logger.debug("invocation %s: run %s is gone", invocation.invocation_id, run_id, extra=where)
         return {"status": "run-gone"}
     claimed, blob = begun
     if not claimed:
+        logger.debug(
+            "invocation %s: duplicate delivery dropped", invocation.invocation_id, extra=where
+        )
         return {"status": "duplicate"}
     if record is None:
         try:
@@ -113,11 +147,29 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         )
     )
     environment.heartbeat.hold(store, invocation.invocation_id, lease_ms)
+    logger.debug(
+        "invocation %s of run %s: tasks %s (%s start)",
+        invocation.invocation_id,
+        run_id,
+        list(invocation.tasks),
+        "cold" if branch.cold else "warm",
+        extra=where,
+    )
+    token = _serving.set(Serving(environment, branch.cancelled))
     try:
         run_branch(branch, invocation.tasks, environment.logic)
     finally:
+        _serving.reset(token)
         environment.heartbeat.drop()
-    return {"status": "done", "seconds": time.monotonic() - started}
+    seconds = time.monotonic() - started
+    logger.debug(
+        "invocation %s: %d tasks in %.3f s",
+        invocation.invocation_id,
+        len(branch.completed),
+        seconds,
+        extra=where,
+    )
+    return {"status": "done", "seconds": seconds}
 
 
 def _memory_of(context: Any) -> int | None:
@@ -140,6 +192,8 @@ class WorkerEnvironment:
         handoff_margin_ms: int = 0,
         cache_bytes: int = CACHE_BYTES,
     ) -> None:
+        self.redis_url = redis_url
+        self.secret = secret
         self.redis = client_for(redis_url)
         self.scripts = Scripts(self.redis)
         self.signer = Signer(secret)
@@ -157,6 +211,9 @@ class WorkerEnvironment:
         # process's peak.
         self.memory_probe: MemoryProbe = ProcessPeak()
         self.cache = OutputCache(cache_bytes)
+        # The client (a Scheduler) for nested runs this instance's tasks start, built on
+        # first use by ``dask_serverless.get`` and kept with the instance.
+        self.nested_client: Any = None
 
     def cached_record(self, run_id: str) -> RunRecord | None:
         record = self.records.get(run_id)

@@ -38,6 +38,7 @@ Faults:
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import time
 import warnings
@@ -58,6 +59,8 @@ from dask_serverless.worker.metrics import TaskMeter
 
 # How often a worker with queued work re-reads the run's load (see ``WorkerLogic.share``).
 LOAD_CHECK_S = 0.02
+
+logger = logging.getLogger(__name__)
 
 
 def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
@@ -150,6 +153,14 @@ def execute_with_retries(
             if attempt >= retries or branch.cancelled():
                 raise
             attempt += 1
+            logger.info(
+                "task %s failed (%r); retry %d of %d",
+                branch.dag.keys[index],
+                exc,
+                attempt,
+                retries,
+                extra={"run_id": record.run_id},
+            )
             branch.pending_events.append(events.retry(index, attempt, repr(exc)[:200]))
             time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
 
@@ -244,6 +255,12 @@ def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
     """
     exc.__traceback__ = task_frames(exc.__traceback__)
     exc.add_note(f"(raised by task {branch.dag.keys[index]!r}, run on dask-serverless)")
+    logger.info(
+        "task %s failed: %r",
+        branch.dag.keys[index],
+        exc,
+        extra={"run_id": branch.record.run_id},
+    )
     branch.pending_events.append(events.error(index))
     batch = branch.take_events()
     assert batch is not None

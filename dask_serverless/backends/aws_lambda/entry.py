@@ -7,19 +7,22 @@ invocations, so the first call builds the instance's ``WorkerEnvironment`` with
 variables or Secrets Manager (never from the payload, I-5), a ``LambdaBackend`` as the
 invoker for fan-out, an S3 store for large outputs when a bucket is configured, and the
 margin before the time limit at which a worker hands its branch to a fresh invocation —
-and keeps it in this module for the instance's later invocations. ``dask-serverless
-lambda deploy`` sets exactly these variables, and the local endpoint passes the same
-mapping to its instances (``install``).
+and keeps it in this module for the instance's later invocations; it also makes the
+package's loggers write one JSON object per line (``dask_serverless.logs``).
+``dask-serverless lambda deploy`` sets exactly these variables, and the local endpoint
+passes the same mapping to its instances (``install``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import boto3
 
+from dask_serverless import logs
 from dask_serverless.backends.aws_lambda.invoke import (
     DEFAULT_S3_THRESHOLD,
     ENV_HANDOFF_MARGIN,
@@ -51,6 +54,9 @@ def install(environment: WorkerEnvironment) -> None:
 def handler(event: dict, context: Any) -> dict:
     """Run one invocation; the first one in an instance builds its environment."""
     if _Instance.environment is None:
+        # On Lambda the package logs one JSON object per line, at dask's configured level.
+        logs.configure()
+        logs.json_lines(logging.getLogger(logs.ROOT).level or logging.INFO)
         install(worker_environment(os.environ))
     assert _Instance.environment is not None
     return handle(_Instance.environment, event, context)
@@ -79,6 +85,7 @@ def worker_environment(variables: Mapping[str, str]) -> WorkerEnvironment:
     mapping). AWS credentials, region and endpoints come from the same mapping, so the
     fan-out invoker uses the instance's execution role.
     """
+    logs.configure()
     session = boto3.session.Session(
         aws_access_key_id=variables.get("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=variables.get("AWS_SECRET_ACCESS_KEY"),

@@ -31,17 +31,23 @@ task one size up). Elsewhere instances run
 unthrottled (``throttled`` is False) after one warning. At the concurrency limit an idle
 instance of another configuration makes room for one that is needed.
 
-New instances are forked from a ``multiprocessing`` fork server that has already imported
-the worker (and the scientific stack the client has loaded), so even a cold start imports
-nothing heavy and a warm one imports nothing at all. As with dask's ``processes``
-scheduler, a script that uses the local backend needs the usual
-``if __name__ == "__main__":`` guard.
+New instances are forked from the platform's own fork server (``backends.local.forkserver``)
+that has already imported the worker (and the scientific stack the client has loaded), so
+even a cold start imports nothing heavy and a warm one imports nothing at all. The server
+is a fresh interpreter, never the user's program: scripts without an
+``if __name__ == "__main__":`` guard, ``python -``, ``python -c``, IPython, notebooks and
+pytest all work, as with dask's threaded scheduler.
+
+A task that waits for a nested run (``dask_serverless.get`` called inside a task) secedes
+from the platform, as ``distributed.secede`` does: while it waits, its instance does not
+count against ``concurrency``, so the child run's invocations always find room.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import logging
+import multiprocessing.connection
 import os
 import sys
 import threading
@@ -53,11 +59,16 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from dask_serverless import logs
+from dask_serverless.backends.local.forkserver import InstanceProcess, shared_fork_server
 from dask_serverless.backends.local.instance import (
+    FAILED,
     INVOKE,
+    PREWARM,
     READY,
+    REJOIN,
+    SECEDE,
     InstanceSettings,
-    instance_main,
 )
 from dask_serverless.backends.local.queue import InvocationQueue
 from dask_serverless.backends.local.resources import (
@@ -71,24 +82,21 @@ from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.store import RunStore, client_for
 from dask_serverless.worker.handler import WorkerEnvironment
 
-# Modules worth importing once in the fork server when the client already uses them.
-_PRELOAD_IF_LOADED = ("numpy", "pandas", "dask.array", "dask.bag", "dask.dataframe")
 _TICK_S = 0.1
 _MAX_FAILED_BOOTS = 3
-_MAIN_GUARD_HINT = (
-    "Local worker instances start from multiprocessing's fork server, which imports the "
-    "main module: a script that computes with dask-serverless must do so under "
-    "`if __name__ == '__main__':`, as with dask's 'processes' scheduler."
-)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Instance:
     """The dispatcher's view of one instance."""
 
-    process: Any
+    process: InstanceProcess
     connection: Connection
     booted: bool = False
+    # Waiting for a nested run: not counted against the concurrency.
+    seceded: bool = False
     invocation: Invocation | None = None
     idle_since: float = field(default_factory=time.monotonic)
     memory_mb: int = 0
@@ -120,24 +128,27 @@ class LocalBackend:
         worker_environment: Callable[[], WorkerEnvironment] | None = None,
         enforce_resources: bool = True,
     ) -> None:
-        if getattr(multiprocessing.current_process(), "_inheriting", False):
-            raise RuntimeError(_MAIN_GUARD_HINT)
         self.concurrency = int(concurrency or os.cpu_count() or 1)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.deliveries = int(deliveries)
         self.keep_alive_s = float(keep_alive_s)
         self._settings = InstanceSettings(
-            redis_url, secret, int(invocation_timeout_ms), int(memory_mb), worker_environment
+            redis_url,
+            secret,
+            int(invocation_timeout_ms),
+            int(memory_mb),
+            worker_environment,
+            concurrency=self.concurrency,
+            logging=logs.logging_config(),
         )
-        self._mp = multiprocessing.get_context("forkserver")
-        preload = ["dask_serverless.backends.local.instance"]
-        preload += [name for name in _PRELOAD_IF_LOADED if name in sys.modules]
-        self._mp.set_forkserver_preload(preload)
+        # Started now, so that its imports overlap with the client's first compute.
+        shared_fork_server()
         self.cold_starts = 0
         # Why the platform stopped serving invocations, if it did; clients raise it.
         self.failure: BaseException | None = None
         self._failed_boots = 0
+        self._boot_error = ""
         self.lost_instances = 0
         self.out_of_memory = 0
         self._queue = InvocationQueue(int(memory_mb))
@@ -147,7 +158,7 @@ class LocalBackend:
         self._reporter: Any = None
         self._instances: dict[Connection, Instance] = {}
         self._lock = threading.Lock()
-        self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
+        self._wake_reader, self._wake_writer = multiprocessing.connection.Pipe(duplex=False)
         self._closed = threading.Event()
         self._dispatcher = threading.Thread(
             target=self._dispatch_forever, name="dask-serverless-local-dispatcher", daemon=True
@@ -167,11 +178,7 @@ class LocalBackend:
         """Start ``counts[MB]`` instances of each configuration now (pre-warming), as far
         as the concurrency allows: the next invocations of that size take them."""
         with self._lock:
-            for memory_mb, count in counts.items():
-                for _ in range(count):
-                    if len(self._instances) >= self.concurrency:
-                        break
-                    self._start_instance(int(memory_mb))
+            self._start_ahead(counts)
         self._wake_writer.send_bytes(b"!")
 
     def warm_instances(self) -> dict[int, int]:
@@ -239,6 +246,15 @@ class LocalBackend:
                 instance.booted = True
                 instance.invocation = None
                 instance.idle_since = time.monotonic()
+            elif message[0] == PREWARM:
+                self._start_ahead(message[1])
+            elif message[0] == SECEDE:
+                instance.seceded = True
+            elif message[0] == REJOIN:
+                instance.seceded = False
+            elif message[0] == FAILED:
+                self._boot_error = str(message[1])
+                logger.error("a worker instance failed to start:\n%s", self._boot_error)
 
     def _forget(self, connection: Connection) -> None:
         """An instance died (killed, out of memory) — drop it and retry its invocation.
@@ -258,11 +274,17 @@ class LocalBackend:
             if instance is not None and not instance.booted:
                 self._failed_boots += 1
                 if self._failed_boots >= _MAX_FAILED_BOOTS:
+                    said = self._boot_error.strip() or "nothing (see the process's stderr)"
                     self.failure = RuntimeError(
                         f"{self._failed_boots} worker instances in a row exited before they "
-                        f"started. {_MAIN_GUARD_HINT}"
+                        f"started; the last one said: {said}"
                     )
             if instance is not None and instance.invocation is not None:
+                logger.warning(
+                    "instance %d died running invocation %s; delivering it again",
+                    instance.process.pid,
+                    instance.invocation.invocation_id,
+                )
                 self.lost_instances += 1
                 self._queue.appendleft(instance.invocation)
         connection.close()
@@ -294,7 +316,7 @@ class LocalBackend:
                 self._hand_over(idle[memory_mb].pop(), number, queued)
             elif booting.get(memory_mb):
                 booting[memory_mb] -= 1
-            elif len(self._instances) < self.concurrency or self._evict_idle(idle):
+            elif self._counted() < self.concurrency or self._evict_idle(idle):
                 self._start_instance(memory_mb)
             else:
                 return
@@ -315,6 +337,17 @@ class LocalBackend:
         instance.served = True
         instance.invocation = invocation
 
+    def _start_ahead(self, counts: Mapping[int, int]) -> None:
+        for memory_mb, count in counts.items():
+            for _ in range(count):
+                if self._counted() >= self.concurrency:
+                    return
+                self._start_instance(int(memory_mb))
+
+    def _counted(self) -> int:
+        """Instances that count against the concurrency: all but the seceded ones."""
+        return sum(1 for instance in self._instances.values() if not instance.seceded)
+
     def _evict_idle(self, idle: dict[int, list[Instance]]) -> bool:
         """Stop one idle instance (one nothing queued ahead could use) to make room."""
         for instances in idle.values():
@@ -328,21 +361,27 @@ class LocalBackend:
 
     def _start_instance(self, memory_mb: int) -> None:
         group = self._cgroups.create(memory_mb) if self._cgroups is not None else None
-        slot = TaskSlot(self._mp) if group is not None else None
-        settings = replace(self._settings, memory_mb=memory_mb, cgroup=group, task_slot=slot)
-        parent_end, child_end = self._mp.Pipe(duplex=True)
-        process = self._mp.Process(
-            target=instance_main,
-            args=(settings, child_end),
-            name="dask-serverless-instance",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
+        slot = TaskSlot() if group is not None else None
+        parent_end, child_end = multiprocessing.connection.Pipe(duplex=True)
+        # The settings wait in the pipe; the secret never passes through the fork server.
+        parent_end.send(replace(self._settings, memory_mb=memory_mb, cgroup=group))
+        fds = [child_end.fileno()] if slot is None else [child_end.fileno(), slot.fd]
+        try:
+            process = shared_fork_server().fork(fds)
+        except BaseException:
+            parent_end.close()
+            if slot is not None:
+                slot.close()
+            if group is not None and self._cgroups is not None:
+                self._cgroups.remove(group)
+            raise
+        finally:
+            child_end.close()
         self._instances[parent_end] = Instance(
             process, parent_end, memory_mb=memory_mb, group=group, slot=slot
         )
         self.cold_starts += 1
+        logger.debug("cold start: instance %d (%d MB)", process.pid, memory_mb)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -372,10 +411,14 @@ class LocalBackend:
         return cgroups, cgroups is not None
 
     def _release(self, instance: Instance) -> None:
-        """Remove a finished instance's cgroup."""
+        """Remove a finished instance's cgroup and task slot; stop watching its process."""
         if instance.group is not None and self._cgroups is not None:
             instance.process.join(timeout=1)
             self._cgroups.remove(instance.group)
+        if instance.slot is not None:
+            instance.slot.close()
+            instance.slot = None
+        instance.process.close()
 
     def _report_out_of_memory(self, instance: Instance) -> None:
         """If the kernel killed ``instance`` for its memory, report the task it ran.
@@ -390,8 +433,11 @@ class LocalBackend:
         running = instance.slot.read()
         if running is None or running[0] != instance.invocation.run_id:
             return
-        run_id, ttl, index, _key = running
+        run_id, ttl, index, key = running
         self.out_of_memory += 1
+        logger.warning(
+            "task %s ran out of its %d MB: its instance was killed", key, instance.memory_mb
+        )
         if self._reporter is None:
             self._reporter = client_for(self._settings.redis_url)
         with contextlib.suppress(Exception):

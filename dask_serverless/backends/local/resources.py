@@ -25,6 +25,7 @@ once, and says so (``LocalBackend.throttled``).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import secrets
 import sys
@@ -86,24 +87,36 @@ def limit_native_threads(memory_mb: int, cores: float) -> int:
 class TaskSlot:
     """Shared memory where an instance notes the task it is running (run, ttl, index, key).
 
-    Written by the instance before every task, read by the backend after the instance died.
+    Written by the instance before every task, read by the backend after the instance
+    died. The memory is a memfd: the backend creates it (``TaskSlot()``) and hands its
+    descriptor (``fd``) to the instance, which maps the same pages (``TaskSlot(fd)``).
     """
 
-    def __init__(self, context: Any) -> None:
-        self.array = context.Array("c", _SLOT_BYTES, lock=False)
+    def __init__(self, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("dask-serverless-task-slot", os.MFD_CLOEXEC)
+            os.ftruncate(fd, _SLOT_BYTES)
+        self.fd = fd
+        self._memory = mmap.mmap(fd, _SLOT_BYTES)
 
     def note(self, branch: Any, index: int) -> None:
         # Tab-separated, not JSON: this runs before every task. ``repr`` escapes tabs.
         key = repr(branch.dag.keys[index])[:300]
         text = f"{branch.record.run_id}\t{branch.store.ttl_s}\t{index}\t{key}"
-        self.array.value = text.encode()[: _SLOT_BYTES - 1]
+        data = text.encode()[: _SLOT_BYTES - 1] + b"\0"
+        self._memory[: len(data)] = data
 
     def read(self) -> tuple[str, int, int, str] | None:
         try:
-            run_id, ttl, index, key = self.array.value.decode().split("\t", 3)
+            text = self._memory[:].split(b"\0", 1)[0].decode()
+            run_id, ttl, index, key = text.split("\t", 3)
             return run_id, int(ttl), int(index), key
         except ValueError:
             return None
+
+    def close(self) -> None:
+        self._memory.close()
+        os.close(self.fd)
 
 
 @dataclass(frozen=True)

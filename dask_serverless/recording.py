@@ -1,0 +1,301 @@
+"""What a Scheduler keeps of each run: its report, in memory and in the run history.
+
+A run is *recorded* twice. When it starts, its planned report (every task with its
+function, configuration, dependencies and planned times; state ``running``) goes to the
+run history (``protocol.runs``), which is how a dashboard learns the shape of a run in
+progress — the workers' event stream only carries task numbers. When it ends, whatever
+the outcome, the report with what was measured replaces it:
+
+* a run that succeeded gets a report built on first use (``sched.last_run``) and saved
+  to the history from a background thread, so the compute returns without waiting for a
+  10 000-row report to be built and written; the next run starts only once it is saved,
+  so that saving never competes with a run;
+* a run that failed, timed out or was cancelled gets its report at once, attached to the
+  raised exception as ``run_report`` and kept as ``sched.last_run``: tasks the client
+  heard of are ``done`` (with their measurements), the failing task ``failed``, a task
+  that raised and was being retried ``retried``, the rest ``waiting``.
+
+Every report is also handed to the ``performance_report`` blocks the calling context is
+in (``dask_serverless.performance``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import redis
+
+from dask_serverless import performance
+from dask_serverless.graph import DAG
+from dask_serverless.planning import Plan, report
+from dask_serverless.planning.history import (
+    TaskMetrics,
+    function_identities,
+    invocation_metrics,
+    task_metrics,
+)
+from dask_serverless.protocol.runs import RunHistory
+from dask_serverless.report import (
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    TIMED_OUT,
+    InvocationRecord,
+    Pricing,
+    RunReport,
+)
+
+logger = logging.getLogger(__name__)
+
+_ERROR_CHARS = 500
+# Distinct functions a run's summary names (what `dask-serverless history` searches).
+_FUNCTIONS_LISTED = 100
+
+
+def outcome_of(error: BaseException, progress: Any) -> str:
+    """``failed``, ``timed out`` or ``cancelled``: how a run that raised ``error`` ended."""
+    if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
+        return CANCELLED
+    if isinstance(error, TimeoutError) and progress.failed_index is None:
+        return TIMED_OUT
+    return FAILED
+
+
+def build_report(
+    run_id: str,
+    dag: DAG,
+    plan: Plan,
+    progress: Any,
+    started_unix: float,
+    makespan_s: float,
+    throttled: bool | None = None,
+    status: str = SUCCEEDED,
+    error: str | None = None,
+    pricing: Pricing | None = None,
+) -> RunReport:
+    """The full report of a run from its plan and the events the client received."""
+    uploads: dict[int, float] = progress.uploads
+    measured: dict[int, TaskMetrics] = {}
+    for event in progress.task_events:
+        metrics = task_metrics(event, uploads.get(int(event[1]), 0.0))
+        if metrics is not None:
+            measured[metrics.index] = metrics
+    invocations = [invocation_metrics(e) for e in progress.invocations]
+    base = report(
+        run_id,
+        dag,
+        plan,
+        measured,
+        invocations,
+        started_unix,
+        makespan_s,
+        throttled,
+        pricing or Pricing(),
+        len(progress.out_of_memory),
+    )
+    functions = plan.functions or function_identities(dag)
+    tasks = []
+    for index, task in enumerate(base.tasks):
+        m = measured.get(index)
+        retries = progress.retries.get(index, 0)
+        tasks.append(
+            replace(
+                task,
+                function=functions[index],
+                input_bytes=None if m is None else m.input_bytes,
+                output_bytes=None if m is None else m.output_bytes,
+                retries=retries,
+                state=_task_state(index, progress, retries),
+                dependencies=tuple(dag.dependencies[index]),
+            )
+        )
+    return replace(
+        base,
+        tasks=tasks,
+        status=status,
+        error=error,
+        started_unix=started_unix,
+        invocation_records=tuple(
+            InvocationRecord(i.worker_id, i.memory_mb, i.cold, float(i.startup_s))
+            for i in invocations
+        ),
+    )
+
+
+def _task_state(index: int, progress: Any, retries: int) -> str:
+    if index in progress.seen:
+        return "done"
+    if index == progress.failed_index:
+        return "failed"
+    return "retried" if retries else "waiting"
+
+
+def summary_of(report: RunReport) -> dict[str, Any]:
+    """The one-line record ``dask-serverless runs`` lists."""
+    return {
+        "run_id": report.run_id,
+        "started": report.started_unix,
+        "status": report.status,
+        "tasks": len(report.tasks),
+        "planner": report.planner,
+        "sla": report.sla,
+        "predicted_makespan_s": report.predicted_makespan_s,
+        "actual_makespan_s": report.actual_makespan_s,
+        "cost_gb_s": report.cost_gb_s,
+        "functions": sorted({t.function for t in report.tasks if t.function})[:_FUNCTIONS_LISTED],
+    }
+
+
+class RunRecorder:
+    """Records a Scheduler's runs (see module docstring); ``history=None`` keeps none."""
+
+    def __init__(self, history: RunHistory | None, pricing: Pricing | None = None) -> None:
+        self.history = history
+        self.pricing = pricing
+        self._saving = ThreadPoolExecutor(1, thread_name_prefix="dask-serverless-history")
+        self._pending: list[Future] = []
+        self._closed = False
+        # Computes may run from several threads at once; they share the pending saves.
+        self._lock = threading.Lock()
+
+    def started(
+        self, run_id: str, dag: DAG, plan: Plan, progress: Any, started_unix: float
+    ) -> None:
+        """Publish the run's planned report so that a dashboard can follow it.
+
+        Done here, before the run's first invocation, and only once the previous run's
+        report is saved: the client's dispatching must not compete with report building
+        (on the local backend the dispatcher shares the client's interpreter, and
+        invocation start-ups are measured for the planner's history).
+        """
+        if self.history is None:
+            return
+        self.flush()
+        self._save(
+            lambda: build_report(
+                run_id,
+                dag,
+                plan,
+                progress.__class__(dag),
+                started_unix,
+                0.0,
+                status=RUNNING,
+                pricing=self.pricing,
+            )
+        )
+
+    def succeeded(
+        self,
+        run_id: str,
+        dag: DAG,
+        plan: Plan,
+        progress: Any,
+        started_unix: float,
+        makespan_s: float,
+        throttled: bool | None,
+    ) -> Callable[[], RunReport]:
+        """How to build the report of a run that succeeded; saved in the background."""
+        build = functools.cache(
+            lambda: build_report(
+                run_id,
+                dag,
+                plan,
+                progress,
+                started_unix,
+                makespan_s,
+                throttled,
+                pricing=self.pricing,
+            )
+        )
+        performance.collect(build)
+        if self.history is not None:
+            self._submit(build)
+        return build
+
+    def ended_with(
+        self,
+        error: BaseException,
+        run_id: str,
+        dag: DAG,
+        plan: Plan,
+        progress: Any,
+        started_unix: float,
+        throttled: bool | None,
+    ) -> Callable[[], RunReport | None]:
+        """The report of a run that raised ``error``, attached to it and saved.
+
+        Building it never replaces ``error``: if that fails, the run has no report.
+        """
+        status = outcome_of(error, progress)
+        reason = f"{type(error).__name__}: {error}"[:_ERROR_CHARS]
+        try:
+            built = build_report(
+                run_id,
+                dag,
+                plan,
+                progress,
+                started_unix,
+                time.time() - started_unix,
+                throttled,
+                status=status,
+                error=reason,
+                pricing=self.pricing,
+            )
+        except Exception:
+            logger.warning("could not build the report of run %s", run_id, exc_info=True)
+            return lambda: None
+        try:
+            error.run_report = built  # type: ignore[attr-defined]
+        except AttributeError:
+            logger.debug("cannot attach the run report to %r", error)
+        performance.collect(lambda: built)
+        if self.history is not None:
+            self._submit(lambda: built)
+        return lambda: built
+
+    def _submit(self, build: Callable[[], RunReport]) -> None:
+        with self._lock:
+            if self._closed:
+                return  # a compute that outlived its Scheduler's close: nothing is saved
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._saving.submit(self._save, build))
+
+    def _save(self, build: Callable[[], RunReport]) -> None:
+        """Build and store one report. Seeing a run must never break computing one, so
+        a failure here is logged, not raised."""
+        assert self.history is not None
+        try:
+            built = build()
+            self.history.save(
+                built.run_id,
+                built.started_unix or time.time(),
+                json.dumps(summary_of(built)),
+                built.to_json(),
+            )
+        except (redis.RedisError, OSError) as error:
+            logger.warning("could not save a run report in the run history: %s", error)
+        except Exception:
+            logger.exception("could not build a run report for the run history")
+
+    def flush(self) -> None:
+        """Wait until every report handed over so far is saved."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.flush()
+        self._saving.shutdown(wait=True)
