@@ -1,9 +1,11 @@
-"""Command line: ``python -m benchmarks [--quick] [--json FILE] [--only NAME…] …``."""
+"""Command line: ``python -m benchmarks [--quick] [--json FILE] [--only NAME…] [--redis URL] …``."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+
+import dask.config
 
 from benchmarks.runner import render, run, write_json
 from benchmarks.schedulers import SCHEDULER_NAMES
@@ -32,6 +34,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"schedulers to compare (default: all of {', '.join(SCHEDULER_NAMES)})",
     )
     parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="run dask-serverless on this Redis (a server or any node of a Redis Cluster) "
+        "instead of its embedded one",
+    )
+    parser.add_argument(
         "--repeat", type=int, metavar="N", help="timed runs per pair (default 5, --quick 3)"
     )
     args = parser.parse_args(argv)
@@ -45,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks; exit status 1 when any workload failed on any scheduler."""
     args = parse_args(argv)
+    if args.redis:
+        # Every Scheduler the suite starts reads its Redis from the configuration.
+        dask.config.set({"serverless.redis": args.redis})
     report = run(select_workloads(args.only), args.schedulers, args.repeat, args.quick)
     print(render(report))
     if args.json:

@@ -214,7 +214,7 @@ def test_tampered_output_blob_fails_the_run(scheduler, redis_client):
     def tamper():
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not tampered:
-            for key in redis_client.keys("dsl:*:o:*"):
+            for key in redis_client.scan_iter(match="dsl:*:o:*"):
                 value = redis_client.get(key)
                 if value:
                     redis_client.set(key, value[:-1] + bytes([value[-1] ^ 1]), keepttl=True)

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 import numpy as np
 import pytest
-import redis
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
@@ -28,10 +27,20 @@ def store(redis_client):
 
 def test_a_parent_that_reports_twice_counts_once(store):
     fan_in = [(5, 2)]
-    assert store.complete(1, None, fan_in, None) == (0, [])
-    assert store.complete(1, None, fan_in, None) == (0, [])
-    assert store.complete(2, None, fan_in, None) == (0, [5])
-    assert store.complete(2, None, fan_in, None) == (0, [])
+    assert store.complete(1, None, fan_in, None, "inv-a") == (0, [])
+    assert store.complete(1, None, fan_in, None, "inv-b") == (0, [])
+    assert store.complete(2, None, fan_in, None, "inv-a") == (0, [5])
+    assert store.complete(2, None, fan_in, None, "inv-b") == (0, [])
+
+
+def test_a_resent_publish_wins_the_same_child_again(store, redis_client):
+    """A worker whose reply was lost (dropped connection, failover) sends the script again:
+    it must not lose the child it claimed the first time, or nobody would run it."""
+    fan_in = [(5, 2)]
+    store.complete(1, None, fan_in, None, "inv-a")
+    assert store.complete(2, None, fan_in, None, "inv-b", pending=True) == (0, [5])
+    assert store.complete(2, None, fan_in, None, "inv-b", pending=True) == (0, [5])
+    assert json.loads(redis_client.hget(store.keys.restart, "inv-b")) == [5]
 
 
 def test_a_worker_with_pending_work_keeps_its_old_restart_point(store, redis_client):
@@ -159,13 +168,11 @@ def test_every_invocation_delivered_twice_gives_the_right_result(redis_url, redi
 
 def test_a_tampered_run_record_fails_the_run(redis_url, redis_client, monkeypatch):
     with Scheduler(redis=redis_url, timeout=60) as sched:
-        original = redis.Redis.set
+        original = RunStore.create
 
-        def tamper(self, name, value, *args, **kwargs):
-            if isinstance(name, str) and name.endswith(":record"):
-                value = value[:-1] + bytes([value[-1] ^ 1])
-            return original(self, name, value, *args, **kwargs)
+        def tamper(self, record, *args, **kwargs):
+            return original(self, record[:-1] + bytes([record[-1] ^ 1]), *args, **kwargs)
 
-        monkeypatch.setattr(redis.Redis, "set", tamper)
+        monkeypatch.setattr(RunStore, "create", tamper)
         with pytest.raises(UntrustedBlobError, match="run record"):
             dask.compute(dask.delayed(inc)(1), scheduler=sched)

@@ -9,7 +9,12 @@ run record, the run's store, its progress — and walks the run through its stat
    the task's own exception, ``finished`` means the sink's worker stored the result and
    deleted every intermediate key. While it waits it also *watches*: an invocation whose
    lease lapsed (its worker died) is re-invoked from its restart point, and a Redis that
-   lost the run (restarted) is a clear error;
+   lost the run (restarted) is a clear error — so is a run nobody works on any more: no
+   lease held and no invocation queued for a whole lease, or, after a Redis Cluster
+   failover (the masters changed), no lease held and no progress for ``_STALL_LEASES``
+   leases (the queue count itself may be a lost write then). Writes a failed master
+   acknowledged but never replicated, such as a parent's mark in a fan-in inbox, leave
+   such a run; it fails with that reason instead of waiting for its timeout;
 3. ``take_result`` reads and deletes the result — or, when the run failed, timed out or
    was interrupted, ``purge`` deletes every key the run may have written (the record
    first, which stops every worker from writing again).
@@ -47,6 +52,16 @@ _POLL_MS = 1000
 _BATCH_PAUSE_S = 0.02
 # Attempts, doubling from 0.2 s, before a lost Redis connection fails the run.
 _REDIS_RETRIES = 6
+# What a short outage or a Redis Cluster failover raises.
+_OUTAGES = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
+)
+# Leases without a running worker or any progress after which a run that saw a Redis
+# Cluster failover counts as stalled (its queued-invocation count may have been lost).
+_STALL_LEASES = 4
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +84,8 @@ class Run:
     signer: Signer
     lease_ms: int
     recovered_invocations: int = 0
+    idle_watches: int = 0
+    primaries: frozenset[str] = frozenset()
     # Configurations given since the plan: tasks that ran out of memory, one size up.
     memory_mb: dict[int, int] = field(default_factory=dict)
     # For a nested run: whether the run of the task that started it is gone.
@@ -91,11 +108,13 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         starts = self.bundling.starts
         self.store.create(sealed_record, invocations=len(starts), literals=literals)
+        self.primaries = self.store.primaries()
         try:
             self.invoke(starts)
             return self.wait(deadline, timeout)
         except BaseException:
-            self.store.purge(len(self.dag), self.record.literals)
+            # Through a short outage too (a Redis Cluster failover): nothing may be left.
+            self.with_retries(self.store.purge, len(self.dag), self.record.literals)
             raise
 
     def invoke(self, starts: Sequence[Sequence[int]]) -> None:
@@ -168,18 +187,19 @@ class Run:
                 cursor, batches = self.with_retries(store.read_events, cursor, None)
             for batch in batches:
                 progress.apply(events.decode(batch))
+                self.idle_watches = 0
             self.retry_out_of_memory(self.plan.inputs.configs)
             if follow and batches:
                 time.sleep(min(_BATCH_PAUSE_S, (time.monotonic() - started) / 10))
             if progress.failed_index is not None:
                 raise self.remote_error()
             if progress.finished:
-                blob = store.take_result()
+                blob = self.with_retries(store.take_result)
                 if blob is None:
                     raise RuntimeError(f"run {self.run_id} finished but its result is gone")
                 return self.signer.loads(blob, RESULT)
             if time.monotonic() >= next_watch:
-                was_sealed, sealed = sealed, self.watch()
+                was_sealed, sealed = sealed, self.with_retries(self.watch)
                 if was_sealed and sealed:
                     blob = store.get_result()
                     store.purge(len(self.dag), self.record.literals)
@@ -188,11 +208,12 @@ class Run:
                 next_watch = time.monotonic() + watch_every
 
     def with_retries(self, command: Callable[..., _T], *args: Any) -> _T:
-        """Run ``command``, riding out a short Redis outage; a lost run is a clear error."""
+        """Run ``command``, riding out a short Redis outage (or a cluster failover, while a
+        replica is promoted); a lost run is a clear error."""
         for attempt in range(_REDIS_RETRIES):
             try:
                 return command(*args)
-            except (redis.ConnectionError, redis.TimeoutError) as error:
+            except _OUTAGES as error:
                 if attempt == _REDIS_RETRIES - 1:
                     raise RedisUnavailableError(
                         f"lost the connection to Redis during a run: {error}"
@@ -240,7 +261,28 @@ class Run:
                 f"Redis no longer holds run {self.run_id} (was the server restarted or "
                 "flushed?); the run cannot finish"
             )
+        self.check_stalled(phase)
         return phase == "sealed"
+
+    def check_stalled(self, phase: str) -> None:
+        """Fail a live run that nobody works on any more (see the module docstring)."""
+        running, queued = self.store.running_and_queued() if phase == "running" else (1, 0)
+        failover = self.store.primaries() != self.primaries
+        if running or (queued and not failover):
+            self.idle_watches = 0
+            return
+        self.idle_watches += 1
+        patience = WATCHES_PER_LEASE * (_STALL_LEASES if queued else 1)
+        if self.idle_watches > patience:
+            cause = (
+                "a Redis Cluster failover lost acknowledged writes"
+                if failover
+                else ("were acknowledged writes lost by Redis?")
+            )
+            raise RedisUnavailableError(
+                f"run {self.run_id} stalled: no worker holds or awaits any of its work "
+                f"({cause}); the run cannot finish"
+            )
 
     def remote_error(self) -> BaseException:
         """The exception of the task that failed, as the worker recorded it."""

@@ -135,7 +135,9 @@ class Snapshot:
 class RunWatcher:
     """Follows the run history and the event streams of runs in progress."""
 
-    def __init__(self, client: redis.Redis, history: RunHistory, run_ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, history: RunHistory, run_ttl_s: int
+    ) -> None:
         self.client = client
         self.history = history
         self.run_ttl_s = run_ttl_s

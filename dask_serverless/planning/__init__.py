@@ -115,7 +115,7 @@ class Planning:
 
     def __init__(
         self,
-        client: redis.Redis | None,
+        client: redis.Redis | redis.RedisCluster | None,
         *,
         planner: str | Planner | None = None,
         sla: str | SLA | None = "p95",

@@ -10,17 +10,22 @@ the number of past runs.
 Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compact JSON array:
 
 ==============================  =======================================================
-``H task:<fn-digest>:<MB>``      ``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb,
+``H task:{<fn-digest>}:<MB>``    ``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb,
                                  wait_s]`` of one function at one memory size
                                  (``fn-digest``: hash of the function identity, so no
                                  user text ever becomes key syntax)
-``H oom:<fn-digest>``            memory sizes (MB) the function ran out of memory at
-``H resid:<fn-digest>``          measured / planned busy time of its recent tasks (the
+``H oom:{<fn-digest>}``          memory sizes (MB) the function ran out of memory at
+``H resid:{<fn-digest>}``        measured / planned busy time of its recent tasks (the
                                  model's calibration on this platform; ``RESIDUALS``
                                  kept)
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
 ==============================  =======================================================
+
+On a Redis Cluster the series of one function share a hash slot (the braces), so history
+spreads over the masters by function; the pipelined round trip then goes to every master
+at once (redis-py's cluster pipeline writes to all nodes before it reads), so loading
+still costs one round trip.
 
 Every key carries a long TTL (``history-ttl``), refreshed on each write, so history of
 functions nobody runs any more expires on its own. Nothing here scans the keyspace.
@@ -51,7 +56,9 @@ Sample = list[float]
 class HistoryStore:
     """Reads and appends history samples; ``samples`` bounds every series."""
 
-    def __init__(self, client: redis.Redis, samples: int = 256, ttl_s: int = 30 * 86400) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, samples: int = 256, ttl_s: int = 30 * 86400
+    ) -> None:
         if samples < 1:
             raise ValueError(f"history samples must be at least 1, got {samples}")
         self.client = client

@@ -1,16 +1,20 @@
 """Every Redis key name the project uses: the keys of one run, and the history keys.
 
-A run's keys all start with ``dsl:{<run-id>}:``. The braces are a Redis Cluster hash tag,
-so every key of one run lives in one hash slot and each multi-key step can be a single
-atomic Lua script, while different runs spread over the shards of a cluster.
+A run's control keys all start with ``dsl:{<run-id>}:``. The braces are a Redis Cluster
+hash tag, so every control key of one run lives in one hash slot and each multi-key step
+can be a single atomic Lua script. A run's bulk data — its task outputs — must not sit on
+that one slot, or a large run would load a single shard of a cluster: each output has its
+own hash tag, ``dsl:{<run-id>:o:<i>}``, derived from the run id and the node, so the
+outputs of one run spread over every master while clean-up still names each of them from
+the DAG's size alone (no ``KEYS``, no ``SCAN``). No script touches an output key on a
+cluster; see ``protocol.store`` for how publishing stays correct across the two slots.
 
-Keys of one run (``P = dsl:{<run-id>}:``):
+Control keys of one run (``P = dsl:{<run-id>}:``):
 
 ============  ========  ============================================================
 ``P record``  string    signed, compressed run record; its existence means "the run is
                         alive" — every worker write is a script that checks it first,
                         so nothing can be written after the run was finished or purged
-``P o:<i>``   string    signed output of node ``i`` (only when a consumer lives elsewhere)
 ``P d:<i>``   hash      fan-in inbox of node ``i``: one field per finished parent, plus
                         ``!`` once a worker has claimed the ready node
 ``P inv``     hash      invocation ids already started (drops duplicate deliveries)
@@ -28,8 +32,13 @@ Keys of one run (``P = dsl:{<run-id>}:``):
                         (a persisted chunk), stored by the client with the record
 ============  ========  ============================================================
 
+Bulk keys of one run: ``dsl:{<run-id>:o:<i>}`` (string), the signed output of node ``i``,
+stored only when a consumer lives elsewhere; one hash slot per output.
+
 History keys (``H = dsl:history:v2:``) outlive runs: the planner's samples (see
 ``protocol.history``) and the run history, the newest runs' reports (``protocol.runs``).
+The series of one function share the hash tag of its digest, so history spreads over a
+cluster by function.
 """
 
 from __future__ import annotations
@@ -94,7 +103,8 @@ class RunKeys:
         return self.prefix + "queued"
 
     def output(self, index: int) -> str:
-        return f"{self.prefix}o:{index}"
+        """Node ``index``'s output, in a hash slot of its own (spread over a cluster)."""
+        return f"dsl:{{{self.run_id}:o:{index}}}"
 
     def inbox(self, index: int) -> str:
         return f"{self.prefix}d:{index}"
@@ -127,8 +137,8 @@ def function_digest(function: str) -> str:
 
 def task_history_key(function: str, memory_mb: int) -> str:
     """``[input_bytes, output_bytes, exec_s, cpu_s, peak_mb, wait_s]`` samples of one
-    function at one size."""
-    return f"{HISTORY_PREFIX}task:{function_digest(function)}:{int(memory_mb)}"
+    function at one size; every size of one function in one hash slot."""
+    return f"{HISTORY_PREFIX}task:{{{function_digest(function)}}}:{int(memory_mb)}"
 
 
 def transfer_history_key(memory_mb: int) -> str:
@@ -143,19 +153,21 @@ def startup_history_key(memory_mb: int) -> str:
 
 def out_of_memory_history_key(function: str) -> str:
     """The sizes (MB) one function ran out of memory at."""
-    return f"{HISTORY_PREFIX}oom:{function_digest(function)}"
+    return f"{HISTORY_PREFIX}oom:{{{function_digest(function)}}}"
 
 
 def residual_history_key(function: str) -> str:
     """Measured / planned busy time of one function's recent tasks (calibration)."""
-    return f"{HISTORY_PREFIX}resid:{function_digest(function)}"
+    return f"{HISTORY_PREFIX}resid:{{{function_digest(function)}}}"
 
 
 # The run history (protocol.runs): the newest runs, their summaries and their reports.
-RUNS_HISTORY_KEY = f"{HISTORY_PREFIX}runs"
-RUN_SUMMARIES_KEY = f"{HISTORY_PREFIX}summaries"
+# One hash tag for all of them: adding a run is one transaction, also on a Redis Cluster
+# (the history is bounded, so one slot holds it).
+RUNS_HISTORY_KEY = f"{HISTORY_PREFIX}{{runs}}"
+RUN_SUMMARIES_KEY = f"{HISTORY_PREFIX}{{runs}}:summaries"
 
 
 def run_report_key(run_id: str) -> str:
     """A run's report (zlib-compressed JSON) in the run history."""
-    return f"{HISTORY_PREFIX}run:{run_id}"
+    return f"{HISTORY_PREFIX}{{runs}}:run:{run_id}"

@@ -5,11 +5,11 @@ Every run's report (``report.RunReport``, planned next to actual) outlives the r
 planner's samples (``protocol.history``) it is *bounded*, whatever the number of runs:
 
 ==============================  =======================================================
-``H runs``                      sorted set: run id → start (Unix s); only the newest
+``H {runs}``                    sorted set: run id → start (Unix s); only the newest
                                 ``keep`` runs (``serverless.history.runs``) stay in it
-``H summaries``                 hash: run id → one-line JSON summary (state, tasks,
+``H {runs}:summaries``          hash: run id → one-line JSON summary (state, tasks,
                                 planner, SLA, makespans, cost) for listing runs cheaply
-``H run:<run-id>``              the run's report: zlib-compressed ``RunReport.to_json``;
+``H {runs}:run:<run-id>``       the run's report: zlib-compressed ``RunReport.to_json``;
                                 written when the run starts (state ``running``, no
                                 actual times: this is how a dashboard finds the tasks
                                 of a run in progress) and again when it ends
@@ -42,7 +42,9 @@ from dask_serverless.protocol.keys import run_report_key as report_key
 class RunHistory:
     """Reads and writes the newest ``keep`` runs' reports (see module docstring)."""
 
-    def __init__(self, client: redis.Redis, keep: int = 100, ttl_s: int = 30 * 86400) -> None:
+    def __init__(
+        self, client: redis.Redis | redis.RedisCluster, keep: int = 100, ttl_s: int = 30 * 86400
+    ) -> None:
         if keep < 1:
             raise ValueError(f"run history must keep at least 1 run, got {keep}")
         self.client = client
@@ -64,7 +66,8 @@ class RunHistory:
         dropped = [r.decode() for r in replies[3]]
         if dropped:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.unlink(*(report_key(r) for r in dropped))
+                for run_id_dropped in dropped:  # one key per UNLINK: a cluster pipeline's rule
+                    pipe.unlink(report_key(run_id_dropped))
                 pipe.hdel(SUMMARIES_KEY, *dropped)
                 pipe.execute()
 

@@ -7,6 +7,25 @@ script over keys of one hash slot, so it is atomic on a single server and on a c
 a worker sends at most one script call, pipelined; no command here scans the keyspace
 (I-6). Connection helpers (``connect``, ``client_for``, ``redact``) live here too: what
 talks to Redis, and how, is in one place.
+
+Redis Cluster. ``client_for`` returns redis-py's ``RedisCluster`` when the URL names a
+node of a cluster (``INFO cluster`` says ``cluster_enabled:1``, or the setting
+``serverless.redis-cluster`` says so), with the same URL options — TLS, AUTH, ACL user —
+and a retry policy that rides out a failover while the client refreshes its slot map.
+The run's control keys share the run's hash slot, so every script runs as on one server.
+Its outputs each have a slot of their own (``protocol.keys``); on a cluster that changes
+three things here:
+
+- publishing an output is two commands: the output's SET (its slot), acknowledged, then
+  the ``complete`` script (the run's slot). The order is what makes it correct: a child
+  is made ready only by the script, after its input is stored. A worker that dies between
+  the two leaves a stored output nobody counted; its lease lapses, the client re-invokes
+  it, and the re-run overwrites the same key and counts once (I-3). If the script finds
+  the run gone, the worker deletes the output it just stored — a run is never revived by
+  a late write; only a worker that dies in exactly that gap leaves one output behind, for
+  its TTL (I-4's last line of defence).
+- inputs are read with one MGET per slot, pipelined to all masters at once;
+- deleting a run's keys sends one UNLINK per slot, also pipelined per master.
 """
 
 from __future__ import annotations
@@ -16,9 +35,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import dask.config
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import Script
 from redis.connection import HIREDIS_AVAILABLE, HiredisRespSerializer, PythonRespSerializer
+from redis.retry import Retry
 
 from dask_serverless.constants import LARGE_ARGUMENT_BYTES
 from dask_serverless.protocol import scripts
@@ -26,6 +48,14 @@ from dask_serverless.protocol.keys import RunKeys
 
 # Keys per UNLINK when a run is deleted: one pipelined round trip, no giant command.
 _DELETE_CHUNK = 5000
+
+# How a cluster client rides out a failover: a master is declared failed after the
+# cluster's node timeout (ElastiCache: 15 s; the test cluster: 1 s) and a replica promoted
+# within seconds more. Jittered retries from 50 ms up to 2 s, 12 attempts: ~20 s in all.
+_CLUSTER_RETRY = (0.05, 2.0, 12)
+
+# A Redis client: one server, or a cluster through redis-py's cluster client.
+Client = redis.Redis | redis.RedisCluster
 
 
 def redact(url: str) -> str:
@@ -60,21 +90,72 @@ class CommandPacker:
         return cast("list[bytes | memoryview]", self._small.pack(*args))
 
 
-def client_for(url: str) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``); not yet connected."""
+def is_cluster_url(url: str) -> bool:
+    """Whether the server at ``url`` is a node of a Redis Cluster (``INFO cluster``)."""
+    if urlsplit(url).scheme == "unix":
+        return False
+    probe = redis.Redis.from_url(url)
+    try:
+        return bool(probe.info("cluster").get("cluster_enabled"))
+    except redis.exceptions.NoPermissionError:
+        raise PermissionError(
+            f"the Redis user of {redact(url)} may not run INFO, so whether it is a cluster "
+            "is unknown: set serverless.redis-cluster to true or false"
+        ) from None
+    finally:
+        probe.close()
+
+
+def cluster_mode(url: str, cluster: bool | str | None = None) -> bool:
+    """Whether to talk to ``url`` as a cluster: ``cluster`` (True, False or ``"auto"``),
+    else the setting ``serverless.redis-cluster``; ``"auto"`` asks the server."""
+    if cluster is None:
+        cluster = dask.config.get("serverless.redis-cluster", "auto")
+    if isinstance(cluster, str):
+        choice = cluster.strip().lower()
+        if choice in ("true", "yes", "1"):
+            return True
+        if choice in ("false", "no", "0"):
+            return False
+        if choice != "auto":
+            raise ValueError(
+                f"serverless.redis-cluster must be auto, true or false, not {cluster!r}"
+            )
+        return is_cluster_url(url)
+    return bool(cluster)
+
+
+def client_for(url: str, cluster: bool | str | None = None) -> Client:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+
+    ``cluster``: see ``cluster_mode``; deciding ``"auto"`` costs one ``INFO`` round trip.
+    A cluster client learns the slot map from the node it is given and keeps it fresh.
+    """
+    if cluster_mode(url, cluster):
+        base, cap, attempts = _CLUSTER_RETRY
+        return redis.RedisCluster.from_url(
+            url,
+            health_check_interval=30,
+            command_packer=CommandPacker(),
+            retry=Retry(ExponentialWithJitterBackoff(base=base, cap=cap), attempts),
+        )
     return redis.Redis.from_url(url, health_check_interval=30, command_packer=CommandPacker())
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, cluster: bool | str | None = None) -> Client:
     """A client for ``url``, checked with PING.
 
     Raises ``ConnectionError`` naming the URL without its password.
     """
-    client = client_for(url)
     try:
+        client = client_for(url, cluster)
         client.ping()
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
-        client.close()
+    except (
+        redis.ConnectionError,
+        redis.TimeoutError,
+        redis.RedisClusterException,
+        OSError,
+    ) as error:
         raise ConnectionError(f"cannot reach Redis at {redact(url)}: {error}") from None
     return client
 
@@ -82,7 +163,7 @@ def connect(url: str) -> redis.Redis:
 class Scripts:
     """The Lua scripts, registered once per Redis client (registering hashes the source)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: Client) -> None:
         self.by_name: dict[str, Script] = {
             name: client.register_script(scripts.source(name)) for name in scripts.NAMES
         }
@@ -95,9 +176,10 @@ class RunStore:
     """All Redis reads and writes of one run, for the client and the workers alike."""
 
     def __init__(
-        self, client: redis.Redis, run_id: str, ttl_s: int, scripts: Scripts | None = None
+        self, client: Client, run_id: str, ttl_s: int, scripts: Scripts | None = None
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, redis.RedisCluster)
         self.run_id = run_id
         self.ttl_s = int(ttl_s)
         self.keys = RunKeys(run_id)
@@ -134,11 +216,22 @@ class RunStore:
 
     def load(self) -> int:
         """How many invocations of the run are running or queued."""
+        return sum(self.running_and_queued())
+
+    def running_and_queued(self) -> tuple[int, int]:
+        """Invocations of the run holding a lease, and invocations sent but not begun."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.leases)
             pipe.get(self.keys.queued)
             running, queued = pipe.execute()
-        return int(running) + int(queued or 0)
+        return int(running), int(queued or 0)
+
+    def primaries(self) -> frozenset[str]:
+        """The masters a cluster client knows now (empty for one server): a change says a
+        failover happened, after which acknowledged writes may have been lost."""
+        if isinstance(self.client, redis.RedisCluster):
+            return frozenset(node.name for node in self.client.get_primaries())
+        return frozenset()
 
     def note_invoked(self, count: int) -> None:
         """Count ``count`` invocations about to be sent in the run's load."""
@@ -233,9 +326,14 @@ class RunStore:
         return cast("bytes | None", self.client.get(self.keys.literal(index)))
 
     def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
+        """The stored outputs of ``indices`` (None where missing): one MGET, or on a cluster
+        one MGET per slot, pipelined to all masters at once."""
         if not indices:
             return []
-        return cast("list[bytes | None]", self.client.mget([self.keys.output(i) for i in indices]))
+        names = [self.keys.output(i) for i in indices]
+        if isinstance(self.client, redis.RedisCluster):
+            return cast("list[bytes | None]", self.client.mget_nonatomic(names))
+        return cast("list[bytes | None]", self.client.mget(names))
 
     def complete(
         self,
@@ -256,36 +354,39 @@ class RunStore:
         ``None`` means the run was finished or purged meanwhile and the caller should stop.
         """
         keys = self.keys
-        script_keys = [
-            keys.record,
-            keys.events,
-            keys.output(index),
-            keys.leases,
-            keys.restart,
-            keys.queued,
-        ]
-        script_keys += [keys.inbox(child) for child, _ in fan_in]
-        large = output is not None and len(output) >= LARGE_ARGUMENT_BYTES
-        mode = "none" if output is None else "preset" if large else "value"
+        script_keys = [keys.record, keys.events, keys.leases, keys.restart, keys.queued]
         after = "release" if last_step else "keep" if pending else "replace"
-        args: list[Any] = [
-            self.ttl_s,
-            mode,
-            b"" if large or output is None else output,
-            index,
-            events or b"",
-            invocation_id,
-            after,
-        ]
+        tail: list[Any] = [index, events or b"", invocation_id, after]
         for child, count in fan_in:
-            args += [child, count]
-        if large:
+            tail += [child, count]
+        inboxes = [keys.inbox(child) for child, _ in fan_in]
+        if output is None:
+            reply = self._complete(
+                keys=script_keys + inboxes, args=[self.ttl_s, "none", b"", *tail]
+            )
+        elif self.cluster:
+            # Two slots: the output first, acknowledged, then the counting (see above).
+            self.client.set(keys.output(index), output, ex=self.ttl_s)
+            reply = self._complete(
+                keys=script_keys + inboxes, args=[self.ttl_s, "none", b"", *tail]
+            )
+            if reply is None:
+                self.client.unlink(keys.output(index))
+        elif len(output) >= LARGE_ARGUMENT_BYTES:
+            # One MULTI: SET, then the script, so Redis never copies a large value into Lua.
             with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(keys.output(index), cast(bytes, output), ex=self.ttl_s)
-                self._complete(keys=script_keys, args=args, client=pipe)
+                pipe.set(keys.output(index), output, ex=self.ttl_s)
+                self._complete(
+                    keys=[*script_keys, keys.output(index), *inboxes],
+                    args=[self.ttl_s, "preset", b"", *tail],
+                    client=pipe,
+                )
                 _, reply = pipe.execute()
         else:
-            reply = self._complete(keys=script_keys, args=args)
+            reply = self._complete(
+                keys=[*script_keys, keys.output(index), *inboxes],
+                args=[self.ttl_s, "value", output, *tail],
+            )
         if reply is None:
             return None
         load, *won = reply
@@ -323,8 +424,13 @@ class RunStore:
         return reply is not None
 
     def delete(self, keys: Iterable[str]) -> None:
-        """UNLINK ``keys`` in pipelined chunks: one round trip for a whole run."""
+        """UNLINK ``keys`` in pipelined chunks: one round trip for a whole run (on a cluster,
+        redis-py sends one UNLINK per slot, pipelined per master)."""
         keys = list(keys)
+        if isinstance(self.client, redis.RedisCluster):
+            for start in range(0, len(keys), _DELETE_CHUNK):
+                self.client.unlink(*keys[start : start + _DELETE_CHUNK])
+            return
         with self.client.pipeline(transaction=False) as pipe:
             for start in range(0, len(keys), _DELETE_CHUNK):
                 pipe.unlink(*keys[start : start + _DELETE_CHUNK])

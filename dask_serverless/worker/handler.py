@@ -269,7 +269,7 @@ class Heartbeat:
             store, invocation_id, lease_ms = lease
             try:
                 alive = store.renew_lease(invocation_id, lease_ms)
-            except redis.RedisError:
+            except (redis.RedisError, redis.RedisClusterException):
                 continue
             if not alive:
                 self._gone_run = store.run_id

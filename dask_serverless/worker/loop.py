@@ -97,7 +97,8 @@ def follow_branch(
                 branch.pending_events.append(meter.done(inputs, value))
                 ready = logic.publish(branch, index, value, last_step=not stack)
                 meter.published(index not in branch.unstored)
-            except (RunGone, redis.RedisError):
+            except (RunGone, redis.RedisError, redis.RedisClusterException):
+                # Redis failing is not the task's fault: the lease lapses, the work is re-run.
                 raise
             except Exception as exc:
                 fail_run(branch, index, exc)
