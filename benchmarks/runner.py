@@ -325,6 +325,23 @@ def startup_table(report: Report) -> str:
     return format_table(["scheduler", "start-up s"], rows)
 
 
+def targets_table(report: Report) -> str:
+    """Workloads with a target (ours at most N × a peer): the ratio and whether it held."""
+    by_key = lookup(report)
+    rows = []
+    for workload in report.workloads:
+        if workload.target is None:
+            continue
+        peer, limit = workload.target
+        ours, theirs = by_key.get((workload.name, OURS)), by_key.get((workload.name, peer))
+        measured = ratio(ours, theirs)
+        met = "—" if measured == "—" else "met" if float(measured) <= limit else "MISSED"
+        rows.append([workload.name, f"÷{peer} ≤ {limit:g}", measured, met])
+    if not rows:
+        return ""
+    return format_table(["workload", "target", "measured", "result"], rows)
+
+
 def render(report: Report) -> str:
     """The full text report: settings, notes, the three tables and any failures."""
     machine = report.machine
@@ -342,6 +359,9 @@ def render(report: Report) -> str:
     overhead = overhead_table(report)
     if overhead:
         sections.append(overhead)
+    targets = targets_table(report)
+    if targets:
+        sections.append(targets)
     sections.append(startup_table(report))
     if report.failures:
         sections.append("\n".join(f"FAILED {failure}" for failure in report.failures))

@@ -5,6 +5,7 @@
 """
 
 from dask_serverless import config as _config  # noqa: F401  (registers the defaults)
+from dask_serverless._version import __version__
 from dask_serverless.client import (
     RedisUnavailableError,
     Scheduler,
@@ -26,7 +27,7 @@ __all__ = [
     "StuckRunError",
     "UntrustedBlobError",
     "WorkerCrashedError",
+    "__version__",
     "get",
     "performance_report",
 ]
-__version__ = "0.1.0"

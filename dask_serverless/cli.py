@@ -62,9 +62,17 @@ def _fail(error: Exception) -> NoReturn:
     raise click.ClickException(str(error)) from error
 
 
+def _required_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """``--name`` is required unless serverless.lambda.function names the functions."""
+    if not value:
+        raise click.MissingParameter(ctx=ctx, param=param)
+    return value
+
+
 name_option = click.option(
     "--name",
     default=lambda: config.setting("lambda.function"),
+    callback=_required_name,
     required=True,
     help="Base name of the functions (they are <name>-<memory MB>); "
     "default: serverless.lambda.function.",
@@ -107,14 +115,24 @@ def lambda_() -> None:
     help="Secrets Manager ARN of the HMAC secret; else $DASK_SERVERLESS_SECRET is used.",
 )
 @click.option("--role-arn", help="Execution role to use; default: make <name>-role.")
-@click.option("--requirements", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--requirements",
+    type=click.Path(exists=True, dir_okay=False),
+    help="requirements.txt to install into the zip; default: this package's dependencies.",
+)
 @click.option("--package-zip", type=click.Path(exists=True, dir_okay=False), help="Prebuilt zip.")
 @click.option("--no-deps", is_flag=True, help="Zip only this package (dependencies in a layer).")
 @click.option("--image-uri", help="Container image (ECR) to deploy instead of a zip.")
 @click.option("--code-bucket", help="S3 bucket to upload the zip through (needed over 50 MB).")
-@click.option("--runtime", default="python3.11", show_default=True)
 @click.option(
-    "--architecture", type=click.Choice(["x86_64", "arm64"]), default="x86_64", show_default=True
+    "--runtime", default="python3.11", show_default=True, help="Lambda runtime of the functions."
+)
+@click.option(
+    "--architecture",
+    type=click.Choice(["x86_64", "arm64"]),
+    default="x86_64",
+    show_default=True,
+    help="Instruction set of the functions (and of the wheels packaged for them).",
 )
 @click.option("--s3-bucket", help="Bucket for outputs too large for Redis.")
 @click.option(
@@ -298,7 +316,7 @@ def remove(name: str, region: str | None, delete_role: bool, yes: bool) -> None:
 @lambda_.command()
 @name_option
 @region_option
-@click.option("--s3-bucket")
+@click.option("--s3-bucket", help="Bucket for large outputs the workers may read and write.")
 @click.option("--secret-arn", "secret_arns", multiple=True, help="Secret the workers read.")
 def policy(
     name: str, region: str | None, s3_bucket: str | None, secret_arns: Sequence[str]
@@ -315,7 +333,7 @@ def policy(
 
 
 @lambda_.command("serve-local")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=9001, show_default=True, help="0 picks a free port.")
 @click.option(
     "--redis", "redis_url", envvar=_REDIS_ENV, required=True, help=f"Redis URL (or ${_REDIS_ENV})."
@@ -328,7 +346,7 @@ def policy(
 )
 @memory_option
 @more_memory_argument
-@click.option("--default-memory", type=int)
+@click.option("--default-memory", type=int, help="Size used when an invocation names none.")
 @click.option("--concurrency", type=int, help="Instances per function at most (default: CPUs).")
 @click.option(
     "--timeout",
@@ -348,7 +366,13 @@ def policy(
 @click.option("--throttle-first", default=0, help="Answer 429 to the first N requests.")
 @click.option("--throttle-every", default=0, help="Answer 429 to every N-th request.")
 @click.option("--s3-bucket", help="Large outputs bucket (S3 endpoint: $AWS_ENDPOINT_URL_S3).")
-@click.option("--s3-threshold", type=int, default=1024 * 1024, show_default=True)
+@click.option(
+    "--s3-threshold",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Outputs larger than this many bytes go to --s3-bucket.",
+)
 @click.option("--env", multiple=True, help="Extra NAME=VALUE for the workers (repeat).")
 def serve_local(
     host: str,
@@ -391,17 +415,23 @@ def serve_local(
         if os.environ.get("AWS_ENDPOINT_URL_S3"):
             variables["AWS_ENDPOINT_URL_S3"] = os.environ["AWS_ENDPOINT_URL_S3"]
     sizes = _memory_sizes(memory, more_memory)
-    endpoint = LambdaEndpoint(
-        variables,
-        host=host,
-        port=port,
-        memory_sizes=sizes,
-        default_memory=_default_memory(sizes, default_memory),
-        concurrency=concurrency,
-        invocation_timeout_ms=timeout_s * 1000,
-        throttle_first=throttle_first,
-        throttle_every=throttle_every,
-    )
+    try:
+        endpoint = LambdaEndpoint(
+            variables,
+            host=host,
+            port=port,
+            memory_sizes=sizes,
+            default_memory=_default_memory(sizes, default_memory),
+            concurrency=concurrency,
+            invocation_timeout_ms=timeout_s * 1000,
+            throttle_first=throttle_first,
+            throttle_every=throttle_every,
+        )
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot serve on {host}:{port}: {error.strerror or error} "
+            "(another process listens there? --port 0 picks a free port)"
+        ) from None
     signal.signal(signal.SIGTERM, _interrupt)
     click.echo(f"Lambda endpoint on {endpoint.url} (functions <base>-<MB>); Ctrl-C stops it")
     sys.stdout.flush()
@@ -469,7 +499,12 @@ def report(run_id: str, redis_url: str, html_file: str | None) -> None:
 @main.command()
 @click.argument("function")
 @redis_option
-@click.option("--sla", default=lambda: config.setting("planning.sla"), show_default="p95")
+@click.option(
+    "--sla",
+    default=lambda: config.setting("planning.sla"),
+    show_default="p95",
+    help="Statistic the predictions use: average or a percentile p50…p99.",
+)
 def history(function: str, redis_url: str, sla: str) -> None:
     """What the planner knows of FUNCTION (key prefix or full identity)."""
     from dask_serverless.protocol.history import HistoryStore

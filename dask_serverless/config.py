@@ -21,6 +21,14 @@ with open(_DEFAULTS_FILE) as _file:
 
 SECRET_ENV = "DASK_SERVERLESS_SECRET"
 
+# Tracebacks of failed tasks show the user's frames, not ours: this package joins the
+# modules dask's ``shorten_traceback`` leaves out (``admin.traceback.shorten``), as
+# distributed's do. A user who set the list keeps theirs.
+ENGINE_FRAMES = r"dask_serverless[\\\/]"
+_SHORTENED = dask.config.get("admin.traceback.shorten", None) or []
+if ENGINE_FRAMES not in _SHORTENED:
+    dask.config.update_defaults({"admin": {"traceback": {"shorten": [*_SHORTENED, ENGINE_FRAMES]}}})
+
 
 def setting(name: str, value: Any = None) -> Any:
     """The explicit ``value`` when given, else ``serverless.<name>`` from dask.config."""

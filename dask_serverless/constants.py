@@ -61,3 +61,9 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 # A waiting client refreshes its run's keys this many times per ``serverless.run-ttl``, so
 # that a late refresh or two never lets a live run's key expire.
 KEEP_ALIVES_PER_TTL = 4
+
+# Literals in a graph (persisted chunks) at least this large leave the run record and are
+# stored once per run under their own key, read only by the worker that runs their node:
+# the same size from which an argument is worth sending without a copy, since below it a
+# value costs less inside the record than a round trip of its own.
+LARGE_LITERAL_BYTES = LARGE_ARGUMENT_BYTES

@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dask._task_spec import GraphNode, convert_legacy_graph
+from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
 from dask.core import flatten
 
 Key = Hashable
@@ -101,6 +101,32 @@ def requested_keys(keys: Any) -> list[Key]:
     return list(dict.fromkeys(flat))
 
 
+def literal_value(graph: Mapping[Key, GraphNode], key: Key) -> tuple[bool, Any]:
+    """``(True, value)`` when ``key`` is plain data — a ``DataNode``, or aliases of one.
+
+    Such a key needs no worker: the client answers it with the object itself, as dask's
+    own schedulers do (``delayed(obj).compute() is obj``).
+    """
+    node = graph.get(key)
+    seen = set()
+    while isinstance(node, Alias) and node.key not in seen:
+        seen.add(node.key)
+        node = graph.get(node.target)
+    if isinstance(node, DataNode):
+        return True, node.value
+    return False, None
+
+
+def literal_values(graph: Mapping[Key, GraphNode], wanted: Iterable[Key]) -> dict[Key, Any]:
+    """The requested keys that are plain data, with their values (see ``literal_value``)."""
+    found = {}
+    for key in wanted:
+        is_literal, value = literal_value(graph, key)
+        if is_literal:
+            found[key] = value
+    return found
+
+
 def needed_subgraph(graph: Mapping[Key, GraphNode], wanted: Iterable[Key]) -> dict[Key, GraphNode]:
     """Only the nodes the ``wanted`` keys depend on, transitively."""
     needed: dict[Key, GraphNode] = {}
@@ -139,13 +165,36 @@ def topological_order(graph: Mapping[Key, GraphNode]) -> list[Key]:
     return order
 
 
-def translate(dsk: Any, keys: Any, run_token: str = "") -> DAG:
+def check_annotations(dag: DAG) -> None:
+    """Refuse annotations the run could not honour, naming the annotation and the key.
+
+    ``retries`` must be a whole number >= 0 and ``memory`` a positive number of MB; a bad
+    value fails here, before anything is sent, not deep inside a worker.
+    """
+    for index, value in dag.annotations.get("retries", {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"dask.annotate(retries={value!r}) on task {dag.keys[index]!r}: retries "
+                "must be a whole number >= 0"
+            )
+    for index, value in dag.annotations.get("memory", {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(
+                f"dask.annotate(memory={value!r}) on task {dag.keys[index]!r}: memory "
+                "must be a positive number of MB"
+            )
+
+
+def translate(
+    dsk: Any, keys: Any, run_token: str = "", graph: Mapping[Key, GraphNode] | None = None
+) -> DAG:
     """Build the DAG that computes ``keys`` (a key or a nested list of keys) from ``dsk``.
 
+    ``graph`` is ``dsk`` already converted by ``as_task_graph``, when the caller has it.
     Raises ``KeyError`` for a requested key (or a dependency) missing from the graph and
     ``CycleError`` for a cyclic graph — both before anything is dispatched.
     """
-    graph = as_task_graph(dsk)
+    graph = as_task_graph(dsk) if graph is None else graph
     wanted = requested_keys(keys)
     needed = needed_subgraph(graph, wanted)
     order = topological_order(needed)
@@ -162,7 +211,7 @@ def translate(dsk: Any, keys: Any, run_token: str = "") -> DAG:
         name: {index[key]: value for key, value in values.items() if key in needed}
         for name, values in graph_annotations(dsk).items()
     }
-    return DAG(
+    dag = DAG(
         keys=(*order, sink_key),
         nodes=(*(needed[key] for key in order), None),
         dependencies=tuple(dependencies),
@@ -170,3 +219,5 @@ def translate(dsk: Any, keys: Any, run_token: str = "") -> DAG:
         index=index,
         annotations={name: values for name, values in annotations.items() if values},
     )
+    check_annotations(dag)
+    return dag

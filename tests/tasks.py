@@ -117,6 +117,23 @@ def total_len(*values):
     return sum(len(v) for v in values)
 
 
+class TaskWarning(UserWarning):
+    """A warning class of the tests' own, to check that the category travels."""
+
+
+def warn_then(x, message="careful"):
+    import warnings
+
+    warnings.warn(f"{message} {x}", TaskWarning, stacklevel=1)
+    return x
+
+
+def log_of(x):
+    import numpy as np
+
+    return float(np.log(np.float64(x)))
+
+
 def main_module_file():
     import sys
 

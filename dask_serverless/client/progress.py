@@ -8,14 +8,26 @@ retries) and the ``state`` dictionary dask's callbacks expect
 any ``dask.callbacks.Callback`` move as remote tasks finish. Callbacks are unpacked by
 name, as ``dask.local`` does with ``unpack_callbacks``. Tasks run remotely, so ``pretask``
 fires when the client learns the task ran, just before ``posttask``, and ``posttask``
-gets ``None`` as the result: the value never travels to the client.
+gets ``None`` as the result: the value never travels to the client. What the worker
+measured travels instead: ``state["task_times"][key]`` is ``(start, finish, worker)`` in
+seconds since the epoch, and a ``dask.diagnostics.Profiler`` gets the worker's start and
+finish times (on its own clock), so its durations are the tasks' real ones.
+
+Warnings the tasks raised arrive as ``warn`` events; ``emit_warnings`` re-raises each
+distinct one once in the client, with its category, message and the task's file and
+line, so ``warnings`` filters and ``pytest.warns`` see them as if the task ran here.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
+import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from timeit import default_timer
 from typing import Any
 
 from dask.callbacks import unpack_callbacks
@@ -29,6 +41,7 @@ from dask_serverless.protocol.events import (
     OUT_OF_MEMORY,
     RETRY,
     UPLOAD,
+    WARNING,
     Event,
 )
 
@@ -57,7 +70,29 @@ def initial_state(dag: DAG) -> dict[str, Any]:
         "released": set(),
         "cache": {},
         "waiting_data": {},
+        "task_times": {},
     }
+
+
+def warning_category(name: str) -> type[Warning]:
+    """The warning class ``module:qualname`` names; ``UserWarning`` if the client lacks it."""
+    module_name, _, qualname = name.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError, ValueError):
+        return UserWarning
+    return found if isinstance(found, type) and issubclass(found, Warning) else UserWarning
+
+
+def profilers_of(callback: Callable | None) -> Any:
+    """The ``dask.diagnostics.Profiler`` a ``posttask`` callback belongs to, if any."""
+    profile = sys.modules.get("dask.diagnostics.profile")
+    owner = getattr(callback, "__self__", None)
+    if profile is not None and isinstance(owner, profile.Profiler):
+        return owner
+    return None
 
 
 @dataclass
@@ -77,6 +112,7 @@ class RunProgress:
     invocations: list[Event] = field(default_factory=list)
     out_of_memory: list[tuple[int, int]] = field(default_factory=list)
     started_callbacks: list[tuple[Callable | None, ...]] = field(default_factory=list)
+    warnings: dict[tuple, Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         (
@@ -131,6 +167,14 @@ class RunProgress:
                 index = int(event[1])
                 self.out_of_memory.append((index, int(event[2])))
                 self.retries[index] = self.retries.get(index, 0) + 1
+            elif kind == WARNING:
+                self.warnings.setdefault(tuple(event[2:]), event)
+
+    def emit_warnings(self) -> None:
+        """Re-raise each distinct warning of the run once, as the task raised it."""
+        for category, message, filename, lineno in self.warnings:
+            warnings.warn_explicit(message, warning_category(category), filename, lineno)
+        self.warnings.clear()
 
     def _task_done(self, event: Event) -> None:
         index = int(event[1])
@@ -149,5 +193,13 @@ class RunProgress:
             pretask(key, self.graph, state)
         state["running"].discard(key)
         state["finished"].add(key)
+        start, finish, worker = float(event[3]), float(event[3]) + float(event[4]), event[2]
+        state["task_times"][key] = (start, finish, worker)
+        # The worker's clock (epoch seconds) on the clock Profiler reads (default_timer).
+        offset = default_timer() - time.time()
         for posttask in self._posttask:
-            posttask(key, None, self.graph, state, event[2])
+            posttask(key, None, self.graph, state, worker)
+            profiler = profilers_of(posttask)
+            if profiler is not None:
+                times = (start + offset, finish + offset, worker)
+                profiler._results[key] = (key, self.graph[key], *times)

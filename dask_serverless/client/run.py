@@ -49,6 +49,7 @@ import redis
 from dask_serverless.backends.base import Backend
 from dask_serverless.backends.local.resources import TaskOutOfMemoryError
 from dask_serverless.client.progress import RunProgress
+from dask_serverless.client.tracebacks import SourceIndex, with_sources
 from dask_serverless.constants import KEEP_ALIVES_PER_TTL, STUCK_LEASES, WATCHES_PER_LEASE
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan
@@ -150,12 +151,20 @@ class Run:
     def run_id(self) -> str:
         return self.record.run_id
 
-    def execute(self, sealed_record: bytes, timeout: float | None) -> Sequence[Any]:
-        """Submit the run and wait for its values; whatever goes wrong, purge its keys."""
+    def execute(
+        self,
+        sealed_record: bytes,
+        timeout: float | None,
+        literals: dict[int, bytes] | None = None,
+    ) -> Sequence[Any]:
+        """Submit the run and wait for its values; whatever goes wrong, purge its keys.
+
+        ``literals`` are the signed values of the record's large literals, by node.
+        """
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         self.deadline = deadline
         invocations = self.invocations(self.bundling.starts)
-        self.store.create(sealed_record, invocations)
+        self.store.create(sealed_record, invocations, literals=literals)
         self.primaries = self.store.primaries()
         keeper = threading.Thread(
             target=self.keep_alive, name=f"dask-serverless-keep-alive-{self.run_id}", daemon=True
@@ -184,10 +193,10 @@ class Run:
                 continue
 
     def live_keys(self) -> list[str]:
-        """The keys the run may still need: the fixed ones, outputs an unfinished task
-        reads, inboxes of unfinished tasks that a parent reported to."""
+        """The keys the run may still need: the fixed ones, its large literals, outputs an
+        unfinished task reads, inboxes of unfinished tasks that a parent reported to."""
         dag, done, keys = self.dag, self.progress.seen, self.store.keys
-        live = keys.fixed()
+        live = keys.fixed() + [keys.literal(i) for i in self.record.literals]
         for index in done:
             if any(child not in done for child in dag.dependents[index]):
                 live.append(keys.output(index))
@@ -218,10 +227,10 @@ class Run:
         """Stop the run's running tasks and delete its keys; retried in the background
         while Redis refuses, so that a hung Redis does not hold the compute."""
         self.backend.cancel(self.run_id)
-        node_count, store = len(self.dag), self.store
+        node_count, literals, store = len(self.dag), self.record.literals, self.store
         if not redis_trouble:
             try:
-                store.purge(node_count)
+                store.purge(node_count, literals)
                 return
             except _OUTAGES_AND_REFUSALS:
                 pass
@@ -231,7 +240,7 @@ class Run:
             pause = _CLEANUP_RETRY_S
             while time.monotonic() < give_up:
                 try:
-                    store.purge(node_count)
+                    store.purge(node_count, literals)
                     return
                 except _OUTAGES_AND_REFUSALS:
                     time.sleep(pause)
@@ -313,7 +322,7 @@ class Run:
                 was_sealed, sealed = sealed, self.with_retries(self.watch)
                 if was_sealed and sealed:
                     blob = store.get_result()
-                    store.purge(len(self.dag))
+                    store.purge(len(self.dag), self.record.literals)
                     if blob is not None:
                         return self.open_result(blob)
                 next_watch = time.monotonic() + watch_every
@@ -472,4 +481,7 @@ class Run:
         exc = self.signer.loads(blob, ERROR, label=f"task error (key {self.store.keys.error})")
         if not isinstance(exc, BaseException):
             return RuntimeError(f"a task of run {self.run_id} failed: {exc!r}")
-        return exc
+        sources = SourceIndex()
+        sources.add_main_module()
+        sources.add_objects(self.dag.nodes)
+        return with_sources(exc, sources)

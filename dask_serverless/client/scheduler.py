@@ -4,15 +4,24 @@ A Scheduler holds what outlives one compute — the Redis connection and its scr
 backend, the secret, the planner with its history, the settings — and turns every
 ``get`` into one ``Run`` (``client.run``):
 
-1. translate the dask graph into a DAG (bad input fails here, before anything is sent);
+1. answer the requested keys that are plain data itself, with the objects themselves
+   (as dask's schedulers do), and translate the rest of the dask graph into a DAG (bad
+   input and bad annotations fail here, before anything is sent);
 2. plan it on the platform the backend is (``planning.Platform``), which decides the root
    bundles too;
-3. seal (pickle and sign) the run record, so an unpicklable task also fails before
-   dispatch;
+3. take large literals (persisted chunks) out of the record, store them under keys of
+   their own, and seal (pickle and sign) the run record, so an unpicklable task also
+   fails before dispatch; warnings the tasks raised are re-emitted after the run;
 4. hand the run to a ``Run``, which stores the record, invokes the roots and listens, and
    drive the dask callbacks around it;
 5. record the run's measurements in history and keep its report for ``last_run`` — also
    when the run failed, timed out or was cancelled (``dask_serverless.recording``).
+
+Every argument is checked when the Scheduler is made, with an error that names it; the
+settings a Scheduler was not given come from ``dask.config``. ``get``, the embedded
+default, reads ``dask.config`` at every compute: when the ``serverless`` settings changed
+since its Scheduler was made, it makes a new one. ``import dask_serverless`` also
+registers the name ``"serverless"`` with dask, so ``scheduler="serverless"`` works.
 
 ``get``, the embedded default, called inside a task (a worker runs it) starts a *nested*
 run instead: a child run on the worker's own Redis and platform, through a Scheduler the
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -33,6 +43,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask.base
+import dask.config
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
@@ -46,13 +58,20 @@ from dask_serverless.client.run import (
     StuckRunError,
     WorkerCrashedError,
 )
+from dask_serverless.constants import LARGE_LITERAL_BYTES
 from dask_serverless.dashboard import Dashboard, start_dashboard
-from dask_serverless.graph import translate
+from dask_serverless.graph import as_task_graph, literal_values, requested_keys, translate
 from dask_serverless.planning import Plan, Planner, Planning, Platform
 from dask_serverless.protocol.keys import new_run_id
-from dask_serverless.protocol.record import RunRecord, RunSigner, seal_record
+from dask_serverless.protocol.record import (
+    LITERAL,
+    RunRecord,
+    RunSigner,
+    seal_record,
+    split_large_literals,
+)
 from dask_serverless.protocol.runs import RunHistory
-from dask_serverless.protocol.store import RunStore, Scripts, connect
+from dask_serverless.protocol.store import RunStore, Scripts, connect, redact
 from dask_serverless.recording import RunRecorder
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
@@ -71,6 +90,34 @@ LAMBDA_KEEP_ALIVE_S = 600.0
 __all__ = ["RedisUnavailableError", "Scheduler", "StuckRunError", "WorkerCrashedError", "get"]
 
 logger = logging.getLogger(__name__)
+
+_BACKEND_NAMES = ("local", "inline", "lambda")
+
+
+def checked_number(
+    name: str,
+    value: Any,
+    minimum: float,
+    *,
+    whole: bool = False,
+    optional: bool = False,
+    above: bool = False,
+) -> Any:
+    """``value`` when it is a number >= ``minimum`` (> with ``above``), else a ValueError
+    that names the argument; ``None`` passes when ``optional``."""
+    if value is None and optional:
+        return None
+    kind = "whole number" if whole else "number"
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if valid and whole:
+        valid = float(value).is_integer()
+    if valid:
+        valid = value > minimum if above else value >= minimum
+    if not valid:
+        bound = f"> {minimum:g}" if above else f">= {minimum:g}"
+        allowed = " or None" if optional else ""
+        raise ValueError(f"Scheduler({name}={value!r}): {name} must be a {kind} {bound}{allowed}")
+    return int(value) if whole else value
 
 
 class Scheduler:
@@ -118,20 +165,69 @@ class Scheduler:
         self._dashboard: Dashboard | None = None
         self._embedded: EmbeddedRedis | None = None
         self._backend: Backend | None = None
+        checked = {
+            "timeout": checked_number(
+                "timeout", config.setting("timeout", timeout), 0, optional=True, above=True
+            ),
+            "run_ttl": checked_number("run_ttl", config.setting("run-ttl", run_ttl), 1, whole=True),
+            "concurrency": checked_number(
+                "concurrency",
+                config.setting("local.concurrency", concurrency),
+                1,
+                whole=True,
+                optional=True,
+            ),
+            "keep_alive": checked_number(
+                "keep_alive", config.setting("local.keep-alive", keep_alive), 0
+            ),
+            "retries": checked_number("retries", config.setting("retries", retries), 0, whole=True),
+            "retry_backoff": checked_number(
+                "retry_backoff", config.setting("retry-backoff", retry_backoff), 0
+            ),
+            "lease_timeout": checked_number(
+                "lease_timeout", config.setting("lease-timeout", lease_timeout), 0, above=True
+            ),
+            "max_output_bytes": checked_number(
+                "max_output_bytes",
+                config.setting("max-output-bytes", max_output_bytes),
+                1,
+                whole=True,
+            ),
+            "max_reinvocations": checked_number(
+                "max_reinvocations",
+                config.setting("max-reinvocations", max_reinvocations),
+                0,
+                whole=True,
+            ),
+        }
+        for value in memory_configs or ():
+            checked_number("memory_configs", value, 0, whole=True, above=True)
+        chosen_backend = config.setting("backend", backend)
+        if isinstance(chosen_backend, str) and chosen_backend not in _BACKEND_NAMES:
+            raise ValueError(
+                f"Scheduler(backend={chosen_backend!r}): backend must be one of "
+                f"{', '.join(map(repr, _BACKEND_NAMES))} or a Backend object"
+            )
+        if secret is not None and not isinstance(secret, (bytes, str)):
+            raise TypeError(
+                f"Scheduler(secret=…): secret must be bytes or str, not {type(secret).__name__}"
+            )
         url = config.setting("redis", redis)
+        self.redis_url = redact(url) if url is not None else None
         if url is None:
             self._embedded = EmbeddedRedis(server=config.setting("embedded.server"))
             url = self._embedded.url
+            self.redis_url = None
         try:
             self._redis = connect(url)
             self._scripts = Scripts(self._redis)
-            self.timeout = config.setting("timeout", timeout)
-            self.run_ttl = int(config.setting("run-ttl", run_ttl))
-            self.retries = int(config.setting("retries", retries))
-            self.retry_backoff = float(config.setting("retry-backoff", retry_backoff))
-            self.lease_ms = int(float(config.setting("lease-timeout", lease_timeout)) * 1000)
-            self.max_reinvocations = int(config.setting("max-reinvocations", max_reinvocations))
-            self.max_output_bytes = int(config.setting("max-output-bytes", max_output_bytes))
+            self.timeout = checked["timeout"]
+            self.run_ttl = checked["run_ttl"]
+            self.retries = checked["retries"]
+            self.retry_backoff = float(checked["retry_backoff"])
+            self.lease_ms = int(float(checked["lease_timeout"]) * 1000)
+            self.max_output_bytes = checked["max_output_bytes"]
+            self.max_reinvocations = checked["max_reinvocations"]
             self.cluster_output_bytes = int(config.setting("cluster-output-bytes"))
             self.recovered_invocations = 0
             self.last_retries: dict[Any, int] = {}
@@ -139,16 +235,14 @@ class Scheduler:
             self._secret = shared or config.secret_from_environment() or new_secret()
             self._signer = Signer(self._secret)
             options = dict(config.setting("local"))
-            options["concurrency"] = concurrency or options.get("concurrency")
-            options["keep-alive"] = config.setting("local.keep-alive", keep_alive)
+            options["concurrency"] = checked["concurrency"]
+            options["keep-alive"] = checked["keep_alive"]
             options["lambda"] = {
                 "function": lambda_function,
                 "endpoint-url": lambda_endpoint_url,
                 "region": lambda_region,
             }
-            self._backend = create_backend(
-                config.setting("backend", backend), url, self._secret, options
-            )
+            self._backend = create_backend(chosen_backend, url, self._secret, options)
             workers = self._backend.concurrency or _UNKNOWN_CONCURRENCY
             self.bundles = int(workers) * _BUNDLES_PER_WORKER
             # Planning (dask_serverless.planning): per-task memory from history, the SLA.
@@ -185,6 +279,17 @@ class Scheduler:
         assert self._backend is not None
         return self._backend
 
+    def __repr__(self) -> str:
+        backend = self._backend.name if self._backend is not None else "?"
+        redis = self.redis_url or "embedded"
+        concurrency = self._backend.concurrency if self._backend is not None else None
+        state = " closed" if self._closed else ""
+        return (
+            f"<dask_serverless.Scheduler{state} backend={backend!r} redis={redis!r} "
+            f"concurrency={concurrency} timeout={getattr(self, 'timeout', None)} "
+            f"retries={getattr(self, 'retries', None)}>"
+        )
+
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         return self.get(dsk, keys, **kwargs)
 
@@ -204,10 +309,29 @@ class Scheduler:
         """
         if self._closed:
             raise RuntimeError("this Scheduler is closed")
+        graph = as_task_graph(dsk)
+        wanted = requested_keys(keys)
+        results = literal_values(graph, wanted)
+        computed = [key for key in wanted if key not in results]
+        if computed:
+            results.update(self.run(dsk, graph, computed, callbacks, timeout, parent_gone))
+        return nested_get(keys, results)
+
+    def run(
+        self,
+        dsk: Any,
+        graph: dict,
+        keys: list,
+        callbacks: Any,
+        timeout: float | None,
+        parent_gone: Callable[[], bool] | None = None,
+    ) -> dict:
+        """Compute ``keys`` (none of them plain data) in one run; their values by key."""
         run_id = new_run_id()
-        dag = translate(dsk, keys, run_token=run_id)
+        dag = translate(dsk, keys, run_token=run_id, graph=graph)
         plan = self._planning.plan(dag, self.platform())
         bundling = plan.bundling
+        workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
         logger.debug(
             "run %s: planner %s (SLA %s) chose memory %s MB",
             run_id,
@@ -218,7 +342,7 @@ class Scheduler:
         )
         record = RunRecord(
             run_id,
-            dag,
+            workers_dag,
             retries=self.retries,
             retry_backoff_s=self.retry_backoff,
             max_output_bytes=self.max_output_bytes,
@@ -226,8 +350,11 @@ class Scheduler:
             cluster_output_bytes=self.cluster_output_bytes,
             memory=plan.worker_memory(),
             concurrency=self.backend.concurrency,
+            literals=frozenset(literals),
         )
         sealed = seal_record(self._signer, record)
+        signer = RunSigner(self._signer, run_id)
+        literal_blobs = {i: signer.dumps(v, LITERAL, i) for i, v in literals.items()}
         limit = self.timeout if timeout is None else timeout
         with local_callbacks(callbacks) as active:
             run = Run(
@@ -260,7 +387,7 @@ class Scheduler:
                 if plan.prewarm:
                     self.backend.prewarm(dict(plan.prewarm))
                 run_started = time.time()
-                values = run.execute(sealed, limit)
+                values = run.execute(sealed, limit, literal_blobs)
                 makespan = time.time() - run_started
                 succeeded = True
             except BaseException as error:
@@ -273,6 +400,7 @@ class Scheduler:
                 self.recovered_invocations += run.recovered_invocations
                 self.last_retries = {dag.keys[i]: n for i, n in run.progress.retries.items()}
                 run.progress.finish(failed=not succeeded)
+                run.progress.emit_warnings()
         logger.info(
             "run %s finished in %.3f s (%d invocations recovered)",
             run_id,
@@ -293,8 +421,7 @@ class Scheduler:
         self._last_report = self._recorder.succeeded(
             run_id, dag, plan, run.progress, run_started, makespan, self.backend.throttled
         )
-        results = dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
-        return nested_get(keys, results)
+        return dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
 
     @property
     def last_run(self) -> RunReport | None:
@@ -357,16 +484,23 @@ class Scheduler:
 
 
 class _DefaultScheduler:
-    """Holds the process-wide Scheduler behind ``dask_serverless.get``, made on first use."""
+    """Holds the process-wide Scheduler behind ``dask_serverless.get``, made on first use
+    and made again when the ``serverless`` settings it was made with changed."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._scheduler: Scheduler | None = None
+        self._settings: dict | None = None
 
     def get(self) -> Scheduler:
         with self._lock:
+            settings = dask.config.get("serverless")
+            stale = self._scheduler is not None and settings != self._settings
+            if stale and self._scheduler is not None:
+                self._scheduler.close()
             if self._scheduler is None or self._scheduler._closed:
                 self._scheduler = Scheduler()
+                self._settings = copy.deepcopy(settings)
                 atexit.register(self._scheduler.close)
             return self._scheduler
 
@@ -403,3 +537,7 @@ def child_run_get(invocation: Serving, dsk: Any, keys: Any, **kwargs: Any) -> An
     seceded = getattr(platform, "seceded", contextlib.nullcontext)
     with seceded():
         return environment.nested_client.get(dsk, keys, parent_gone=invocation.cancelled, **kwargs)
+
+
+# ``scheduler="serverless"``: dask looks names up in this table.
+dask.base.named_schedulers.setdefault("serverless", get)

@@ -13,6 +13,8 @@ array:
 * ``["inv", worker_id, memory_mb, cold, startup_s, invocation_id, start_unix_s]`` — an
   invocation started (``startup_s``: a cold start's boot to ready plus the hand-over);
 * ``["retry", index, attempt, error_repr]`` — a task raised and is being retried;
+* ``["warn", index, category, message, filename, lineno]`` — a task raised a warning
+  (``category`` is ``module:qualname``); sent once per distinct warning and task;
 * ``["error", index]`` — a task failed; the signed exception is in the run's error key;
 * ``["oom", index, memory_mb]`` — the platform killed the instance running a task for
   exceeding its configuration; the client retries it one size up;
@@ -35,6 +37,7 @@ ERROR = "error"
 FINISHED = "finished"
 UPLOAD = "up"
 INVOCATION = "inv"
+WARNING = "warn"
 OUT_OF_MEMORY = "oom"
 
 Event = list
@@ -73,6 +76,10 @@ def done(
 
 def retry(index: int, attempt: int, error_repr: str) -> Event:
     return [RETRY, index, attempt, error_repr]
+
+
+def warning(index: int, category: str, message: str, filename: str, lineno: int) -> Event:
+    return [WARNING, index, category, message, filename, lineno]
 
 
 def error(index: int) -> Event:

@@ -29,6 +29,8 @@ Control keys of one run (``P = dsl:{<run-id>}:``):
                         that shows no progress sleeps in BLPOP on it, not on the stream
 ``P error``   string    signed exception of the first task that failed
 ``P result``  string    signed values of the requested keys, read once by the client
+``P l:<i>``   string    signed value of node ``i``, a literal too large for the record
+                        (a persisted chunk), stored by the client with the record
 ============  ========  ============================================================
 
 Bulk keys of one run: ``dsl:{<run-id>:o:<i>}`` (string), the signed output of node ``i``,
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 HISTORY_PREFIX = "dsl:history:v2:"
@@ -107,13 +110,18 @@ class RunKeys:
     def inbox(self, index: int) -> str:
         return f"{self.prefix}d:{index}"
 
-    def all_keys(self, node_count: int) -> list[str]:
+    def literal(self, index: int) -> str:
+        return f"{self.prefix}l:{index}"
+
+    def all_keys(self, node_count: int, literals: Iterable[int] = ()) -> list[str]:
         """Every key the run may have written except its record: known from the DAG's
-        size, so deleting a run never scans the keyspace (I-4, I-6)."""
+        size and its stored literals, so deleting a run never scans the keyspace (I-4,
+        I-6)."""
         keys = [self.events, self.result, self.error, self.invocations]
         keys += [self.leases, self.restart, self.signal, self.queued]
         keys += [self.output(i) for i in range(node_count)]
         keys += [self.inbox(i) for i in range(node_count)]
+        keys += [self.literal(i) for i in literals]
         return keys
 
     def fixed(self) -> list[str]:
@@ -121,10 +129,11 @@ class RunKeys:
         keys = [self.record, self.events, self.result, self.error, self.invocations]
         return keys + [self.leases, self.restart, self.signal, self.queued]
 
-    def intermediates(self, node_count: int) -> list[str]:
+    def intermediates(self, node_count: int, literals: Iterable[int] = ()) -> list[str]:
         """What the sink's worker deletes: everything but the result and the events,
         which the client still reads."""
-        return [k for k in self.all_keys(node_count) if k not in (self.result, self.events)]
+        kept = (self.result, self.events)
+        return [k for k in self.all_keys(node_count, literals) if k not in kept]
 
 
 def function_digest(function: str) -> str:

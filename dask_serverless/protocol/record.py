@@ -12,8 +12,11 @@ naming the key it was found under.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from dask._task_spec import DataNode, GraphNode
+from dask.sizeof import sizeof
 
 from dask_serverless.graph import DAG
 from dask_serverless.storage.serialize import Signer, UntrustedBlobError
@@ -23,6 +26,10 @@ RECORD = "run record"
 OUTPUT = "output"
 ERROR = "task error"
 RESULT = "run result"
+LITERAL = "graph literal"
+
+# Containers longer than this are sized as a whole (dask.sizeof samples them), not walked.
+_WALKED_ITEMS = 64
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,11 @@ class RunRecord:
     # platform's queue costs more than running its task here. Unknown (AWS Lambda scales
     # out): every ready child beyond the first gets a new worker, as in WUKONG.
     concurrency: int | None = None
+    # Nodes that carry literal data too large to ride in the record (persisted chunks,
+    # alone or fused into the task that reads them): each node is stored once per run
+    # under its own key and read only by the worker that runs it
+    # (see ``split_large_literals``).
+    literals: frozenset[int] = frozenset()
 
     def memory_of(self, index: int) -> int | None:
         return None if self.memory is None else self.memory[index]
@@ -83,6 +95,51 @@ class RunSigner:
 
     def dumps_exception(self, exc: BaseException) -> bytes:
         return self.signer.dumps_exception(exc, context=blob_context(self.run_id, ERROR))
+
+
+def literal_bytes(node: Any, limit: int) -> int:
+    """Roughly how many bytes of data ``node`` carries, counted until ``limit`` is reached.
+
+    Walks the task's arguments, the values of ``DataNode`` s and the subgraphs fused into
+    it (an optimized array graph inlines persisted chunks into the tasks that read them);
+    a long container is measured by ``dask.sizeof`` as a whole rather than walked.
+    """
+    total = 0
+    stack = [node]
+    while stack and total < limit:
+        obj = stack.pop()
+        if isinstance(obj, DataNode):
+            stack.append(obj.value)
+        elif isinstance(obj, GraphNode):
+            stack.extend(getattr(obj, "args", ()))
+            stack.extend(getattr(obj, "kwargs", {}).values())
+        elif isinstance(obj, (list, tuple, set, frozenset)) and len(obj) <= _WALKED_ITEMS:
+            stack.extend(obj)
+        elif isinstance(obj, dict) and len(obj) <= _WALKED_ITEMS:
+            stack.extend(obj.values())
+        else:
+            total += sizeof(obj)
+    return total
+
+
+def split_large_literals(dag: DAG, min_bytes: int) -> tuple[DAG, dict[int, Any]]:
+    """``dag`` without the nodes that carry large literals, and those nodes by index.
+
+    A persisted array is a graph of literals, and optimization fuses each chunk into the
+    task that reads it. Inside the record, every worker would load all of them to run any
+    task. Taken out, the record stays small and each such node is read only by the worker
+    that runs it. The node keeps its place in the DAG (its dependents count it like any
+    parent) with an empty ``DataNode`` standing in for it in the record.
+    """
+    taken: dict[int, Any] = {}
+    nodes = list(dag.nodes)
+    for index, node in enumerate(dag.nodes):
+        if node is not None and literal_bytes(node, min_bytes) >= min_bytes:
+            taken[index] = node
+            nodes[index] = DataNode(node.key, None)
+    if not taken:
+        return dag, taken
+    return replace(dag, nodes=tuple(nodes), index=dag.index), taken
 
 
 def seal_record(signer: Signer, record: RunRecord) -> bytes:

@@ -236,14 +236,25 @@ class RunStore:
 
     # -- client side -------------------------------------------------------------------
 
-    def create(self, record: bytes, invocations: Sequence[Invocation] = ()) -> None:
-        """Store the run record, noting the ``invocations`` about to start the run."""
+    def create(
+        self,
+        record: bytes,
+        invocations: Sequence[Invocation] = (),
+        literals: dict[int, bytes] | None = None,
+    ) -> None:
+        """Store the run record, noting the ``invocations`` about to start the run.
+
+        ``literals`` are the signed values of the run's large literals by node, stored
+        beside the record in the same transaction.
+        """
         keys = self.keys
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(keys.record, record, ex=self.ttl_s, nx=True)
             if invocations:
                 pipe.hset(keys.queued, mapping=cast("Any", _payloads(invocations)))
                 pipe.expire(keys.queued, self.ttl_s)
+            for index, blob in (literals or {}).items():
+                pipe.set(keys.literal(index), blob, ex=self.ttl_s)
             created, *_ = pipe.execute()
         if not created:
             raise RuntimeError(f"run {self.run_id} already exists")
@@ -324,10 +335,10 @@ class RunStore:
                 pipe.expire(key, self.ttl_s)
             pipe.execute()
 
-    def purge(self, node_count: int) -> None:
+    def purge(self, node_count: int, literals: Iterable[int] = ()) -> None:
         """Delete every key of the run, the record first so that no worker writes again."""
         self.client.delete(self.keys.record)
-        self.delete(self.keys.all_keys(node_count))
+        self.delete(self.keys.all_keys(node_count, literals))
 
     # -- worker side -------------------------------------------------------------------
 
@@ -369,6 +380,10 @@ class RunStore:
         keys = self.keys
         reply = self._lapsed(keys=[keys.record, keys.leases, keys.restart], args=list(dead))
         return [(reply[i].decode(), json.loads(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+    def fetch_literal(self, index: int) -> bytes | None:
+        """The signed value of literal node ``index``, as the client stored it."""
+        return cast("bytes | None", self.client.get(self.keys.literal(index)))
 
     def fetch_outputs(self, indices: Sequence[int]) -> list[bytes | None]:
         """The stored outputs of ``indices`` (None where missing): one MGET, or on a cluster
@@ -497,9 +512,9 @@ class RunStore:
         except redis.RedisError:
             return False
 
-    def delete_intermediates(self, node_count: int) -> None:
+    def delete_intermediates(self, node_count: int, literals: Iterable[int] = ()) -> None:
         """After ``seal``: every key but the result and the events the client still reads."""
-        self.delete(self.keys.intermediates(node_count))
+        self.delete(self.keys.intermediates(node_count, literals))
 
     def announce(self, events: bytes) -> bool:
         """Append the ``finished`` events and wake the client, unless it purged the run."""

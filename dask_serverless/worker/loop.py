@@ -45,16 +45,21 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
+import warnings
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
+import dask.config
 import redis
+from dask.utils import shorten_traceback
 
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.placement import output_leaves_worker
-from dask_serverless.protocol.record import OUTPUT, RESULT
+from dask_serverless.protocol.record import LITERAL, OUTPUT, RESULT
 from dask_serverless.worker.branch import Branch, MissingOutputError, OutputTooLargeError, RunGone
 from dask_serverless.worker.metrics import TaskMeter
 
@@ -65,7 +70,21 @@ logger = logging.getLogger(__name__)
 
 
 def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
-    """Follow the branch from ``starts`` until it ends; see the module docstring."""
+    """Follow the branch from ``starts`` until it ends; see the module docstring.
+
+    Warnings are recorded for the whole invocation (whatever the instance's filters: the
+    client applies its own when it re-emits them); ``execute_with_retries`` takes those a
+    task raised.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        follow_branch(branch, starts, logic, caught)
+
+
+def follow_branch(
+    branch: Branch, starts: Sequence[int], logic: WorkerLogic, caught: list[Any]
+) -> None:
+    """The branch loop itself; ``caught`` collects the warnings raised meanwhile."""
     dag = branch.dag
     stack = list(starts)
     try:
@@ -80,7 +99,7 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
                 if index == dag.sink:
                     finish_run(branch, inputs)
                     return
-                value = execute_with_retries(branch, logic, index, inputs)
+                value = execute_with_retries(branch, logic, index, inputs, caught)
                 branch.pending_events.append(meter.done(inputs, value))
                 ready = logic.publish(branch, index, value, last_step=not stack)
                 meter.published(index not in branch.unstored)
@@ -116,15 +135,29 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
 
 
 def execute_with_retries(
-    branch: Branch, logic: WorkerLogic, index: int, inputs: dict[int, Any]
+    branch: Branch,
+    logic: WorkerLogic,
+    index: int,
+    inputs: dict[int, Any],
+    caught: list[Any] | None = None,
 ) -> Any:
-    """Run the task, retrying it in place with exponential backoff while retries remain."""
+    """Run the task, retrying it in place with exponential backoff while retries remain.
+
+    The warnings the task adds to ``caught`` are sent as events, once per distinct
+    warning; the client re-emits them under its own filters, as if the task ran there.
+    """
     record = branch.record
     retries = int(branch.dag.annotation(index, "retries", record.retries) or 0)
     attempt = 0
+    caught = [] if caught is None else caught
     while True:
+        caught.clear()  # what the worker itself raised since the last task is not the task's
         try:
-            return logic.execute(branch, index, inputs)
+            try:
+                return logic.execute(branch, index, inputs)
+            finally:
+                report_warnings(branch, index, caught)
+                caught.clear()
         except Exception as exc:
             if attempt >= retries or branch.cancelled():
                 raise
@@ -139,6 +172,35 @@ def execute_with_retries(
             )
             branch.pending_events.append(events.retry(index, attempt, repr(exc)[:200]))
             time.sleep(record.retry_backoff_s * 2 ** (attempt - 1))
+
+
+def report_warnings(branch: Branch, index: int, caught: Sequence[Any]) -> None:
+    """Queue a ``warn`` event for each distinct warning ``caught`` while running ``index``."""
+    seen = set()
+    for message in caught:
+        category = message.category
+        event = events.warning(
+            index,
+            f"{category.__module__}:{category.__qualname__}",
+            str(message.message),
+            str(message.filename),
+            int(message.lineno or 0),
+        )
+        if tuple(event) not in seen:
+            seen.add(tuple(event))
+            branch.pending_events.append(event)
+
+
+def task_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without the worker's own frames, shortened as dask's ``shorten_traceback``
+    does (the patterns of ``admin.traceback.shorten``, which lists this package)."""
+    paths = dask.config.get("admin.traceback.shorten", [])
+    if not paths or tb is None:
+        return tb
+    engine = re.compile(".*(" + "|".join(paths) + ")")
+    while tb.tb_next is not None and engine.match(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    return shorten_traceback.shorten(tb)
 
 
 def hand_off(branch: Branch, stack: Sequence[int]) -> None:
@@ -186,8 +248,23 @@ def store_held(branch: Branch, index: int, value: Any) -> None:
     branch.unstored.discard(index)
 
 
+def load_literal(branch: Branch, index: int) -> Any:
+    """A node the client stored under its own key: it carries large literal data."""
+    blob = branch.store.fetch_literal(index)
+    if blob is None:
+        raise MissingOutputError(f"literal {branch.dag.keys[index]!r} is missing from Redis")
+    label = f"literal {branch.dag.keys[index]!r} (key {branch.store.keys.literal(index)})"
+    return branch.signer.loads(blob, LITERAL, index, label=label)
+
+
 def fail_run(branch: Branch, index: int, exc: BaseException) -> None:
-    """Record ``exc`` as the run's error (first one wins) and tell the client."""
+    """Record ``exc`` as the run's error (first one wins) and tell the client.
+
+    The traceback keeps the task's own frames only (dask's ``admin.traceback.shorten``),
+    and a note names the task's key, as the user knows it.
+    """
+    exc.__traceback__ = task_frames(exc.__traceback__)
+    exc.add_note(f"(raised by task {branch.dag.keys[index]!r}, run on dask-serverless)")
     logger.info(
         "task %s failed: %r",
         branch.dag.keys[index],
@@ -215,7 +292,7 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
         )
     if not store.seal(blob):
         return
-    store.delete_intermediates(len(dag))
+    store.delete_intermediates(len(dag), branch.record.literals)
     branch.pending_events.append(events.finished())
     batch = branch.take_events()
     assert batch is not None
@@ -256,7 +333,7 @@ class WorkerLogic:
 
     def execute(self, branch: Branch, index: int, inputs: dict[int, Any]) -> Any:
         dag = branch.dag
-        node = dag.nodes[index]
+        node = load_literal(branch, index) if index in branch.record.literals else dag.nodes[index]
         assert node is not None
         return node({dag.keys[p]: value for p, value in inputs.items()})
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 
 from dask_serverless import config
@@ -57,6 +58,9 @@ ENV_DEFAULT_MEMORY = "DASK_SERVERLESS_LAMBDA_DEFAULT_MEMORY"
 ENV_S3_BUCKET = "DASK_SERVERLESS_S3_BUCKET"
 ENV_S3_THRESHOLD = "DASK_SERVERLESS_S3_THRESHOLD_BYTES"
 ENV_HANDOFF_MARGIN = "DASK_SERVERLESS_HANDOFF_MARGIN_MS"
+# The region a client of a stand-in Lambda endpoint names when none is configured: the
+# stand-in serves every region alike, and boto3 refuses to build a client without one.
+STAND_IN_REGION = "us-east-1"
 
 HANDLER = "dask_serverless.backends.aws_lambda.entry.handler"
 DEFAULT_S3_THRESHOLD = 1024 * 1024
@@ -176,16 +180,26 @@ class LambdaSettings:
 
 
 def lambda_client(settings: LambdaSettings, session: Any = None, read_timeout: int = 60) -> Any:
-    """A boto3 Lambda client tuned for many concurrent ``Invoke`` calls."""
+    """A boto3 Lambda client tuned for many concurrent ``Invoke`` calls.
+
+    Against a stand-in endpoint (``endpoint_url``, e.g. ``dask-serverless lambda
+    serve-local``) no AWS account is needed: without a configured region the client uses
+    ``STAND_IN_REGION``, and without credentials it sends unsigned requests, which the
+    stand-in accepts. Against AWS itself both stay boto3's to find.
+    """
     session = session or boto3.session.Session()
+    stand_in = settings.endpoint_url is not None
+    region = settings.region or session.region_name or (STAND_IN_REGION if stand_in else None)
+    unsigned = stand_in and session.get_credentials() is None
     tuned = Config(
         max_pool_connections=settings.max_pool_connections,
         retries={"mode": settings.retry_mode, "total_max_attempts": settings.max_attempts},
         connect_timeout=10,
         read_timeout=read_timeout,
+        **({"signature_version": UNSIGNED} if unsigned else {}),
     )
     return session.client(
-        "lambda", region_name=settings.region, endpoint_url=settings.endpoint_url, config=tuned
+        "lambda", region_name=region, endpoint_url=settings.endpoint_url, config=tuned
     )
 
 

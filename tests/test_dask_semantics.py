@@ -1,0 +1,195 @@
+"""The embedded default behaves like dask's own schedulers: literals, warnings,
+tracebacks, callbacks' times, settings and arguments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import dask
+import dask.array as da
+import dask.bag as db
+import numpy as np
+import pytest
+from dask.diagnostics import Profiler
+
+import dask_serverless
+from dask_serverless import Scheduler
+from dask_serverless.client import _default
+from tests.tasks import TaskWarning, fail, inc, log_of, sleep_then, warn_then
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- plain data keys -----------------------------------------------------------------
+
+
+def test_literal_results_are_the_objects_themselves(scheduler):
+    obj = {"a": [1, 2, 3]}
+    assert dask.delayed(obj).compute(scheduler=scheduler) is obj
+    both = dask.compute(dask.delayed(obj), dask.delayed(inc)(1), scheduler=scheduler)
+    assert both[0] is obj and both[1] == 2
+
+
+def test_an_all_literal_compute_starts_no_run(scheduler):
+    dask.compute(dask.delayed(inc)(1), scheduler=scheduler)
+    before = scheduler.last_run
+    assert before is not None
+    obj = object()
+    assert scheduler.get({"x": obj, "y": 5}, ["x", "y"]) == (obj, 5)
+    assert scheduler.last_run.run_id == before.run_id
+
+
+# -- warnings ------------------------------------------------------------------------
+
+
+def test_task_warnings_reach_the_caller_once_with_their_category(scheduler):
+    parts = [dask.delayed(warn_then)(1) for _ in range(3)] + [dask.delayed(warn_then)(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dask.compute(parts, scheduler=scheduler) == ([1, 1, 1, 2],)
+    ours = [w for w in caught if issubclass(w.category, TaskWarning)]
+    assert sorted(str(w.message) for w in ours) == ["careful 1", "careful 2"]
+    assert all(w.filename.endswith("tasks.py") for w in ours)
+
+
+def test_pytest_warns_sees_numpy_runtime_warning(scheduler):
+    with pytest.warns(RuntimeWarning, match="invalid value"):
+        (value,) = dask.compute(dask.delayed(log_of)(-1.0), scheduler=scheduler)
+    assert np.isnan(value)
+
+
+def test_bag_take_warns_about_too_few_elements(scheduler):
+    bag = db.from_sequence(range(10), npartitions=5)
+    with dask.config.set(scheduler=scheduler), pytest.warns(UserWarning, match="Insufficient"):
+        assert bag.take(5) == (0, 1)
+
+
+def test_dataframe_head_warns_about_too_few_rows(scheduler):
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    frame = dd.from_pandas(pd.DataFrame({"a": range(10)}), npartitions=5)
+    with dask.config.set(scheduler=scheduler), pytest.warns(UserWarning, match="Insufficient"):
+        assert len(frame.head(5, npartitions=1)) == 2
+
+
+# -- tracebacks ----------------------------------------------------------------------
+
+
+def test_traceback_has_no_engine_frames_and_names_the_key(scheduler):
+    bad = dask.delayed(fail)(dask.delayed(inc)(1), dask_key_name="the-failing-task")
+    with pytest.raises(ValueError, match="task failed on 2") as info:
+        dask.compute(bad, scheduler=scheduler)
+    files = [frame.filename for frame in traceback.extract_tb(info.value.__traceback__)]
+    assert not [f for f in files[1:] if "dask_serverless" in f], files
+    assert files[-1].endswith("tasks.py")
+    assert any("the-failing-task" in note for note in info.value.__notes__)
+
+
+SCRIPT = """
+import dask
+import dask_serverless
+
+
+def explode(x):
+    values = [x, x + 1]
+    return values[5]  # the line that fails
+
+
+if __name__ == "__main__":
+    dask.compute(dask.delayed(explode)(1), scheduler=dask_serverless.get)
+"""
+
+
+def test_functions_from_main_show_their_source_lines(tmp_path):
+    script = tmp_path / "explode.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 1
+    err = done.stderr
+    assert "IndexError" in err
+    assert "return values[5]  # the line that fails" in err
+    assert f'File "{script}", line 8, in explode' in err
+    assert "<dynamic-code>" not in err
+    assert "run_branch" not in err and "worker/loop.py" not in err
+    assert "raised by task 'explode-" in err
+
+
+# -- callbacks -----------------------------------------------------------------------
+
+
+def test_profiler_shows_the_tasks_real_durations(scheduler):
+    parts = [dask.delayed(sleep_then)(i, 0.2) for i in range(3)]
+    with Profiler() as prof:
+        dask.compute(parts, scheduler=scheduler)
+    durations = [task.end_time - task.start_time for task in prof.results]
+    assert len(durations) == 3
+    # Each task slept 0.2 s on its worker; the client learnt of it later, all at once.
+    assert all(d >= 0.2 for d in durations), durations
+    # On the Profiler's own clock: within the compute, not at the moment events arrived.
+    assert prof.start_time <= min(task.start_time for task in prof.results)
+    assert max(task.end_time for task in prof.results) <= time.perf_counter()
+
+
+# -- settings and arguments ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"concurrency": 0}, "concurrency"),
+        ({"timeout": -1}, "timeout"),
+        ({"retries": 1.5}, "retries"),
+        ({"lease_timeout": 0}, "lease_timeout"),
+        ({"backend": "cloud"}, "backend"),
+        ({"memory_configs": [512, -1]}, "memory_configs"),
+    ],
+)
+def test_bad_scheduler_arguments_fail_up_front_naming_the_argument(arguments, named):
+    with pytest.raises(ValueError, match=rf"Scheduler\({named}="):
+        Scheduler(redis="redis://127.0.0.1:1", **arguments)
+
+
+def test_bad_annotations_fail_naming_the_annotation_and_the_key(scheduler):
+    with dask.annotate(memory="lots"):
+        big = dask.delayed(inc)(1, dask_key_name="hungry")
+    with pytest.raises(ValueError, match=r"memory='lots'\) on task 'hungry'"):
+        dask.compute(big, scheduler=scheduler)
+    with dask.annotate(retries=-2):
+        flaky = dask.delayed(inc)(1, dask_key_name="flaky")
+    with pytest.raises(ValueError, match=r"retries=-2\) on task 'flaky'"):
+        dask.compute(flaky, scheduler=scheduler)
+
+
+def test_repr_says_what_the_scheduler_is(scheduler, redis_url):
+    text = repr(scheduler)
+    assert "backend='local'" in text and "concurrency=" in text and "timeout=120" in text
+    assert redis_url.split("@")[-1] in text
+
+
+def test_the_default_reads_the_configuration_at_each_compute():
+    assert dask.compute(dask.delayed(inc)(1), scheduler="serverless") == (2,)
+    with dask.config.set({"serverless.local.concurrency": 7}):
+        assert dask.compute(dask.delayed(inc)(2), scheduler=dask_serverless.get) == (3,)
+        assert _default.get().backend.concurrency == 7
+    assert dask.compute(dask.delayed(inc)(3), scheduler="serverless") == (4,)
+    assert _default.get().backend.concurrency != 7
+
+
+# -- large literals ------------------------------------------------------------------
+
+
+def test_persisted_arrays_reduce_from_literals_outside_the_record(scheduler):
+    x = da.random.random((1000, 1000), chunks=250).persist(scheduler="threads")
+    assert np.isclose(x.sum().compute(scheduler=scheduler), x.sum().compute(scheduler="sync"))
