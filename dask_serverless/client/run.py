@@ -171,6 +171,7 @@ class Run:
         )
         keeper.start()
         try:
+            logger.debug("run %s: invoking %d workers", self.run_id, len(invocations))
             self.backend.invoke(invocations)
             return self.wait(deadline, timeout)
         except BaseException as error:
