@@ -38,10 +38,9 @@ from dask_serverless import performance
 from dask_serverless.graph import DAG
 from dask_serverless.planning import Plan, report
 from dask_serverless.planning.history import (
-    TaskMetrics,
     function_identities,
     invocation_metrics,
-    task_metrics,
+    measured_tasks,
 )
 from dask_serverless.protocol.runs import RunHistory
 from dask_serverless.report import (
@@ -84,12 +83,7 @@ def build_report(
     pricing: Pricing | None = None,
 ) -> RunReport:
     """The full report of a run from its plan and the events the client received."""
-    uploads: dict[int, float] = progress.uploads
-    measured: dict[int, TaskMetrics] = {}
-    for event in progress.task_events:
-        metrics = task_metrics(event, uploads.get(int(event[1]), 0.0))
-        if metrics is not None:
-            measured[metrics.index] = metrics
+    measured = measured_tasks(progress.task_events, progress.uploads)
     invocations = [invocation_metrics(e) for e in progress.invocations]
     base = report(
         run_id,

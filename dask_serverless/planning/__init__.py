@@ -40,6 +40,7 @@ from dask_serverless.planning.history import (
     function_identities,
     invocation_metrics,
     literal_bytes,
+    measured_tasks,
     run_samples,
     task_metrics,
 )
@@ -218,11 +219,7 @@ class Planning:
             )
 
         def build() -> RunReport:
-            measured: dict[int, TaskMetrics] = {}
-            for event in progress.task_events:
-                metrics = task_metrics(event, uploads.get(int(event[1]), 0.0))
-                if metrics is not None:
-                    measured[metrics.index] = metrics
+            measured = measured_tasks(progress.task_events, uploads)
             return report(
                 run_id,
                 dag,

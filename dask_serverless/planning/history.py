@@ -70,6 +70,18 @@ class InvocationMetrics:
     start: float = 0.0
 
 
+def measured_tasks(
+    task_events: Iterable[Sequence[Any]], uploads: Mapping[int, float]
+) -> dict[int, TaskMetrics]:
+    """The metrics of every task a run's ``done`` events measured, by node."""
+    measured: dict[int, TaskMetrics] = {}
+    for event in task_events:
+        metrics = task_metrics(event, uploads.get(int(event[1]), 0.0))
+        if metrics is not None:
+            measured[metrics.index] = metrics
+    return measured
+
+
 def task_metrics(done: Sequence[Any], upload_s: float = 0.0) -> TaskMetrics | None:
     """The metrics in a ``done`` event, or None for an event without them."""
     if len(done) < 12:
