@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -432,15 +432,11 @@ def serve_local(
             f"cannot serve on {host}:{port}: {error.strerror or error} "
             "(another process listens there? --port 0 picks a free port)"
         ) from None
-    signal.signal(signal.SIGTERM, _interrupt)
-    click.echo(f"Lambda endpoint on {endpoint.url} (functions <base>-<MB>); Ctrl-C stops it")
-    sys.stdout.flush()
-    try:
-        endpoint.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        endpoint.close()
+    _serve_until_stopped(
+        f"Lambda endpoint on {endpoint.url} (functions <base>-<MB>); Ctrl-C stops it",
+        endpoint.serve_forever,
+        endpoint.close,
+    )
 
 
 # -- seeing runs: the run history, reports, what the planner knows, the dashboard ---------
@@ -538,15 +534,26 @@ def dashboard(redis_url: str, port: int, host: str) -> None:
         server = Dashboard(redis_url, int(port), host).start()
     except RuntimeError as error:
         _fail(error)
+    _serve_until_stopped(
+        f"dask-serverless dashboard: {server.url} (Ctrl-C stops it)",
+        server.serve_forever,
+        server.stop,
+    )
+
+
+def _serve_until_stopped(
+    address: str, serve_forever: Callable[[], None], stop: Callable[[], None]
+) -> None:
+    """Print where a server listens, serve until Ctrl-C or SIGTERM, then stop it."""
     signal.signal(signal.SIGTERM, _interrupt)
-    click.echo(f"dask-serverless dashboard: {server.url} (Ctrl-C stops it)")
+    click.echo(address)
     sys.stdout.flush()
     try:
-        server.serve_forever()
+        serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
+        stop()
 
 
 def _interrupt(signum: int, frame: Any) -> None:

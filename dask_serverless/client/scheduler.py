@@ -408,16 +408,7 @@ class Scheduler:
             run.recovered_invocations,
             extra={"run_id": run_id},
         )
-        self._planning.finish(
-            run_id,
-            dag,
-            plan,
-            run.progress,
-            run_started,
-            makespan,
-            throttled=self.backend.throttled,
-            out_of_memory=run.progress.out_of_memory,
-        )
+        self._planning.finish(dag, plan, run.progress, out_of_memory=run.progress.out_of_memory)
         self._last_report = self._recorder.succeeded(
             run_id, dag, plan, run.progress, run_started, makespan, self.backend.throttled
         )

@@ -24,8 +24,7 @@ history snapshot and predictor.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,7 +39,6 @@ from dask_serverless.planning.history import (
     function_identities,
     invocation_metrics,
     literal_bytes,
-    measured_tasks,
     run_samples,
     task_metrics,
 )
@@ -181,59 +179,37 @@ class Planning:
 
     def finish(
         self,
-        run_id: str,
         dag: DAG,
         plan: Plan,
         progress: Any,
-        started_unix: float,
-        makespan_s: float,
-        throttled: bool | None = None,
         out_of_memory: Sequence[tuple[int, int]] = (),
-    ) -> Callable[[], RunReport]:
-        """Record the run's metrics in history; returns how to build the run's report.
+    ) -> None:
+        """Record the run's metrics in history (the run's report is the recorder's).
 
         Only the newest ``history_samples`` tasks of each function are read: history keeps
         no more, and a 10 000-task run should not pay for parsing what would be dropped.
-        The report (planned next to actual, for every task) is built when asked for.
         ``out_of_memory`` lists ``(task, MB)`` of tasks that ran out of memory at that size
         (and were retried one size up): history keeps the size, so no later plan goes there.
         """
+        if self.store is None:
+            return
         uploads: dict[int, float] = getattr(progress, "uploads", {})
         invocations = [invocation_metrics(e) for e in getattr(progress, "invocations", [])]
         functions = plan.functions or function_identities(dag)
-        if self.store is not None:
-            newest = newest_per_function(progress.task_events, functions, self.store.samples)
-            sampled = [
-                metrics
-                for event in newest
-                if (metrics := task_metrics(event, uploads.get(int(event[1]), 0.0))) is not None
-            ]
-            literals = plan.inputs.literals
-            ooms: dict[str, list[int]] = {}
-            for index, memory_mb in out_of_memory:
-                ooms.setdefault(functions[index], []).append(int(memory_mb))
-            self.store.append(
-                *run_samples(functions, sampled, invocations, literals),
-                ooms,
-                residuals(plan, functions, sampled),
-            )
-
-        def build() -> RunReport:
-            measured = measured_tasks(progress.task_events, uploads)
-            return report(
-                run_id,
-                dag,
-                plan,
-                measured,
-                invocations,
-                started_unix,
-                makespan_s,
-                throttled,
-                self.pricing,
-                len(out_of_memory),
-            )
-
-        return functools.cache(build)
+        newest = newest_per_function(progress.task_events, functions, self.store.samples)
+        sampled = [
+            metrics
+            for event in newest
+            if (metrics := task_metrics(event, uploads.get(int(event[1]), 0.0))) is not None
+        ]
+        ooms: dict[str, list[int]] = {}
+        for index, memory_mb in out_of_memory:
+            ooms.setdefault(functions[index], []).append(int(memory_mb))
+        self.store.append(
+            *run_samples(functions, sampled, invocations, plan.inputs.literals),
+            ooms,
+            residuals(plan, functions, sampled),
+        )
 
 
 def residuals(
