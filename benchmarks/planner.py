@@ -158,6 +158,8 @@ class Measured:
     actual_gb_s: float
     io_max_mb: int = 0
     throttled: bool | None = None
+    load: float = 0.0
+    capacity: float | None = None
 
 
 @dataclass
@@ -174,7 +176,9 @@ def embedded_url(sched: Scheduler) -> str:
 
 
 def measure(name: str, concurrency: int, sched: Scheduler, graph: dict, key: str) -> Measured:
+    capacity = sched.plan(graph, key).inputs.platform.capacity
     sched.get(graph, key)
+    load = os.getloadavg()[0]
     run = sched.last_run
     assert run is not None
     io_max = max(
@@ -195,6 +199,8 @@ def measure(name: str, concurrency: int, sched: Scheduler, graph: dict, key: str
         run.cost_gb_s,
         io_max,
         run.throttled,
+        load,
+        capacity,
     )
 
 
@@ -235,7 +241,12 @@ def repetition(
                             f"  rep {number} {name:7s} c={concurrency} {planner:14s} "
                             f"makespan {measured.predicted_s:6.3f}/{measured.actual_s:6.3f} s "
                             f"cost {measured.predicted_gb_s:7.3f}/{measured.actual_gb_s:7.3f} GB-s"
-                            f" io<={measured.io_max_mb}",
+                            f" io<={measured.io_max_mb} load {measured.load:4.1f}"
+                            + (
+                                f" ({measured.capacity:.2f} CPUs left)"
+                                if measured.capacity is not None
+                                else ""
+                            ),
                             flush=True,
                         )
                 finally:
@@ -437,6 +448,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"out of memory: {line}")
     header = ["check", "median", "worst", "target", "verdict"]
     print(table(header, summarise(results, plan_s, order_s)))
+    loads = [r.load for r in results.runs]
+    if loads:
+        print(
+            f"1-minute load average after each run: median {statistics.median(loads):.1f}, "
+            f"max {max(loads):.1f} ({os.cpu_count()} cores)"
+        )
     throttled = {r.throttled for r in results.runs}
     if throttled != {True}:
         print("note: some runs were unthrottled (no cgroups): sizes got no CPU share")

@@ -15,6 +15,7 @@ from dask_serverless.client import (
 )
 from dask_serverless.graph import CycleError
 from dask_serverless.performance import performance_report
+from dask_serverless.protocol.events import TaskOutOfMemoryError
 from dask_serverless.report import RunReport
 from dask_serverless.storage.serialize import RemoteError, UntrustedBlobError
 
@@ -25,6 +26,7 @@ __all__ = [
     "RunReport",
     "Scheduler",
     "StuckRunError",
+    "TaskOutOfMemoryError",
     "UntrustedBlobError",
     "WorkerCrashedError",
     "__version__",

@@ -12,8 +12,7 @@ import dask
 import pytest
 from dask._task_spec import Task, TaskRef
 
-from dask_serverless import Scheduler
-from dask_serverless.backends.local.resources import TaskOutOfMemoryError
+from dask_serverless import Scheduler, TaskOutOfMemoryError
 from dask_serverless.planning.history import function_identity
 from dask_serverless.protocol.keys import task_history_key
 

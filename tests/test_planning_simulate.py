@@ -22,7 +22,12 @@ from dask_serverless.planning import (
     make_planner,
 )
 from dask_serverless.planning.bundling import bundle_roots
-from dask_serverless.planning.history import function_identities
+from dask_serverless.planning.history import (
+    TaskMetrics,
+    cpu_capacity,
+    function_identities,
+    recent_capacity,
+)
 
 CONFIGS = (512, 1024, 1769, 3008)
 COLD, WARM = 0.1, 0.01
@@ -213,3 +218,68 @@ def test_roots_on_the_longest_path_are_invoked_first():
     assert inputs.bundle(memory).starts[0] == [inputs.dag.index[("spin", 0)]]
     schedule = inputs.schedule(memory)
     assert schedule.start[inputs.dag.index[("spin", 0)]] == pytest.approx(COLD)
+
+
+def measured(start: float, exec_s: float, cpu_s: float, wait_s: float, memory_mb: int = 1769):
+    return TaskMetrics(
+        index=0,
+        worker_id="w",
+        start=start,
+        memory_mb=memory_mb,
+        cold=False,
+        input_bytes=0,
+        output_bytes=0,
+        download_s=0.0,
+        exec_s=exec_s,
+        downloaded_bytes=0,
+        cpu_s=cpu_s,
+        wait_s=wait_s,
+    )
+
+
+def test_capacity_is_the_cpu_a_run_got_of_the_cores_it_asked_for():
+    cpu = CpuModel(max_vcpus=2)
+    # Two CPU-bound 1 s tasks at once, each computing a quarter of the time and waiting
+    # the rest: they asked for 2 CPUs and got 0.5.
+    busy = [measured(0.0, 1.0, 0.25, 0.75), measured(0.0, 1.0, 0.25, 0.75)]
+    assert cpu_capacity(busy, 2.0, cpu) == pytest.approx(0.5, rel=1e-6)
+    # Then one alone for a second, getting 0.5 too: over 1 s of demand 2 and 1 s of
+    # demand 1 a capacity c gives c + min(c, 1) CPU-s; 1 CPU-s was received, so c = 0.5.
+    assert cpu_capacity([*busy, measured(1.0, 1.0, 0.5, 0.5)], 2.0, cpu) == pytest.approx(0.5)
+    # Nobody waited: every core was there.
+    free = [measured(0.0, 1.0, 1.0, 0.0), measured(0.0, 1.0, 1.0, 0.0)]
+    assert cpu_capacity(free, 2.0, cpu) == 2.0
+    # A 512 MB quota held its task, not the machine; sleeping tasks ask for nothing.
+    throttled = [measured(0.0, 1.0, 0.25, 0.75, memory_mb=512), measured(0.0, 1.0, 0.0, 0.0)]
+    assert cpu_capacity(throttled, 2.0, cpu) == 2.0
+    # Too little CPU work to tell.
+    assert cpu_capacity([measured(0.0, 0.1, 0.01, 0.09)], 2.0, cpu) is None
+
+
+def test_recent_capacity_is_the_median_of_the_newest_runs_still_current():
+    now = 10_000.0
+    newest_first = [[now - 1, 0.5], [now - 2, 1.5], [now - 3, 0.7], [now - 4, 0.1]]
+    assert recent_capacity(newest_first, now) == pytest.approx(0.7)
+    assert recent_capacity([[now - 3600, 0.5]], now) is None
+    assert recent_capacity([], now) is None
+
+
+def test_a_busy_machine_slows_the_prediction_not_the_sizes():
+    # Two CPU-bound 1 s roots on two slots of a 2-core machine whose other load leaves the
+    # backend half a core. Predicted: the two boots (0.1 CPU-s each) share 0.5 CPU (0.4 s),
+    # then the 2 CPU-s of work take 4 s. Sizes are chosen on the two cores: at half a core
+    # 1024 MB would compute as fast as 1769 MB, but the load may be gone when it runs.
+    platform = Platform(slots=2, cores=2.0, capacity=0.5, invoke_latency_s=0)
+    inputs = inputs_for(fan_in(2, "spin"), platform, TIMES, deadline="fastest")
+    memory = [1769] * len(inputs.dag)
+    assert inputs.schedule(memory).makespan == pytest.approx(COLD + 1)
+    assert inputs.schedule(memory, loaded=True).makespan == pytest.approx(4 * COLD + 4)
+    plan = make_planner("critical-path").plan(inputs)
+    spins = [inputs.dag.index[("spin", i)] for i in range(2)]
+    assert [plan.memory_mb[i] for i in spins] == [1769, 1769]
+    # The join (no work: the smallest size) boots an instance of its own, alone on the
+    # half core: 0.2 s more.
+    join = inputs.dag.index["join"]
+    assert plan.memory_mb[join] == 512
+    assert plan.predicted_makespan_s == pytest.approx(4 * COLD + 4 + 2 * COLD)
+    assert plan.fastest_s == pytest.approx(COLD + 1 + COLD)

@@ -47,7 +47,6 @@ from typing import Any, TypeVar
 import redis
 
 from dask_serverless.backends.base import Backend
-from dask_serverless.backends.local.resources import TaskOutOfMemoryError
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.client.tracebacks import SourceIndex, with_sources
 from dask_serverless.constants import KEEP_ALIVES_PER_TTL, STUCK_LEASES, WATCHES_PER_LEASE
@@ -268,7 +267,7 @@ class Run:
         for index, killed_at in self.progress.out_of_memory:
             larger = [m for m in configs if m > killed_at]
             if not larger:
-                raise TaskOutOfMemoryError(repr(self.dag.keys[index]), killed_at)
+                raise events.TaskOutOfMemoryError(repr(self.dag.keys[index]), killed_at)
             self.memory_mb[index] = max(self.memory_mb.get(index, 0), larger[0])
 
     def wait(self, deadline: float | None, timeout: float | None) -> Sequence[Any]:

@@ -24,6 +24,7 @@ history snapshot and predictor.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -36,9 +37,12 @@ from dask_serverless.planning.history import (
     History,
     InvocationMetrics,
     TaskMetrics,
+    cpu_capacity,
     function_identities,
     invocation_metrics,
     literal_bytes,
+    measured_tasks,
+    recent_capacity,
     run_samples,
     task_metrics,
 )
@@ -145,10 +149,7 @@ class Planning:
     def load_history(self, functions: Sequence[str]) -> History:
         if self.store is None:
             return History()
-        tasks, transfers, startups, ooms, residuals = self.store.load(
-            (f for f in functions if f), self.configs
-        )
-        return History(tasks, transfers, startups, ooms, residuals)
+        return History(*self.store.load((f for f in functions if f), self.configs))
 
     def inputs(
         self,
@@ -158,7 +159,13 @@ class Planning:
     ) -> PlanInputs:
         if functions is None:
             functions = function_identities(dag)
-        predictor = Predictor(self.load_history(sorted(set(functions))), self.sla, self.cpu)
+        history = self.load_history(sorted(set(functions)))
+        predictor = Predictor(history, self.sla, self.cpu)
+        platform = platform or self.platform
+        if platform.cores is not None:
+            capacity = recent_capacity(history.capacity, time.time())
+            if capacity is not None and capacity < platform.cores:
+                platform = replace(platform, capacity=capacity)
         return PlanInputs(
             dag=dag,
             functions=functions,
@@ -168,14 +175,22 @@ class Planning:
             deadline=self.deadline,
             pinned=pinned_memory(dag, self.configs),
             min_work_s=self.min_work_s,
-            platform=platform or self.platform,
+            platform=platform,
             pricing=self.pricing,
             literals=literal_bytes(dag),
         )
 
     def plan(self, dag: DAG, platform: Platform | None = None) -> Plan:
         inputs = self.inputs(dag, platform=platform)
-        return replace(self.planner.plan(inputs), functions=inputs.functions)
+        plan = replace(self.planner.plan(inputs), functions=inputs.functions)
+        platform = inputs.platform
+        if platform.capacity is not None and platform.cores is not None:
+            note = (
+                f"the machine's other load leaves this backend {platform.capacity:.2f} of its "
+                f"{platform.cores:g} cores: predicted on those, sizes chosen on all"
+            )
+            plan = replace(plan, notes=(*plan.notes, note))
+        return plan
 
     def finish(
         self,
@@ -205,29 +220,53 @@ class Planning:
         ooms: dict[str, list[int]] = {}
         for index, memory_mb in out_of_memory:
             ooms.setdefault(functions[index], []).append(int(memory_mb))
+        capacity = None
+        cores = plan.inputs.platform.cores
+        if cores is not None:
+            measured = measured_tasks(progress.task_events, uploads).values()
+            cpus = cpu_capacity(measured, cores, self.cpu)
+            if cpus is not None:
+                capacity = [round(time.time(), 3), round(cpus, 4)]
         self.store.append(
             *run_samples(functions, sampled, invocations, plan.inputs.literals),
             ooms,
             residuals(plan, functions, sampled),
+            capacity,
         )
 
 
 def residuals(
     plan: Plan, functions: Sequence[str], tasks: Sequence[TaskMetrics]
 ) -> dict[str, list[float]]:
-    """Per function, measured / planned busy time of its tasks, times the bias the plan
-    used (so each is relative to the uncalibrated model). Only plans with predictions
-    count, and only tasks the plan gave real time: a millisecond task's ratio is noise."""
+    """Per function, measured / planned work of its tasks, times the bias the plan used
+    (so each is relative to the uncalibrated model).
+
+    Work is what the execution model predicts: CPU seconds plus the time spent neither
+    computing nor waiting for a CPU (I/O, sleeping). Waiting for a CPU — a small share's
+    throttling, other instances and the machine's other load — is the platform model's
+    business (speed, shared cores, capacity), so it is left out of both sides: a busy
+    machine does not make the next plan expect every task to be slower on top of the
+    capacity it measured. Without CPU times, measured / planned busy time. Only plans
+    with predictions count, and only tasks the plan gave real time: a millisecond task's
+    ratio is noise.
+    """
     if not plan.inputs.per_node:
         return {}
     predictor = plan.inputs.predictor
+    costs = plan.inputs.costs
     found: dict[str, list[float]] = {}
     for task in tasks:
-        predicted = plan.predicted_s(task.index)
-        if predicted >= MIN_CALIBRATED_S and task.total_s > 0:
-            function = functions[task.index]
-            ratio = predictor.bias(function) * task.total_s / predicted
-            found.setdefault(function, []).append(round(ratio, 4))
+        i = task.index
+        predicted = plan.predicted_s(i)
+        if predicted < MIN_CALIBRATED_S or task.total_s <= 0:
+            continue
+        planned_work = costs.cpu_s[i][0] + costs.io_s[i][0] if costs.cpu_s else 0.0
+        if task.cpu_s is not None and planned_work >= MIN_CALIBRATED_S:
+            work = task.cpu_s + max(0.0, task.exec_s - task.cpu_s - task.wait_s)
+            ratio = predictor.bias(functions[i]) * work / planned_work
+        else:
+            ratio = predictor.bias(functions[i]) * task.total_s / predicted
+        found.setdefault(functions[i], []).append(round(ratio, 4))
     return found
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from statistics import median
+from typing import Any, Protocol
 
 from dask.sizeof import sizeof
 from dask.utils import key_split
@@ -33,6 +34,16 @@ from dask.utils import key_split
 from dask_serverless.graph import DAG
 
 Sample = list[float]
+# A run with less CPU time than this says nothing about the machine's capacity.
+MIN_CAPACITY_CPU_S = 0.2
+# Capacity measured longer ago than this says nothing about the machine now; of the
+# rest, the median of the newest few (one run's figure is noisy).
+CAPACITY_WINDOW_S = 300.0
+CAPACITY_RUNS = 3
+
+
+class CpuShare(Protocol):
+    def share(self, memory_mb: float) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,9 @@ class History:
     peak_mb, wait_s]`` samples (``wait_s``: waiting for a CPU), ``transfers[MB]``
     ``[bytes, seconds]``, ``startups[MB]`` ``[cold, seconds]`` and
     ``out_of_memory[function]`` the sizes it ran out of memory at, ``residuals[function]``
-    its recent tasks' measured / planned busy time (before calibration).
+    its recent tasks' measured / planned busy time (before calibration), ``capacity``
+    ``[unix time, CPUs]`` of recent runs on a shared machine, newest first
+    (``cpu_capacity``).
     """
 
     tasks: Mapping[tuple[str, int], Sequence[Sample]] = field(default_factory=dict)
@@ -178,6 +191,7 @@ class History:
     startups: Mapping[int, Sequence[Sample]] = field(default_factory=dict)
     out_of_memory: Mapping[str, Sequence[int]] = field(default_factory=dict)
     residuals: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    capacity: Sequence[Sample] = ()
 
     def knows(self, function: str) -> bool:
         return any(f == function for f, _m in self.tasks)
@@ -223,3 +237,66 @@ def run_samples(
                 [int(invocation.cold), round(invocation.startup_s, 6)]
             )
     return by_function, transfers, startups
+
+
+def cpu_capacity(tasks: Iterable[TaskMetrics], cores: float, cpu: CpuShare) -> float | None:
+    """The CPUs a run's instances got of the ``cores`` they share; None: too little CPU
+    work to tell.
+
+    On the local backend every instance of a backend sits in one cgroup, and the kernel
+    shares the machine between that group and everything else running on it (other
+    programs, other backends): on a busy machine the run gets fewer than ``cores`` CPUs
+    however many instances it starts. Each task measured its CPU time and the time it was
+    runnable but waiting (``wait_s``); so, while it executed, it asked for
+    ``min(runnable / exec, 1)`` of a CPU at most its instance's share (several CPUs for a
+    task running more threads). Summing those over the tasks executing at once gives the
+    demand at every moment; the capacity is the ``c`` at which ``min(c, demand)``,
+    integrated over the run, equals the CPU time the tasks got. A task throttled by a
+    share below one CPU asks only for what it got (its quota, not the machine, held it).
+    """
+    changes: list[tuple[float, float]] = []
+    received = 0.0
+    for task in tasks:
+        if task.cpu_s is None or task.exec_s <= 0 or task.cpu_s <= 0:
+            continue
+        runnable = (task.cpu_s + task.wait_s) / task.exec_s
+        share = cores if task.memory_mb is None else cpu.share(task.memory_mb)
+        if share < 1.0:
+            demand = task.cpu_s / task.exec_s
+        else:
+            demand = min(share, max(1.0, runnable)) * min(1.0, runnable)
+        received += task.cpu_s
+        begin = task.start + task.download_s
+        changes += [(begin, demand), (begin + task.exec_s, -demand)]
+    if received < MIN_CAPACITY_CPU_S:
+        return None
+    changes.sort()
+    spans: list[tuple[float, float]] = []
+    level, last = 0.0, changes[0][0]
+    for at, delta in changes:
+        if at > last and level > 1e-9:
+            spans.append((at - last, level))
+        level, last = level + delta, at
+
+    def given(capacity: float) -> float:
+        return sum(length * min(capacity, demand) for length, demand in spans)
+
+    if given(cores) <= received:
+        return cores
+    low, high = 0.0, cores
+    for _ in range(40):
+        middle = (low + high) / 2
+        if given(middle) < received:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def recent_capacity(samples: Sequence[Sample], now: float) -> float | None:
+    """The CPUs the next run can expect: the median of the newest ``CAPACITY_RUNS``
+    capacities measured within ``CAPACITY_WINDOW_S`` (newest first); None without any."""
+    recent = [float(s[1]) for s in samples if now - float(s[0]) <= CAPACITY_WINDOW_S]
+    if not recent:
+        return None
+    return float(median(recent[:CAPACITY_RUNS]))

@@ -210,10 +210,13 @@ class PlanInputs:
         bundling: Bundling | None = None,
         scale: Sequence[float] | None = None,
         prewarm: tuple[tuple[int, int], ...] = (),
+        loaded: bool = False,
     ) -> Schedule:
-        """``memory`` run on the platform model (with ``prewarm`` instances started)."""
+        """``memory`` run on the platform model (with ``prewarm`` instances started);
+        ``loaded``: on the cores the machine's other load leaves (``Platform.loaded``)."""
         bundling = bundling or self.bundle(memory)
-        platform = replace(self.platform, prewarm=prewarm) if prewarm else self.platform
+        platform = self.platform.loaded() if loaded else self.platform
+        platform = replace(platform, prewarm=prewarm) if prewarm else platform
         return simulate_platform(
             self.dag,
             self.costs,
@@ -246,6 +249,7 @@ class PlanInputs:
         memory: Sequence[int],
         schedule: Schedule,
         prewarm: tuple[tuple[int, int], ...] = (),
+        loaded: bool = False,
     ) -> float:
         """The SLA's percentile of the makespan of ``memory`` (the mean under "average")."""
         percentile = self.sla.percentile
@@ -256,7 +260,7 @@ class PlanInputs:
         if draws >= 16:
             bundling = self.bundle(memory)
             value = makespan_quantile(
-                lambda scale: self.schedule(memory, bundling, scale, prewarm),
+                lambda scale: self.schedule(memory, bundling, scale, prewarm, loaded),
                 self.costs,
                 percentile / 100,
                 draws,
@@ -317,14 +321,19 @@ class Plan:
 
     @cached_property
     def timeline(self) -> Schedule:
-        if self.schedule is not None:
+        """The run as predicted: on the cores the machine's other load leaves, when it
+        leaves fewer than the platform has (the search's schedule otherwise)."""
+        loaded = self.inputs.platform.loaded() is not self.inputs.platform
+        if self.schedule is not None and not loaded:
             return self.schedule
-        return self.inputs.schedule(self.memory_mb, self.bundling, prewarm=self.prewarm)
+        return self.inputs.schedule(
+            self.memory_mb, self.bundling, prewarm=self.prewarm, loaded=loaded
+        )
 
     @cached_property
     def quantile_s(self) -> float:
         """The SLA's percentile of the predicted makespan (the mean under "average")."""
-        return self.inputs.quantile(self.memory_mb, self.timeline, self.prewarm)
+        return self.inputs.quantile(self.memory_mb, self.timeline, self.prewarm, loaded=True)
 
     @property
     def start_s(self) -> list[float]:

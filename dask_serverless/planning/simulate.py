@@ -47,7 +47,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dask_serverless.graph import DAG
 from dask_serverless.planning.predict import Line, Predictor
@@ -326,13 +326,18 @@ class Platform:
     account's concurrency); ``load_aware``: workers keep ready children themselves while
     the run's load is at ``slots`` (the runtime does when the backend's concurrency is
     known); ``cores``: CPUs every instance shares (the local machine), None when each
-    instance has its own; ``warm``: idle instances per configuration (MB) when the run
-    starts.
+    instance has its own; ``capacity``: of those cores, the CPUs this backend's instances
+    got in the last runs (the machine's other load took the rest; None: all of them);
+    ``warm``: idle instances per configuration (MB) when the run starts.
+
+    Sizes are chosen on the platform's own cores (``capacity`` is the machine's passing
+    load, which any size shares alike); the run is predicted on ``loaded()``.
     """
 
     slots: int | None = None
     load_aware: bool = False
     cores: float | None = None
+    capacity: float | None = None
     bundles: int = 256
     keep_alive_s: float = 60.0
     invoke_latency_s: float = 0.002
@@ -340,6 +345,12 @@ class Platform:
     cluster_output_bytes: float = 2**20
     warm: tuple[tuple[int, int], ...] = ()
     prewarm: tuple[tuple[int, int], ...] = ()
+
+    def loaded(self) -> Platform:
+        """The platform as the run will find it: its cores down to ``capacity``."""
+        if self.cores is None or self.capacity is None or self.capacity >= self.cores:
+            return self
+        return replace(self, cores=self.capacity, capacity=None)
 
 
 @dataclass

@@ -42,6 +42,25 @@ OUT_OF_MEMORY = "oom"
 
 Event = list
 
+
+class TaskOutOfMemoryError(MemoryError):
+    """A task needed more memory than its configuration: the platform killed its
+    instance (an ``oom`` event) at the largest configuration, with no larger one to
+    retry at. Raised by the client; any backend may raise it too."""
+
+    def __init__(self, task: str, memory_mb: int) -> None:
+        super().__init__(
+            f"task {task} ran out of memory: its worker was killed for exceeding the "
+            f"{memory_mb} MB of its configuration (give it more with "
+            f"dask.annotate(memory=…) or a larger memory_configs entry)"
+        )
+        self.task = task
+        self.memory_mb = memory_mb
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task, self.memory_mb))
+
+
 # The metrics that follow ``["done", index, worker_id, start_unix_s, duration_s]``.
 DONE_METRICS = (
     "memory_mb",

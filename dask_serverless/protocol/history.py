@@ -20,6 +20,8 @@ Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compac
                                  kept)
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
+``H capacity``                   ``[unix time, CPUs]``: the cores a local backend's
+                                 instances got in one run (``CAPACITIES`` kept)
 ==============================  =======================================================
 
 On a Redis Cluster the series of one function share a hash slot (the braces), so history
@@ -40,6 +42,7 @@ from typing import Any
 import redis
 
 from dask_serverless.protocol.keys import (
+    capacity_history_key,
     out_of_memory_history_key,
     residual_history_key,
     startup_history_key,
@@ -49,6 +52,8 @@ from dask_serverless.protocol.keys import (
 
 # Residuals kept per function: the calibration follows the platform's recent behaviour.
 RESIDUALS = 32
+# Capacity samples kept: the machine's load changes from minute to minute.
+CAPACITIES = 16
 
 Sample = list[float]
 
@@ -73,12 +78,14 @@ class HistoryStore:
         dict[int, list[Sample]],
         dict[str, list[int]],
         dict[str, list[float]],
+        list[Sample],
     ]:
-        """Samples of ``functions`` at ``memories``, and transfer and start-up samples.
+        """Samples of ``functions`` at ``memories``, and transfer, start-up and capacity
+        samples.
 
         One pipelined round trip; returns ``(tasks, transfers, startups, out_of_memory,
-        residuals)`` keyed by ``(function, MB)``, ``MB`` and function; series without
-        samples are left out.
+        residuals, capacity)`` keyed by ``(function, MB)``, ``MB`` and function (series
+        without samples are left out); ``capacity`` newest first.
         """
         sizes = sorted({int(m) for m in memories})
         names = list(dict.fromkeys(functions))
@@ -89,18 +96,26 @@ class HistoryStore:
         series += [("resid", f, residual_history_key(f)) for f in names]
         series += [("transfer", m, transfer_history_key(m)) for m in sizes]
         series += [("startup", m, startup_history_key(m)) for m in sizes]
+        series += [("capacity", "", capacity_history_key())]
         with self.client.pipeline(transaction=False) as pipe:
             for _kind, _name, key in series:
                 pipe.lrange(key, 0, self.samples - 1)
             replies = pipe.execute()
         found: dict[str, dict[Any, Any]] = {
-            kind: {} for kind in ("task", "transfer", "startup", "oom", "resid")
+            kind: {} for kind in ("task", "transfer", "startup", "oom", "resid", "capacity")
         }
         for (kind, name, _key), entries in zip(series, replies, strict=True):
             if entries:
                 # One parse per series: a JSON array of its samples.
                 found[kind][name] = json.loads(b"[" + b",".join(entries) + b"]")
-        return found["task"], found["transfer"], found["startup"], found["oom"], found["resid"]
+        return (
+            found["task"],
+            found["transfer"],
+            found["startup"],
+            found["oom"],
+            found["resid"],
+            found["capacity"].get("", []),
+        )
 
     def append(
         self,
@@ -109,6 +124,7 @@ class HistoryStore:
         startups: Mapping[int, Sequence[Sample]],
         out_of_memory: Mapping[str, Sequence[int]] | None = None,
         residuals: Mapping[str, Sequence[float]] | None = None,
+        capacity: Sample | None = None,
     ) -> None:
         """Add samples (newest last), trimming every series to its bound; one round trip."""
         writes: list[tuple[str, Sequence[Any], int]] = [
@@ -121,6 +137,8 @@ class HistoryStore:
         writes += [(residual_history_key(f), r, RESIDUALS) for f, r in (residuals or {}).items()]
         writes += [(transfer_history_key(m), s, self.samples) for m, s in transfers.items()]
         writes += [(startup_history_key(m), s, self.samples) for m, s in startups.items()]
+        if capacity is not None:
+            writes.append((capacity_history_key(), [capacity], CAPACITIES))
         with self.client.pipeline(transaction=False) as pipe:
             for key, samples, bound in writes:
                 if not samples:

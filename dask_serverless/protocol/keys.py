@@ -157,6 +157,12 @@ def startup_history_key(memory_mb: int) -> str:
     return f"{HISTORY_PREFIX}startup:{int(memory_mb)}"
 
 
+def capacity_history_key() -> str:
+    """``[unix time, CPUs]`` samples: the cores a local backend's instances got in a run
+    (the machine's other load took the rest)."""
+    return f"{HISTORY_PREFIX}capacity"
+
+
 def out_of_memory_history_key(function: str) -> str:
     """The sizes (MB) one function ran out of memory at."""
     return f"{HISTORY_PREFIX}oom:{{{function_digest(function)}}}"

@@ -14,8 +14,8 @@ instance; the instance moves itself into its child before it serves anything, an
 backend removes the child when the instance is gone. When the kernel kills an instance
 for exceeding its memory, the child's ``oom_kill`` counter (``memory.oom_control`` on v1,
 ``memory.events`` on v2) says so, and the backend reports the task the instance was
-running (noted in its ``TaskSlot`` before every task) as that task's failure:
-``TaskOutOfMemoryError``, a ``MemoryError`` naming the task and the limit.
+running (noted in its ``TaskSlot`` before every task) as that task's failure (the
+client retries it one size up, or raises ``protocol.events.TaskOutOfMemoryError``).
 
 Where cgroups cannot be written (not Linux, not root, a read-only hierarchy, a v2
 hierarchy without the controllers delegated) the backend runs instances unthrottled, warns
@@ -42,22 +42,6 @@ from dask_serverless.constants import MB_PER_VCPU
 # where the task falls in the period.
 CFS_PERIOD_US = 20_000
 _SLOT_BYTES = 512
-
-
-class TaskOutOfMemoryError(MemoryError):
-    """A task needed more memory than its configuration: its instance was killed."""
-
-    def __init__(self, task: str, memory_mb: int) -> None:
-        super().__init__(
-            f"task {task} ran out of memory: its worker was killed for exceeding the "
-            f"{memory_mb} MB of its configuration (give it more with "
-            f"dask.annotate(memory=…) or a larger memory_configs entry)"
-        )
-        self.task = task
-        self.memory_mb = memory_mb
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.task, self.memory_mb))
 
 
 def cpu_share(memory_mb: float, cores: float) -> float:
