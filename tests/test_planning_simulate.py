@@ -4,6 +4,7 @@ starts, shared cores, and Lambda's bill."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 from dask._task_spec import Task, TaskRef
@@ -20,6 +21,7 @@ from dask_serverless.planning import (
     Predictor,
     Pricing,
     make_planner,
+    residuals,
 )
 from dask_serverless.planning.bundling import bundle_roots
 from dask_serverless.planning.history import (
@@ -266,20 +268,33 @@ def test_recent_capacity_is_the_median_of_the_newest_runs_still_current():
 
 def test_a_busy_machine_slows_the_prediction_not_the_sizes():
     # Two CPU-bound 1 s roots on two slots of a 2-core machine whose other load leaves the
-    # backend half a core. Predicted: the two boots (0.1 CPU-s each) share 0.5 CPU (0.4 s),
-    # then the 2 CPU-s of work take 4 s. Sizes are chosen on the two cores: at half a core
-    # 1024 MB would compute as fast as 1769 MB, but the load may be gone when it runs.
+    # backend half a core. Predicted: the two boots (0.1 CPU-s each, not yet in the
+    # backend's cgroup) on the machine's two cores, then the 2 CPU-s of work on half a
+    # core: 4 s. Sizes are chosen on the two cores: on half a core 1024 MB would compute
+    # as fast as 1769 MB, but the load may be gone when the run starts.
     platform = Platform(slots=2, cores=2.0, capacity=0.5, invoke_latency_s=0)
     inputs = inputs_for(fan_in(2, "spin"), platform, TIMES, deadline="fastest")
     memory = [1769] * len(inputs.dag)
     assert inputs.schedule(memory).makespan == pytest.approx(COLD + 1)
-    assert inputs.schedule(memory, loaded=True).makespan == pytest.approx(4 * COLD + 4)
+    assert inputs.schedule(memory, loaded=True).makespan == pytest.approx(COLD + 4)
     plan = make_planner("critical-path").plan(inputs)
     spins = [inputs.dag.index[("spin", i)] for i in range(2)]
     assert [plan.memory_mb[i] for i in spins] == [1769, 1769]
-    # The join (no work: the smallest size) boots an instance of its own, alone on the
-    # half core: 0.2 s more.
+    # The join (no work: the smallest size) boots an instance of its own afterwards.
     join = inputs.dag.index["join"]
     assert plan.memory_mb[join] == 512
-    assert plan.predicted_makespan_s == pytest.approx(4 * COLD + 4 + 2 * COLD)
+    assert plan.predicted_makespan_s == pytest.approx(COLD + 4 + COLD)
     assert plan.fastest_s == pytest.approx(COLD + 1 + COLD)
+
+
+def test_calibration_compares_work_and_leaves_waiting_for_a_cpu_to_the_platform():
+    # A 1 CPU-s task that took 2 s because it waited 1 s for a CPU did the work the model
+    # predicted: its residual is 1 (a busy machine is the capacity's business). One that
+    # computed for 1.5 s did half as much work again.
+    inputs = inputs_for(fan_in(1, "spin"), Platform(), TIMES)
+    plan = make_planner("uniform-1769").plan(inputs)
+    spin_index = inputs.dag.index[("spin", 0)]
+    waited = replace(measured(0.0, 2.0, 1.0, 1.0), index=spin_index)
+    slower = replace(measured(0.0, 1.5, 1.5, 0.0), index=spin_index)
+    found = residuals(plan, inputs.functions, [waited, slower])
+    assert found[inputs.functions[spin_index]] == pytest.approx([1.0, 1.5])

@@ -328,6 +328,7 @@ class Platform:
     known); ``cores``: CPUs every instance shares (the local machine), None when each
     instance has its own; ``capacity``: of those cores, the CPUs this backend's instances
     got in the last runs (the machine's other load took the rest; None: all of them);
+    ``boot_cores``: where booting instances share other cores than tasks (``loaded``);
     ``warm``: idle instances per configuration (MB) when the run starts.
 
     Sizes are chosen on the platform's own cores (``capacity`` is the machine's passing
@@ -338,6 +339,7 @@ class Platform:
     load_aware: bool = False
     cores: float | None = None
     capacity: float | None = None
+    boot_cores: float | None = None
     bundles: int = 256
     keep_alive_s: float = 60.0
     invoke_latency_s: float = 0.002
@@ -347,10 +349,14 @@ class Platform:
     prewarm: tuple[tuple[int, int], ...] = ()
 
     def loaded(self) -> Platform:
-        """The platform as the run will find it: its cores down to ``capacity``."""
+        """The platform as the run will find it: its tasks' cores down to ``capacity``.
+
+        Booting instances are not in the backend's cgroup yet, and a cold start measured on
+        the busy machine already took its load: they keep sharing the machine's cores.
+        """
         if self.cores is None or self.capacity is None or self.capacity >= self.cores:
             return self
-        return replace(self, cores=self.capacity, capacity=None)
+        return replace(self, cores=self.capacity, capacity=None, boot_cores=self.cores)
 
 
 @dataclass
@@ -740,6 +746,22 @@ class _PlatformRun:
 
     # -- the clock -----------------------------------------------------------------------
 
+    def share_cores(self) -> dict[int, float]:
+        """CPU rates of everything computing now: tasks and boots share the cores, or —
+        on a busy machine (``boot_cores``) — tasks share the backend's capacity and boots,
+        which run before the instance joins the backend's cgroup, the machine's cores."""
+        platform = self.platform
+        if platform.boot_cores is None:
+            members = list(self.cpu)
+            shares = water_fill([self.cpu[k][1] for k in members], platform.cores)
+            return dict(zip(members, shares, strict=True))
+        rates: dict[int, float] = {}
+        for booting, cores in ((False, platform.cores), (True, platform.boot_cores)):
+            members = [k for k in self.cpu if (k in self.booting) == booting]
+            shares = water_fill([self.cpu[k][1] for k in members], cores)
+            rates.update(zip(members, shares, strict=True))
+        return rates
+
     def run(self) -> None:
         events = self.events
         rates: dict[int, float] = {}
@@ -750,9 +772,7 @@ class _PlatformRun:
                 if shared != self.cpu_changes:
                     # Who computes changed: share the cores anew.
                     shared = self.cpu_changes
-                    members = list(self.cpu)
-                    shares = water_fill([self.cpu[k][1] for k in members], self.platform.cores)
-                    rates = dict(zip(members, shares, strict=True))
+                    rates = self.share_cores()
                 for number, rate in rates.items():
                     at = self.now + self.cpu[number][0] / rate
                     if at < next_cpu:
