@@ -147,8 +147,19 @@ class PlanInputs:
     def _allowed_by_function(self) -> dict[str, tuple[int, ...]]:
         return {}
 
+    @cached_property
+    def _fitting_by_need(self) -> dict[float, tuple[int, ...]]:
+        return {}
+
     def _fitting(self, need_mb: float) -> tuple[int, ...]:
-        return tuple(m for m in self.configs if m >= need_mb) or self.configs[-1:]
+        """The configurations of at least ``need_mb`` (the largest if none), one tuple per
+        distinct need: tasks of one function mostly need the same."""
+        table = self._fitting_by_need
+        fitting = table.get(need_mb)
+        if fitting is None:
+            fitting = tuple(m for m in self.configs if m >= need_mb) or self.configs[-1:]
+            table[need_mb] = fitting
+        return fitting
 
     def full_speed_config(self) -> int:
         """The smallest configuration a single-threaded task runs at full speed in.
@@ -274,10 +285,15 @@ class PlanInputs:
 def normal_quantile(costs: NodeCosts, schedule: Schedule, q: float) -> float:
     """The makespan's ``q`` quantile, as the critical path's sum of independent residuals."""
     variance = 0.0
+    # Tasks of one function share one tuple of ratios: one variance each.
+    of_ratios: dict[int, float] = {}
     for i in schedule.critical_path():
         ratios = costs.ratios[i]
         if len(ratios) > 1:
-            variance += pvariance(ratios) * schedule.duration(i) ** 2
+            spread = of_ratios.get(id(ratios))
+            if spread is None:
+                spread = of_ratios[id(ratios)] = pvariance(ratios)
+            variance += spread * schedule.duration(i) ** 2
     return schedule.makespan + NormalDist().inv_cdf(q) * math.sqrt(variance)
 
 
