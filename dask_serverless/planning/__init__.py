@@ -38,6 +38,7 @@ from dask_serverless.planning.history import (
     InvocationMetrics,
     TaskMetrics,
     cpu_capacity,
+    first_task_starts,
     function_identities,
     invocation_metrics,
     literal_bytes,
@@ -220,15 +221,18 @@ class Planning:
         ooms: dict[str, list[int]] = {}
         for index, memory_mb in out_of_memory:
             ooms.setdefault(functions[index], []).append(int(memory_mb))
+        # Every task (not only the newest per function): an invocation's first task and
+        # the CPU the whole run got.
+        measured = measured_tasks(progress.task_events, uploads).values()
         capacity = None
         cores = plan.inputs.platform.cores
         if cores is not None:
-            measured = measured_tasks(progress.task_events, uploads).values()
             cpus = cpu_capacity(measured, cores, self.cpu)
             if cpus is not None:
                 capacity = [round(time.time(), 3), round(cpus, 4)]
+        first_starts = first_task_starts(measured)
         self.store.append(
-            *run_samples(functions, sampled, invocations, plan.inputs.literals),
+            *run_samples(functions, sampled, invocations, plan.inputs.literals, first_starts),
             ooms,
             residuals(plan, functions, sampled),
             capacity,

@@ -202,8 +202,13 @@ def run_samples(
     tasks: Iterable[TaskMetrics],
     invocations: Iterable[InvocationMetrics],
     literals: Sequence[int] | None = None,
+    first_starts: Mapping[str, float] | None = None,
 ) -> tuple[dict[tuple[str, int], list[Sample]], dict[int, list[Sample]], dict[int, list[Sample]]]:
-    """A finished run's metrics as history samples: ``(tasks, transfers, startups)``."""
+    """A finished run's metrics as history samples: ``(tasks, transfers, startups)``.
+
+    ``first_starts`` (``first_task_starts``) gives a start-up sample its setup: from the
+    handler's start to the invocation's first task.
+    """
     by_function: dict[tuple[str, int], list[Sample]] = {}
     transfers: dict[int, list[Sample]] = {}
     startups: dict[int, list[Sample]] = {}
@@ -232,11 +237,23 @@ def run_samples(
                 [task.output_bytes, round(task.upload_s, 6)]
             )
     for invocation in invocations:
-        if invocation.memory_mb is not None:
-            startups.setdefault(invocation.memory_mb, []).append(
-                [int(invocation.cold), round(invocation.startup_s, 6)]
-            )
+        if invocation.memory_mb is None:
+            continue
+        sample = [int(invocation.cold), round(invocation.startup_s, 6)]
+        first = (first_starts or {}).get(invocation.invocation_id)
+        if first is not None and invocation.start > 0:
+            sample.append(round(max(0.0, first - invocation.start), 6))
+        startups.setdefault(invocation.memory_mb, []).append(sample)
     return by_function, transfers, startups
+
+
+def first_task_starts(tasks: Iterable[TaskMetrics]) -> dict[str, float]:
+    """When each invocation's first task began (Unix seconds), by invocation id."""
+    first: dict[str, float] = {}
+    for task in tasks:
+        if task.invocation_id:
+            first[task.invocation_id] = min(first.get(task.invocation_id, task.start), task.start)
+    return first
 
 
 def cpu_capacity(tasks: Iterable[TaskMetrics], cores: float, cpu: CpuShare) -> float | None:

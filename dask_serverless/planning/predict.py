@@ -208,8 +208,9 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
 
 @dataclass(frozen=True)
 class Startup:
-    """Mean cold and warm start-up, and ``boot_s``: the quickest cold start seen — the
-    boot's own work, which instances booting at once on one machine share."""
+    """Mean cold and warm start-up until an invocation's first task begins, and
+    ``boot_s``: the quickest boot seen — the boot's own work, which instances booting at
+    once on one machine share."""
 
     cold_s: float
     warm_s: float
@@ -353,8 +354,17 @@ class Predictor:
 
 
 def _startup_of(samples: Sequence[Sequence[float]]) -> Startup:
+    """Start-ups from ``[cold, seconds, setup_s]`` samples (``setup_s``, from the handler's
+    start to its first task — loading the run record, a fresh instance's first imports —
+    may be missing in older ones). Cold and warm start-ups run until the first task: the
+    boot or hand-over plus the setup; ``boot_s`` is the boot's own work alone."""
     cold = [s[1] for s in samples if s[0]]
     warm = [s[1] for s in samples if not s[0]]
+    cold_setup = [s[2] for s in samples if s[0] and len(s) > 2]
+    warm_setup = [s[2] for s in samples if not s[0] and len(s) > 2]
     cold_s = mean(cold) if cold else DEFAULT_COLD_START_S
     warm_s = mean(warm) if warm else DEFAULT_WARM_START_S
-    return Startup(cold_s, warm_s, min(cold) if cold else cold_s)
+    boot_s = min(cold) if cold else cold_s
+    cold_s += mean(cold_setup) if cold_setup else 0.0
+    warm_s += mean(warm_setup) if warm_setup else 0.0
+    return Startup(cold_s, warm_s, boot_s)

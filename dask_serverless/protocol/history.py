@@ -19,7 +19,9 @@ Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compac
                                  model's calibration on this platform; ``RESIDUALS``
                                  kept)
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
-``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
+``H startup:<MB>``               ``[cold 0|1, seconds, setup_s]`` of an invocation's
+                                 start-up, and from its handler's start to its first
+                                 task
 ``H capacity``                   ``[unix time, CPUs]``: the cores a local backend's
                                  instances got in one run (``CAPACITIES`` kept)
 ==============================  =======================================================

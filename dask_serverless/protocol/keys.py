@@ -153,7 +153,7 @@ def transfer_history_key(memory_mb: int) -> str:
 
 
 def startup_history_key(memory_mb: int) -> str:
-    """``[cold 0|1, seconds]`` samples of invocation start-ups at one size."""
+    """``[cold 0|1, seconds, setup_s]`` samples of invocation start-ups at one size."""
     return f"{HISTORY_PREFIX}startup:{int(memory_mb)}"
 
 
