@@ -254,9 +254,13 @@ def test_capacity_is_the_cpu_a_run_got_of_the_cores_it_asked_for():
     # Nobody waited: every core was there.
     free = [measured(0.0, 1.0, 1.0, 0.0), measured(0.0, 1.0, 1.0, 0.0)]
     assert cpu_capacity(free, 2.0, cpu) == 2.0
-    # A 512 MB quota held its task, not the machine; sleeping tasks ask for nothing.
+    # A 512 MB quota (0.29 CPU) that gave its task 0.25 CPU held it, not the machine;
+    # sleeping tasks ask for nothing.
     throttled = [measured(0.0, 1.0, 0.25, 0.75, memory_mb=512), measured(0.0, 1.0, 0.0, 0.0)]
     assert cpu_capacity(throttled, 2.0, cpu) == 2.0
+    # Eight of them at once on a machine that gave the backend 0.4 CPU: a busy machine.
+    starved = [measured(0.0, 1.0, 0.05, 0.95, memory_mb=512)] * 8
+    assert cpu_capacity(starved, 2.0, cpu) == pytest.approx(0.4)
     # Too little CPU work to tell.
     assert cpu_capacity([measured(0.0, 0.1, 0.01, 0.09)], 2.0, cpu) is None
 

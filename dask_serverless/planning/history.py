@@ -39,6 +39,9 @@ MIN_CAPACITY_CPU_S = 0.2
 # Capacity measured longer ago than this says nothing about the machine now; of the
 # rest, the median of the newest few (one run's figure is noisy).
 CAPACITY_WINDOW_S = 300.0
+# What a CFS quota below one CPU delivers of its share on an idle machine, at least (it is
+# throttled in slices).
+QUOTA_EFFICIENCY = 0.8
 CAPACITY_RUNS = 3
 
 
@@ -268,8 +271,9 @@ def cpu_capacity(tasks: Iterable[TaskMetrics], cores: float, cpu: CpuShare) -> f
     ``min(runnable / exec, 1)`` of a CPU at most its instance's share (several CPUs for a
     task running more threads). Summing those over the tasks executing at once gives the
     demand at every moment; the capacity is the ``c`` at which ``min(c, demand)``,
-    integrated over the run, equals the CPU time the tasks got. A task throttled by a
-    share below one CPU asks only for what it got (its quota, not the machine, held it).
+    integrated over the run, equals the CPU time the tasks got. A task held by a share
+    below one CPU asks for ``QUOTA_EFFICIENCY`` of its share: getting that much, it was
+    held by its quota, not by the machine.
     """
     changes: list[tuple[float, float]] = []
     received = 0.0
@@ -279,9 +283,9 @@ def cpu_capacity(tasks: Iterable[TaskMetrics], cores: float, cpu: CpuShare) -> f
         runnable = (task.cpu_s + task.wait_s) / task.exec_s
         share = cores if task.memory_mb is None else cpu.share(task.memory_mb)
         if share < 1.0:
-            demand = task.cpu_s / task.exec_s
-        else:
-            demand = min(share, max(1.0, runnable)) * min(1.0, runnable)
+            # A quota below one CPU gives a little less than its share on an idle machine.
+            share *= QUOTA_EFFICIENCY
+        demand = min(share, max(1.0, runnable)) * min(1.0, runnable)
         received += task.cpu_s
         begin = task.start + task.download_s
         changes += [(begin, demand), (begin + task.exec_s, -demand)]
