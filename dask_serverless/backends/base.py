@@ -19,10 +19,10 @@ class Backend(Protocol):
     ``throttled`` says whether configurations get their CPU share (None: not known),
     recorded next to the run's measurements. ``failure`` is why the platform stopped
     serving invocations, if it did: the waiting client raises it instead of waiting for
-    its timeout. ``warm_instances`` is how many idle instances of each configuration (MB)
-    a run starting now would find (empty when the platform does not say), and ``prewarm``
-    starts instances of the given configurations ahead of the invocations that will need
-    them (pre-warming) — the planner models both.
+    its timeout. ``warm_instances`` is how many booted instances of each configuration
+    (MB) a run starting now would find warm (empty when the platform does not say), and
+    ``prewarm`` starts instances of the given configurations ahead of the invocations
+    that will need them (pre-warming) — the planner models both.
 
     A worker's invoker that is a complete ``Backend`` also serves nested runs (a task that
     calls ``dask_serverless.get``). A platform with a concurrency limit then offers

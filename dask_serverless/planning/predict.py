@@ -365,6 +365,7 @@ def _startup_of(samples: Sequence[Sequence[float]]) -> Startup:
     cold_s = mean(cold) if cold else DEFAULT_COLD_START_S
     warm_s = mean(warm) if warm else DEFAULT_WARM_START_S
     boot_s = min(cold) if cold else cold_s
-    cold_s += mean(cold_setup) if cold_setup else 0.0
-    warm_s += mean(warm_setup) if warm_setup else 0.0
+    # The median: a fresh platform's first instances import what later ones find loaded.
+    cold_s += median(cold_setup) if cold_setup else 0.0
+    warm_s += median(warm_setup) if warm_setup else 0.0
     return Startup(cold_s, warm_s, boot_s)

@@ -256,11 +256,13 @@ class LocalBackend:
         self._wake_writer.send_bytes(b"!")
 
     def warm_instances(self) -> dict[int, int]:
-        """Idle instances per configuration (MB): what a run starting now finds warm."""
+        """Booted instances per configuration (MB): what a run starting now finds warm —
+        idle ones, and those still ending an invocation (the instance that ran the last
+        run's sink tells the dispatcher it is free only after the client has the result)."""
         with self._lock:
             counts: dict[int, int] = {}
             for instance in self._instances.values():
-                if instance.idle:
+                if instance.booted and not instance.seceded:
                     counts[instance.memory_mb] = counts.get(instance.memory_mb, 0) + 1
             return counts
 
