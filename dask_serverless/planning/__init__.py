@@ -4,7 +4,8 @@ A Scheduler owns one ``Planning``. Before a run, ``plan(dag, platform)`` loads t
 bounded history of the DAG's functions (one Redis round trip; see ``protocol.history``),
 builds a ``Predictor``, predicts every node at every configuration and asks the planner
 for a ``Plan`` on the platform the run goes to (``simulate.Platform``: its concurrency
-slots, root bundles, warm instances, shared cores). Tasks annotated with
+slots, root bundles, warm instances, shared cores, and the CPUs of them the machine's
+other load left the last runs: ``history.recent_capacity``). Tasks annotated with
 ``dask.annotate(memory=MB)`` keep that configuration (rounded up to a configured size).
 
 Where annotations survive: ``dask.delayed`` graphs keep them. Array graphs keep them only
@@ -14,8 +15,9 @@ without blockwise fusion — ``dask.config.set({"optimization.fuse.active": Fals
 annotations altogether.
 
 After a successful run, ``finish`` turns the workers' metrics into history samples (and
-the sizes tasks ran out of memory at), appends them, and returns the ``RunReport`` that
-puts the plan next to what was measured — the cost billed as Lambda bills
+the sizes tasks ran out of memory at, and — on a machine the instances share — the CPUs
+the run got) and appends them; the run's report (``report``, built by the recorder) puts
+the plan next to what was measured — the cost billed as Lambda bills
 (``report.Pricing``), by the same formula as the prediction.
 
 Nothing is shared between Schedulers: each has its own Planning, and every plan its own
@@ -202,10 +204,12 @@ class Planning:
     ) -> None:
         """Record the run's metrics in history (the run's report is the recorder's).
 
-        Only the newest ``history_samples`` tasks of each function are read: history keeps
-        no more, and a 10 000-task run should not pay for parsing what would be dropped.
-        ``out_of_memory`` lists ``(task, MB)`` of tasks that ran out of memory at that size
-        (and were retried one size up): history keeps the size, so no later plan goes there.
+        Only the newest ``history_samples`` tasks of each function become samples: history
+        keeps no more. The run-wide figures read every task: when each invocation's first
+        task began (its setup, see ``run_samples``) and, on a machine the instances share,
+        the CPUs the run got (``cpu_capacity``). ``out_of_memory`` lists ``(task, MB)`` of
+        tasks that ran out of memory at that size (and were retried one size up): history
+        keeps the size, so no later plan goes there.
         """
         if self.store is None:
             return
