@@ -39,6 +39,14 @@ class MemoryProbe(Protocol):
     def peak_mb(self) -> float: ...
 
 
+class DelayClock(Protocol):
+    """Seconds the branch's thread has waited, runnable, for a CPU (``worker.metrics``)."""
+
+    def seconds(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
 class Invoker(Protocol):
     """How a worker starts other workers; provided by the backend that started it."""
 
@@ -81,6 +89,8 @@ class Branch:
     on_task: Callable[[Branch, int], None] | None = None
     # Measures each task's peak memory; the backend's probe, or none.
     memory_probe: MemoryProbe | None = None
+    # Reads the run delay of the thread that follows the branch (set by ``run_branch``).
+    run_delay: DelayClock | None = None
     cache: OutputCache | None = None
     values: dict[int, Any] = field(default_factory=dict)
     clustered: set[int] = field(default_factory=set)
