@@ -51,6 +51,10 @@ class Workload:
     # (peer scheduler, ratio): the workload's time on dask-serverless must stay at most
     # this many times the peer's; the runner reports whether it does.
     target: tuple[str, float] | None = None
+    # (peer scheduler, ratio): the same for the client's peak RSS during one compute. The
+    # runner measures it only for workloads that have one, each scheduler in a fresh
+    # process of its own (``benchmarks.peak_rss``).
+    memory_target: tuple[str, float] | None = None
 
 
 # --- small task functions -------------------------------------------------------------
@@ -112,6 +116,17 @@ def noop_tree(quick: bool) -> Collections:
     n_leaves = 1_000 if quick else 5_000
     leaves = [dask.delayed(noop)(i) for i in range(n_leaves)]
     return (tree_reduce(leaves, delayed_add),)
+
+
+DELAYED_200K_LEAVES = 100_000
+
+
+def delayed_200k(quick: bool) -> Collections:
+    """A large map-reduce of small ``dask.delayed`` calls, as a user writes one: 100 000
+    mapped items summed by a binary tree, ~200 000 tasks. The same size with ``--quick``:
+    its point is the client's time and memory per task at that size."""
+    mapped = [dask.delayed(inc)(i) for i in range(DELAYED_200K_LEAVES)]
+    return (tree_reduce(mapped, delayed_add),)
 
 
 def chain(quick: bool) -> Collections:
@@ -410,6 +425,13 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("text-analysis", text_analysis),
     Workload("image-pipeline", image_pipeline, quick_note="1 024² image instead of 2 048²"),
     Workload("persist-reduce", persist_reduce, target=("threads", 2.0)),
+    Workload(
+        "delayed-200k",
+        delayed_200k,
+        per_task=True,
+        target=("threads", 1.0),
+        memory_target=("threads", 1.5),
+    ),
 )
 
 
