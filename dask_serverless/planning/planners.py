@@ -270,10 +270,14 @@ class PlanInputs:
 def normal_quantile(costs: NodeCosts, schedule: Schedule, q: float) -> float:
     """The makespan's ``q`` quantile, as the critical path's sum of independent residuals."""
     variance = 0.0
+    # A function's ratios are one tuple shared by its tasks: their variance once per tuple.
+    variances: dict[int, float] = {}
     for i in schedule.critical_path():
         ratios = costs.ratios[i]
         if len(ratios) > 1:
-            variance += pvariance(ratios) * schedule.duration(i) ** 2
+            if id(ratios) not in variances:
+                variances[id(ratios)] = pvariance(ratios)
+            variance += variances[id(ratios)] * schedule.duration(i) ** 2
     return schedule.makespan + NormalDist().inv_cdf(q) * math.sqrt(variance)
 
 
