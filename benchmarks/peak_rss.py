@@ -9,8 +9,10 @@ be attributed to one scheduler's compute when nothing else ran in that process b
 the runner (``benchmarks.runner``) starts this module once per scheduler, and here the
 process starts the scheduler (as the suite does, outside the measurement), builds the
 collections, and then resets the kernel's high-water mark (``/proc/self/clear_refs``,
-Linux) just before ``dask.compute``; the peak read afterwards (``VmHWM``) is the compute's
-alone, on top of the memory the process already held. Where the mark cannot be reset the
+Linux) just before ``dask.compute``; the peak is read once the scheduler is closed
+(``VmHWM``), so it covers the compute and whatever the scheduler finishes after it
+returns (dask-serverless saves the run's report in the background), on top of the memory
+the process already held. Where the mark cannot be reset the
 peak is ``getrusage``'s ``ru_maxrss``, which also covers building the graph (the output
 says which). Worker processes, the embedded Redis and a cluster's workers are other
 processes and are not counted: this is the memory of the process that calls
@@ -102,10 +104,10 @@ def measure_here(workload_name: str, scheduler_name: str, quick: bool) -> PeakRs
         started = time.perf_counter()
         dask.compute(*collections, scheduler=scheduler)
         seconds = time.perf_counter() - started
-        peak = status_mb("VmHWM") if compute_only else None
-        return PeakRss(before, peak if peak is not None else max_rss_mb(), seconds, compute_only)
     finally:
         close()
+    peak = status_mb("VmHWM") if compute_only else None
+    return PeakRss(before, peak if peak is not None else max_rss_mb(), seconds, compute_only)
 
 
 def measure(workload_name: str, scheduler_name: str, quick: bool) -> PeakRss:
