@@ -70,6 +70,10 @@ _TABLE_ROWS = 200
 # that a normal approximation along the critical path stands in.
 MONTE_CARLO_DRAWS = 64
 MONTE_CARLO_BUDGET = 8_000
+# Node simulations the draws may cost per second of the predicted makespan: at some 25 µs
+# each, the draws take at most ~5% of the run they judge (a 0.1 s run gets the normal
+# approximation; planning must not cost more than the run it plans).
+MONTE_CARLO_NODES_PER_S = 2_000
 # Above this many tasks a platform simulation is worth a few passes over the DAG: the
 # search simulates only the likeliest candidates and restores in one step.
 LARGE_DAG = 2_000
@@ -251,8 +255,9 @@ class PlanInputs:
         percentile = self.sla.percentile
         if percentile is None or not self.per_node:
             return schedule.makespan
-        n = len(self.dag)
-        draws = min(MONTE_CARLO_DRAWS, MONTE_CARLO_BUDGET // max(n, 1))
+        n = max(len(self.dag), 1)
+        budget = min(MONTE_CARLO_BUDGET, int(schedule.makespan * MONTE_CARLO_NODES_PER_S))
+        draws = min(MONTE_CARLO_DRAWS, budget // n)
         if draws >= 16:
             bundling = self.bundle(memory)
             value = makespan_quantile(
@@ -268,12 +273,18 @@ class PlanInputs:
 
 
 def normal_quantile(costs: NodeCosts, schedule: Schedule, q: float) -> float:
-    """The makespan's ``q`` quantile, as the critical path's sum of independent residuals."""
+    """The makespan's ``q`` quantile, as the critical path's sum of independent residuals.
+
+    A ratio scales a task's execution only (as in the Monte Carlo draws), never its
+    transfers and start-up: a millisecond task's noisy ratios stay a millisecond's noise.
+    """
+    column = {m: c for c, m in enumerate(costs.configs)}
     variance = 0.0
     for i in schedule.critical_path():
         ratios = costs.ratios[i]
         if len(ratios) > 1:
-            variance += pvariance(ratios) * schedule.duration(i) ** 2
+            executes = costs.exec_s[i][column.get(schedule.memory[i], len(costs.configs) // 2)]
+            variance += pvariance(ratios) * min(executes, schedule.duration(i)) ** 2
     return schedule.makespan + NormalDist().inv_cdf(q) * math.sqrt(variance)
 
 
