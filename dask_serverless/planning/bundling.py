@@ -15,6 +15,10 @@ few per concurrent worker, so every worker still gets work.
 An invocation runs at one configuration, so a bundle holds roots of one planned
 configuration only: given the plan's ``memory``, roots are grouped by it first, and a
 root planned at 512 MB never runs at 1769 MB because it was bundled with a larger one.
+
+A graph whose whole work is worth less than a second invocation runs as one bundle
+(``whole_graph``): every root in one invocation and every other node internal, fan-outs
+included — the run then costs one invocation and no Redis traffic between its tasks.
 """
 
 from __future__ import annotations
@@ -66,3 +70,10 @@ def bundle_roots(dag: DAG, bundles: int, memory: Sequence[int | None] | None = N
         bundle_of[index] = number
         internal.add(index)
     return Bundling(starts, frozenset(internal))
+
+
+def whole_graph(dag: DAG) -> Bundling:
+    """One invocation runs the whole DAG: its roots start it, every other node is internal."""
+    return Bundling(
+        [list(dag.roots)], frozenset(i for i, parents in enumerate(dag.dependencies) if parents)
+    )

@@ -49,7 +49,7 @@ from statistics import NormalDist, pvariance
 from typing import Any, Protocol
 
 from dask_serverless.graph import DAG
-from dask_serverless.planning.bundling import Bundling, bundle_roots
+from dask_serverless.planning.bundling import Bundling, bundle_roots, whole_graph
 from dask_serverless.planning.predict import Predictor
 from dask_serverless.planning.simulate import (
     ANY_MEMORY,
@@ -133,14 +133,42 @@ class PlanInputs:
         """
         if not self.has_history or self.pinned:
             return False
-        smallest = self.configs[0]
+        total = self.work_bound_s(self.configs[0])
+        return total is not None and total < self.min_work_s
+
+    def work_bound_s(self, memory_mb: int) -> float | None:
+        """The DAG's whole work at ``memory_mb``, every task at its function's largest
+        input seen; None when a function is unknown."""
         total = 0.0
         for function, count in self.task_counts.items():
-            bound = self.predictor.work_bound_s(function, smallest)
+            bound = self.predictor.work_bound_s(function, memory_mb)
             if bound is None:
-                return False
+                return None
             total += count * bound
-        return total < self.min_work_s
+        return total
+
+    def worth_one_invocation(self, memory: Sequence[int]) -> bool:
+        """Is the whole DAG's work less than a second invocation costs (its invoke latency,
+        a warm start, an output stored and read)?
+
+        Splitting work ``W`` over two invocations saves at most ``W / 2``: below twice that
+        cost, one invocation running every task finishes first. Only a small-work plan
+        with one configuration for every task qualifies.
+        """
+        if not self.small_work:
+            return False
+        sizes = {memory[i] for i in range(self.dag.sink)}
+        if len(sizes) != 1:
+            return False
+        (size,) = sizes
+        work = self.work_bound_s(size)
+        predictor = self.predictor
+        second = (
+            self.platform.invoke_latency_s
+            + predictor.startup(size).warm_s
+            + 2 * predictor.transfer_time(0, size)
+        )
+        return work is not None and work <= 2 * second
 
     @cached_property
     def per_node(self) -> bool:
@@ -189,7 +217,10 @@ class PlanInputs:
     def bundle(self, memory: Sequence[int]) -> Bundling:
         """The root bundles the client will invoke for ``memory`` (one size per bundle),
         the longest remaining path first: a platform with fewer slots than bundles starts
-        them in that order, and the critical path should not wait behind side branches."""
+        them in that order, and the critical path should not wait behind side branches.
+        A DAG worth less than a second invocation runs in one (``worth_one_invocation``)."""
+        if self.worth_one_invocation(memory):
+            return whole_graph(self.dag)
         bundling = bundle_roots(self.dag, self.platform.bundles, memory)
         if not self.per_node or len(bundling.starts) < 2:
             return bundling
