@@ -20,6 +20,7 @@ Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compac
                                  kept)
 ``H transfer:<MB>``              ``[bytes, seconds]`` of an output read or write
 ``H startup:<MB>``               ``[cold 0|1, seconds]`` of an invocation's start-up
+``H generation``                 how many appends the series above have had
 ==============================  =======================================================
 
 On a Redis Cluster the series of one function share a hash slot (the braces), so history
