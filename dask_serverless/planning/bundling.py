@@ -16,9 +16,10 @@ An invocation runs at one configuration, so a bundle holds roots of one planned
 configuration only: given the plan's ``memory``, roots are grouped by it first, and a
 root planned at 512 MB never runs at 1769 MB because it was bundled with a larger one.
 
-A graph whose whole work is worth less than a second invocation runs as one bundle
-(``whole_graph``): every root in one invocation and every other node internal, fan-outs
-included — the run then costs one invocation and no Redis traffic between its tasks.
+A graph whose whole predicted work is worth less than a second invocation is one bundle
+(``bundles=1``): all its roots start in one invocation. Its fan-outs stay free: a task's
+time may depend on more than history sees (its arguments), and a worker still hands
+ready children to new workers while the platform has room.
 """
 
 from __future__ import annotations
@@ -70,10 +71,3 @@ def bundle_roots(dag: DAG, bundles: int, memory: Sequence[int | None] | None = N
         bundle_of[index] = number
         internal.add(index)
     return Bundling(starts, frozenset(internal))
-
-
-def whole_graph(dag: DAG) -> Bundling:
-    """One invocation runs the whole DAG: its roots start it, every other node is internal."""
-    return Bundling(
-        [list(dag.roots)], frozenset(i for i, parents in enumerate(dag.dependencies) if parents)
-    )

@@ -123,9 +123,9 @@ def _packed(node: GraphNode | None) -> tuple[type[Task] | None, Any]:
     """``(class, state)`` of a ``Task`` pickled the default way (``__getstate__``), else
     ``(None, node)``."""
     cls = type(node)
-    if isinstance(node, Task) and cls.__reduce_ex__ is object.__reduce_ex__:
-        if cls.__reduce__ is object.__reduce__:
-            return cls, node.__getstate__()
+    default = cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+    if isinstance(node, Task) and default:
+        return cls, node.__getstate__()
     return None, node
 
 
