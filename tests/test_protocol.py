@@ -9,13 +9,24 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 import numpy as np
 import pytest
+from dask._task_spec import DataNode, Task, TaskRef
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
+from dask_serverless.graph import translate
 from dask_serverless.protocol.history import HistoryStore
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import new_run_id, task_history_key
-from dask_serverless.protocol.record import OUTPUT, RECORD, RESULT, RunRecord, RunSigner
+from dask_serverless.protocol.record import (
+    OUTPUT,
+    RECORD,
+    RESULT,
+    PackedNodes,
+    RunRecord,
+    RunSigner,
+    open_record,
+    seal_record,
+)
 from dask_serverless.protocol.store import RunStore, redact
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.branch import Branch, RunGone
@@ -271,3 +282,15 @@ def test_history_store_holds_what_redis_holds_and_sees_other_clients_appends(red
     assert ours.load([function], [512])[0] == {
         (function, 512): [[6, 0, 0.6], [5, 0, 0.5], [4, 0, 0.4]]
     }
+
+
+def test_a_sealed_record_rebuilds_its_tasks_as_they_are_used():
+    signer = Signer(new_secret())
+    graph = {"a": Task("a", inc, 1), "b": Task("b", inc, TaskRef("a")), "c": DataNode("c", 5)}
+    dag = translate(graph, ["b", "c"])
+    opened = open_record(signer, seal_record(signer, RunRecord("run", dag)), "run")
+    nodes = opened.dag.nodes
+    assert isinstance(nodes, PackedNodes) and len(nodes) == len(dag)
+    a, b, c = (nodes[dag.index[key]] for key in ("a", "b", "c"))
+    assert a({}) == 2 and b({"a": 2}) == 3 and c({}) == 5
+    assert nodes[-1] is None and nodes[dag.index["a"]] is a

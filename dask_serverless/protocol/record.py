@@ -122,10 +122,10 @@ class PackedNodes(Sequence[GraphNode | None]):
 def _packed(node: GraphNode | None) -> tuple[type[Task] | None, Any]:
     """``(class, state)`` of a ``Task`` pickled the default way (``__getstate__``), else
     ``(None, node)``."""
-    cls = type(node)
-    default = cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-    if isinstance(node, Task) and default:
-        return cls, node.__getstate__()
+    if isinstance(node, Task):
+        cls = type(node)
+        if cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__:
+            return cls, node.__getstate__()
     return None, node
 
 
