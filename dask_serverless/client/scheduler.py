@@ -38,6 +38,7 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ from dask.local import nested_get
 from dask_serverless import config, logs
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
+from dask_serverless.client.placed import ClientWorkers
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.client.run import (
     RedisUnavailableError,
@@ -62,11 +64,13 @@ from dask_serverless.constants import LARGE_LITERAL_BYTES
 from dask_serverless.dashboard import Dashboard, start_dashboard
 from dask_serverless.graph import as_task_graph, literal_values, requested_keys, translate
 from dask_serverless.planning import Plan, Planner, Planning, Platform
+from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import new_run_id
 from dask_serverless.protocol.record import (
     LITERAL,
     RunRecord,
     RunSigner,
+    literal_bytes,
     seal_record,
     split_large_literals,
 )
@@ -159,12 +163,14 @@ class Scheduler:
         memory_configs: Sequence[int] | None = None,
         history: bool | None = None,
         dashboard: bool | None = None,
+        client_tasks: bool | None = None,
     ) -> None:
         logs.configure()
         self._closed = False
         self._dashboard: Dashboard | None = None
         self._embedded: EmbeddedRedis | None = None
         self._backend: Backend | None = None
+        self._client_workers: ClientWorkers | None = None
         checked = {
             "timeout": checked_number(
                 "timeout", config.setting("timeout", timeout), 0, optional=True, above=True
@@ -219,6 +225,7 @@ class Scheduler:
             url = self._embedded.url
             self.redis_url = None
         try:
+            self._url = url
             self._redis = connect(url)
             self._scripts = Scripts(self._redis)
             self.timeout = checked["timeout"]
@@ -229,6 +236,7 @@ class Scheduler:
             self.max_output_bytes = checked["max_output_bytes"]
             self.max_reinvocations = checked["max_reinvocations"]
             self.cluster_output_bytes = int(config.setting("cluster-output-bytes"))
+            self.client_tasks = bool(config.setting("planning.client-tasks", client_tasks))
             self.recovered_invocations = 0
             self.last_retries: dict[Any, int] = {}
             shared = secret.encode() if isinstance(secret, str) else secret
@@ -329,9 +337,11 @@ class Scheduler:
         """Compute ``keys`` (none of them plain data) in one run; their values by key."""
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id, graph=graph)
-        plan = self._planning.plan(dag, self.platform())
-        bundling = plan.bundling
         workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
+        plan = self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
+        placement = plan.inputs.placement
+        bundling = placement.bundling(dag, plan.bundling)
+        literals = {i: v for i, v in literals.items() if i not in placement.nodes}
         logger.debug(
             "run %s: planner %s (SLA %s) chose memory %s MB",
             run_id,
@@ -356,6 +366,10 @@ class Scheduler:
         signer = RunSigner(self._signer, run_id)
         literal_blobs = {i: signer.dumps(v, LITERAL, i) for i, v in literals.items()}
         limit = self.timeout if timeout is None else timeout
+
+        def serve_here(invocation: Invocation) -> None:
+            self.client_workers.serve(record, dag, invocation, placement.nodes)
+
         with local_callbacks(callbacks) as active:
             run = Run(
                 dag=dag,
@@ -387,7 +401,7 @@ class Scheduler:
                 if plan.prewarm:
                     self.backend.prewarm(dict(plan.prewarm))
                 run_started = time.time()
-                values = run.execute(sealed, limit, literal_blobs)
+                values = run.execute(sealed, limit, literal_blobs, placement.roots, serve_here)
                 makespan = time.time() - run_started
                 succeeded = True
             except BaseException as error:
@@ -414,6 +428,21 @@ class Scheduler:
         )
         return dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
 
+    def literal_sizes(self, literals: dict[int, Any]) -> dict[int, int] | None:
+        """Bytes of literal data of the nodes carrying large literals, for the planner to
+        place tasks beside them in the client (``planning.locality``); None when
+        ``client_tasks`` is off."""
+        if not literals or not self.client_tasks:
+            return None
+        return {i: literal_bytes(node, sys.maxsize) for i, node in literals.items()}
+
+    @property
+    def client_workers(self) -> ClientWorkers:
+        """Where the tasks placed in the client run (made on first use)."""
+        if self._client_workers is None:
+            self._client_workers = ClientWorkers(self._url, self._secret, self.backend)
+        return self._client_workers
+
     @property
     def last_run(self) -> RunReport | None:
         """The last run's plan next to what was measured (built on first use).
@@ -429,7 +458,9 @@ class Scheduler:
 
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
-        return self._planning.plan(translate(dsk, keys), self.platform())
+        dag = translate(dsk, keys)
+        _, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
+        return self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
 
     def platform(self) -> Platform:
         """The platform model the planner simulates runs on (``planning.simulate``).
@@ -460,6 +491,8 @@ class Scheduler:
             self._dashboard.stop()
         if hasattr(self, "_recorder"):
             self._recorder.close()
+        if self._client_workers is not None:
+            self._client_workers.close()
         if self._backend is not None:
             self._backend.close()
         if hasattr(self, "_redis"):
