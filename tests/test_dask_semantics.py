@@ -21,7 +21,16 @@ from dask.diagnostics import Profiler
 import dask_serverless
 from dask_serverless import Scheduler
 from dask_serverless.client import _default
-from tests.tasks import TaskWarning, fail, inc, log_of, sleep_then, warn_then
+from tests.tasks import (
+    TaskWarning,
+    fail,
+    fail_block,
+    inc,
+    log_of,
+    sleep_then,
+    slow_block,
+    warn_then,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,6 +199,68 @@ def test_the_default_reads_the_configuration_at_each_compute():
 # -- large literals ------------------------------------------------------------------
 
 
+def where_tasks_ran(report) -> dict[str, set[str]]:
+    """The kinds of instance (``client``, ``local``) each task name ran on."""
+    frame = report.to_frame()
+    kinds: dict[str, set[str]] = {}
+    for key, instance in zip(frame["key"], frame["instance"], strict=True):
+        name = (key[0] if isinstance(key, tuple) else key).split("-")[0]
+        kinds.setdefault(name, set()).add(instance.split(":")[0])
+    return kinds
+
+
 def test_persisted_arrays_reduce_from_literals_outside_the_record(scheduler):
     x = da.random.random((1000, 1000), chunks=250).persist(scheduler="threads")
-    assert np.isclose(x.sum().compute(scheduler=scheduler), x.sum().compute(scheduler="sync"))
+    with dask.config.set({"serverless.planning.client-tasks": False}):
+        total = x.sum().compute(scheduler=scheduler)
+    assert np.isclose(total, x.sum().compute(scheduler="sync"))
+    assert scheduler.last_run.client_tasks == 0
+    assert set().union(*where_tasks_ran(scheduler.last_run).values()) == {"local"}
+
+
+def test_persisted_chunks_are_reduced_beside_them_in_the_client(scheduler):
+    x = da.random.random((1000, 1000), chunks=250).persist(scheduler="threads")
+    y = da.ones((1000, 1000), chunks=250)  # computed by the workers
+    total = (x.sum() + y.sum()).compute(scheduler=scheduler)
+    assert np.isclose(total, x.sum().compute(scheduler="sync") + 1e6)
+    report = scheduler.last_run
+    kinds = where_tasks_ran(report)
+    # The chunks, fused into the tasks that sum them, and the cheap tree above them ran in
+    # the client; the other array and what joins both sums ran on the workers.
+    assert kinds["random_sample"] == {"client"}
+    assert kinds["add"] == {"local"} and "local" in kinds["sum"]
+    assert report.client_tasks == sum(
+        1 for t in report.tasks if str(t.worker_id).startswith("client:")
+    )
+    assert any("run in the client" in note for note in report.notes)
+    assert "in the client:" in report.summary()
+    assert report.invocations >= 1 and report.cost_gb_s > 0  # the workers' part is billed
+
+
+def test_a_task_found_costlier_than_moving_its_chunk_moves_to_the_workers(scheduler):
+    x = da.random.random((1000, 1000), chunks=500).persist(scheduler="threads")
+    slow = x.map_blocks(slow_block, 0.2, name="costly-blocks", dtype=float)
+    expected = x.sum().compute(scheduler="sync") + 1e6
+    # Unfused, so that the blocks' function is known by its own name.
+    # Unknown: placed beside its chunk, and measured there.
+    first = slow.sum().compute(scheduler=scheduler, optimize_graph=False)
+    assert np.isclose(first, expected)
+    assert where_tasks_ran(scheduler.last_run)["costly"] == {"client"}
+    # Now known to cost far more than moving the chunk: run on the workers.
+    second = slow.sum().compute(scheduler=scheduler, optimize_graph=False)
+    assert np.isclose(second, expected)
+    assert where_tasks_ran(scheduler.last_run)["costly"] == {"local"}
+
+
+def test_a_task_failing_in_the_client_fails_the_run_naming_its_key(scheduler):
+    x = da.random.random((1000, 1000), chunks=500).persist(scheduler="threads")
+    bad = x.map_blocks(fail_block, name="failing-blocks", dtype=float).sum()
+    with pytest.raises(ValueError, match="bad block of shape") as info:
+        bad.compute(scheduler=scheduler)
+    # The task that failed is the chunk with the blocks' function fused into it.
+    assert any("raised by task ('random_sample-" in note for note in info.value.__notes__)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[-1].name == "fail_block"
+    report = info.value.run_report
+    assert report.status == "failed"
+    assert "failed" in {t.state for t in report.tasks}

@@ -26,13 +26,24 @@ import threading
 from dataclasses import replace
 
 from dask_serverless.backends.base import Backend
-from dask_serverless.constants import CLIENT_WORKER
+from dask_serverless.constants import CLIENT_WORKER, DEFAULT_MEMORY_MB
 from dask_serverless.graph import DAG
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import RunRecord
 from dask_serverless.worker.branch import Branch
 from dask_serverless.worker.handler import WorkerEnvironment, serve
 from dask_serverless.worker.loop import WorkerLogic
+
+
+class ClientContext:
+    """What the client's invocations tell the worker code of their platform: one vCPU (a
+    thread of the client), so history learns their times at ``DEFAULT_MEMORY_MB`` — the
+    size placement predicts them at (``planning.locality``) — and no time limit."""
+
+    memory_limit_in_mb = DEFAULT_MEMORY_MB
+
+
+_ONE_VCPU = ClientContext()
 
 
 class ClientLogic(WorkerLogic):
@@ -74,7 +85,7 @@ class ClientWorkers:
         try:
             environment.logic = ClientLogic(placed)
             environment.remember(replace(record, dag=dag))
-            serve(environment, invocation, None)
+            serve(environment, invocation, _ONE_VCPU)
         finally:
             environment.records.pop(record.run_id, None)
             with self._lock:

@@ -10,22 +10,30 @@ output, usually small, then goes to Redis, and the rest of the DAG runs on the w
 before.
 
 ``place_in_client`` decides it from the platform model: a task is placed in the client
-when its predicted execution time (history; none known counts as none) is at most the
-predicted time of moving its literal inputs to a worker (``Predictor.transfer_time``,
-a write by the client plus a read by the worker). Placed are:
+when all its inputs are already there and its predicted execution time is at most the
+predicted time of moving those inputs to a worker (``Predictor.transfer_time``, a write by
+the client plus a read by the worker). Placed are, in topological order:
 
-- *consumers*: tasks that are not roots, whose dependencies are all roots carrying large
-  literal data, and whose work is small by that rule;
-- the literal roots those consumers read (a root that is itself a task with literal data
-  fused in — an optimized array graph does that — when its own work is small by the rule).
+- roots carrying large literal data: plain data, or a task with the data fused in (an
+  optimized array graph does that) whose own work is small by the rule;
+- tasks whose dependencies are all placed and whose work is small by the rule, their
+  inputs being the literal data or the outputs the placed tasks leave (as the predictor
+  expects them: nothing known counts as small) — a reduction's cheap tree stays beside
+  its data, an expensive task goes to the workers with the outputs it reads;
+- a plain-data root only when some task reading it is placed.
 
-A consumer with a dependency the workers compute stays on the workers (the client would
-have to wait for it, and no client action may be needed after the roots are invoked:
-I-2). The client runs all placed tasks in one invocation of its own, whose placed
-consumers are counted in its memory like a bundle's internal nodes
-(``planning.bundling``); ``ClientPlacement.bundling`` takes them out of the workers'
-bundles. The setting ``serverless.planning.client-tasks`` (or ``Scheduler(client_tasks=)``)
-turns it off.
+A task with a dependency the workers compute stays on the workers (the client would have
+to wait for it, and no client action may be needed after the roots are invoked: I-2), and
+so does the sink: a worker stores the result and deletes the run's keys, as always. The
+client runs all placed tasks in one invocation of its own, in which the placed non-roots
+are counted in memory like a bundle's internal nodes (``planning.bundling``);
+``ClientPlacement.bundling`` takes them out of the workers' bundles.
+
+Time is predicted from history, where the client's own tasks are recorded at one vCPU
+(``DEFAULT_MEMORY_MB``, what one client thread gets): a function without history counts
+as cheap for its first run, and goes to the workers from then on if it was not. The
+setting ``serverless.planning.client-tasks`` (or ``Scheduler(client_tasks=)``) turns
+placement off.
 """
 
 from __future__ import annotations
@@ -110,7 +118,7 @@ def place_in_client(
     (``DEFAULT_MEMORY_MB``), what one thread of the client gets.
     """
 
-    def small(index: int, nbytes: int) -> bool:
+    def small(index: int, nbytes: float) -> bool:
         work_s = predictor.exec_time(functions[index], nbytes, DEFAULT_MEMORY_MB)
         moving_s = MOVES_PER_LITERAL * predictor.transfer_time(nbytes, DEFAULT_MEMORY_MB)
         return work_s <= moving_s
@@ -121,15 +129,17 @@ def place_in_client(
         if not dag.dependencies[index]
         and (isinstance(dag.nodes[index], DataNode) or small(index, size))
     }
+    # Bytes each node placed so far leaves in the client (a predicted output: 0 unknown).
+    held: dict[int, float] = dict(literal_roots)
     consumers = set()
-    for root in literal_roots:
-        for child in dag.dependents[root]:
-            if child == dag.sink or child in consumers:
-                continue
-            parents = dag.dependencies[child]
-            local = all(p in literal_roots for p in parents)
-            if local and small(child, sum(literal_roots[p] for p in parents)):
-                consumers.add(child)
+    for index in range(dag.sink):  # index order is topological
+        parents = dag.dependencies[index]
+        if not parents or not all(p in held for p in parents):
+            continue
+        nbytes = sum(held[p] for p in parents)
+        if small(index, nbytes):
+            consumers.add(index)
+            held[index] = predictor.output_bytes(functions[index], nbytes)
     roots = sorted(
         root
         for root in literal_roots
