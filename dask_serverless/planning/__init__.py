@@ -210,11 +210,9 @@ class Planning:
         if self.store is None:
             return
         uploads: dict[int, float] = getattr(progress, "uploads", {})
-        invocations = [
-            metrics
-            for event in getattr(progress, "invocations", [])
-            if not (metrics := invocation_metrics(event)).worker_id.startswith(CLIENT_WORKER)
-        ]  # the client's own invocations start no instance
+        started = [invocation_metrics(e) for e in getattr(progress, "invocations", [])]
+        # The client's own invocations start no instance: no start-up to learn from.
+        invocations = [i for i in started if not i.worker_id.startswith(CLIENT_WORKER)]
         functions = plan.functions or function_identities(dag)
         newest = newest_per_function(progress.task_events, functions, self.store.samples)
         sampled = [

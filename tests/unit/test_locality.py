@@ -7,6 +7,7 @@ import sys
 
 import dask
 import dask.array as da
+import numpy as np
 from dask._expr import FinalizeCompute
 
 from dask_serverless.constants import LARGE_LITERAL_BYTES
@@ -35,27 +36,41 @@ def persisted_sum():
     return optimized_dag(x.sum())
 
 
-def names(dag, nodes):
-    return sorted({dag.keys[i][0].split("-")[0] for i in nodes})
-
-
-def test_chunks_and_their_cheap_reductions_go_to_the_client_the_rest_to_workers():
+def test_chunks_and_their_cheap_reduction_go_to_the_client_the_sink_to_a_worker():
     dag = persisted_sum()
     sizes = literal_sizes(dag)
     predictor = Predictor(History(), SLA.parse("p95"))
     placement = place_in_client(dag, sizes, predictor, function_identities(dag))
-    assert set(placement.roots) == set(sizes)  # the 4 chunks
-    # Each chunk is fused into the task that sums it; their aliases read only them.
-    assert len(placement.consumers) == 4 and names(dag, placement.consumers) == ["sum"]
+    # Each chunk is fused into the task that sums it: those are the roots.
+    assert set(placement.roots) == set(sizes) and len(sizes) == 4
+    # The tree above them reads only what the client holds, and costs next to nothing.
+    assert placement.nodes == set(range(dag.sink))
     assert placement.literal_bytes == sum(sizes.values()) >= 8 * 2**20
-    # What reads only the reductions' small outputs stays on the workers.
-    placed = placement.nodes
-    assert all(
-        i in placed or not all(p in placement.roots for p in dag.dependencies[i])
-        for i in range(dag.sink)
-    )
-    assert dag.sink not in placed
     assert "8.0 MiB of literal data" in placement.note()
+
+
+def double(x):
+    return 2 * x
+
+
+def test_a_costly_task_downstream_and_what_follows_it_go_to_the_workers():
+    chunks = {f"chunk-{i}": np.full(2**17, float(i)) for i in range(3)}  # 1 MiB each
+    graph = {
+        **chunks,
+        **{f"part-{i}": (np.sum, f"chunk-{i}") for i in range(3)},
+        "total": (sum, [f"part-{i}" for i in range(3)]),
+        "costly": (double, "total"),
+        "after": (double, "costly"),
+    }
+    dag = translate(graph, "after")
+    functions = function_identities(dag)
+    costly = dag.index["costly"]
+    history = History(tasks={(functions[costly], 1769): [[8, 8, 5.0, 5.0, 200.0, 0.0]] * 4})
+    predictor = Predictor(history, SLA.parse("p95"))
+    placement = place_in_client(dag, literal_sizes(dag), predictor, functions)
+    placed = {dag.keys[i] for i in placement.nodes}
+    assert placed == {*chunks, "part-0", "part-1", "part-2", "total"}
+    assert {dag.keys[i] for i in placement.roots} == set(chunks)
 
 
 def test_a_task_costlier_than_moving_its_chunk_stays_on_the_workers():
