@@ -25,6 +25,7 @@ from tests.tasks import (
     TaskWarning,
     fail,
     fail_block,
+    fail_first,
     inc,
     log_of,
     sleep_then,
@@ -194,6 +195,38 @@ def test_the_default_reads_the_configuration_at_each_compute():
         assert _default.get().backend.concurrency == 7
     assert dask.compute(dask.delayed(inc)(3), scheduler="serverless") == (4,)
     assert _default.get().backend.concurrency != 7
+
+
+def test_a_scheduler_reads_the_configuration_at_each_compute(redis_url, tmp_path):
+    flaky = dask.delayed(fail_first)(5, str(tmp_path / "calls"), 1)
+    with Scheduler(redis=redis_url, timeout=120) as sched:
+        started = sched.backend
+        with dask.config.set({"serverless.retries": 1}):
+            assert dask.compute(flaky, scheduler=sched) == (5,)
+        assert sched.last_retries == {flaky.key: 1}
+        assert sched.backend is started  # nothing it started changed
+        with dask.config.set({"serverless.local.concurrency": 1}):
+            assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
+            assert sched.backend.concurrency == 1 and sched.backend is not started
+        assert dask.compute(dask.delayed(inc)(2), scheduler=sched) == (3,)
+        assert sched.backend.concurrency != 1
+        with (
+            dask.config.set({"serverless.retries": -1}),
+            pytest.raises(ValueError, match=r"serverless\.retries=-1"),
+        ):
+            dask.compute(dask.delayed(inc)(3), scheduler=sched)
+
+
+def test_arguments_given_to_a_scheduler_win_over_the_configuration(redis_url, tmp_path):
+    flaky = dask.delayed(fail_first)(5, str(tmp_path / "calls"), 1)
+    configured = {"serverless.retries": 3, "serverless.local.concurrency": 2}
+    with (
+        Scheduler(redis=redis_url, timeout=120, retries=0, concurrency=1) as sched,
+        dask.config.set(configured),
+    ):
+        with pytest.raises(ConnectionResetError, match="flaky call 1"):
+            dask.compute(flaky, scheduler=sched)
+        assert sched.backend.concurrency == 1
 
 
 # -- large literals ------------------------------------------------------------------
