@@ -29,10 +29,12 @@ what the Scheduler started (its Redis, backend, secret, dashboard) restarts thos
 
 ``get``, the embedded default, called inside a task (a worker runs it) starts a *nested*
 run instead: a child run on the worker's own Redis and platform, through a Scheduler the
-worker keeps for its tasks. While the task waits, its instance secedes from the platform's
-concurrency (``seceded``), so a fan-out decided at run time cannot deadlock the limit;
-the child run's error is raised in the task, and the child run stops (deleting its keys)
-if the parent run goes away.
+worker keeps for its tasks. A ``Scheduler(...)`` made inside a task without a Redis or
+backend of its own is such a Scheduler too (its other arguments apply to its runs).
+While the task waits, its instance secedes from the platform's concurrency
+(``seceded``), so a fan-out decided at run time cannot deadlock the limit; the child
+run's error is raised in the task, and the child run stops (deleting its keys) if the
+parent run goes away.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ class Scheduler:
     step through with pdb), ``"lambda"`` (AWS Lambda functions deployed by ``dask-serverless lambda
     deploy``; ``lambda_function`` names them, ``lambda_endpoint_url`` and
     ``lambda_region`` say where their API is) or a Backend object. Unset arguments come
-    from ``dask.config``'s ``serverless.*`` settings. Use it as
+    from ``dask.config``'s ``serverless.*`` settings, read at every compute. Made inside a
+    task without ``redis`` or ``backend``, it computes nested runs on the worker's Redis
+    and platform, like ``dask_serverless.get`` there. Use it as
     ``dask.compute(x, scheduler=sched)``, under ``dask.config.set(scheduler=sched)``, or as
     a context manager; ``close()`` stops what it started.
     """
@@ -177,6 +181,23 @@ class Scheduler:
             "dashboard": dashboard,
             "client_tasks": client_tasks,
         }
+        # Made inside a task without a Redis or backend of its own: nested runs on the
+        # worker's Redis and platform (``_as_child``), which it borrows and never stops.
+        invocation = serving()
+        self._nested = invocation is not None and redis is None and backend is None
+        if invocation is not None and self._nested:
+            environment = invocation.environment
+            if not isinstance(environment.invoker, Backend):
+                raise RuntimeError(
+                    f"this worker's platform ({type(environment.invoker).__name__}) cannot "
+                    "start nested runs"
+                )
+            self._arguments.update(
+                redis=environment.redis_url,
+                backend=environment.invoker,
+                secret=environment.secret,
+                dashboard=False,  # a worker serves no pages; the parent's dashboard sees it
+            )
         # Computes in progress, and the lock a restart waits on until there are none.
         self._active = 0
         self._state = threading.Condition()
@@ -255,7 +276,8 @@ class Scheduler:
             self._client_workers.close()
             self._client_workers = None
         if self._backend is not None:
-            self._backend.close()
+            if not self._nested:
+                self._backend.close()
             self._backend = None
         if self._redis is not None:
             self._redis.close()
@@ -337,9 +359,29 @@ class Scheduler:
         results = literal_values(graph, wanted)
         computed = [key for key in wanted if key not in results]
         if computed:
-            with self._computing():
-                results.update(self.run(dsk, graph, computed, callbacks, timeout, parent_gone))
+            with self._computing(), self._as_child(parent_gone) as parent:
+                results.update(self.run(dsk, graph, computed, callbacks, timeout, parent))
         return nested_get(keys, results)
+
+    @contextlib.contextmanager
+    def _as_child(
+        self, parent_gone: Callable[[], bool] | None
+    ) -> Iterator[Callable[[], bool] | None]:
+        """For a Scheduler made inside a task: the compute is a child run of the task
+        running now, which secedes from the platform's concurrency while it waits, and
+        whose run going away stops the child run. Otherwise nothing changes."""
+        if not self._nested:
+            yield parent_gone
+            return
+        invocation = serving()
+        if invocation is None:
+            raise RuntimeError(
+                "this Scheduler was made inside a task, for nested runs of the worker's "
+                "platform: it computes only inside a task"
+            )
+        seceded = getattr(self.backend, "seceded", contextlib.nullcontext)
+        with seceded():
+            yield parent_gone or invocation.cancelled
 
     def run(
         self,
@@ -545,23 +587,12 @@ def get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
 
 
 def child_run_get(invocation: Serving, dsk: Any, keys: Any, **kwargs: Any) -> Any:
-    """Compute ``keys`` as a child run of the task ``invocation`` is running."""
+    """Compute ``keys`` as a child run of the task ``invocation`` is running, through the
+    Scheduler the worker keeps for its tasks' nested runs (made in a task, it nests)."""
     environment = invocation.environment
-    platform = environment.invoker
-    if not isinstance(platform, Backend):
-        raise RuntimeError(
-            f"this worker's platform ({type(platform).__name__}) cannot start nested runs"
-        )
     if environment.nested_client is None:
-        environment.nested_client = Scheduler(
-            redis=environment.redis_url,
-            backend=platform,
-            secret=environment.secret,
-            dashboard=False,  # a worker serves no pages; the parent's dashboard sees the run
-        )
-    seceded = getattr(platform, "seceded", contextlib.nullcontext)
-    with seceded():
-        return environment.nested_client.get(dsk, keys, parent_gone=invocation.cancelled, **kwargs)
+        environment.nested_client = Scheduler()
+    return environment.nested_client.get(dsk, keys, **kwargs)
 
 
 # ``scheduler="serverless"``: dask looks names up in this table.
