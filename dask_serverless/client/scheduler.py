@@ -264,8 +264,9 @@ class Scheduler:
             self._planning.pricing,
         )
 
-    def _stop(self) -> None:
-        """Stop what ``_start`` started (a Backend object given as argument included)."""
+    def _stop(self, closing: bool = False) -> None:
+        """Stop what ``_start`` started. A Backend object given as argument is closed only
+        with the Scheduler (``closing``), and a borrowed one (nested) never."""
         if self._dashboard is not None:
             self._dashboard.stop()
             self._dashboard = None
@@ -276,7 +277,8 @@ class Scheduler:
             self._client_workers.close()
             self._client_workers = None
         if self._backend is not None:
-            if not self._nested:
+            given = not isinstance(self._arguments["backend"], str | None)
+            if not self._nested and (closing or not given):
                 self._backend.close()
             self._backend = None
         if self._redis is not None:
@@ -547,7 +549,7 @@ class Scheduler:
             if self._closed:
                 return
             self._closed = True
-            self._stop()
+            self._stop(closing=True)
 
     def __enter__(self) -> Scheduler:
         return self

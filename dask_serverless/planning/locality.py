@@ -29,6 +29,10 @@ client runs all placed tasks in one invocation of its own, in which the placed n
 are counted in memory like a bundle's internal nodes (``planning.bundling``);
 ``ClientPlacement.bundling`` takes them out of the workers' bundles.
 
+The client runs its share right after invoking the workers' roots, one task after the
+other, before it starts to wait: a compute's ``timeout`` is checked once that share is
+done.
+
 Time is predicted from history, where the client's own tasks are recorded at one vCPU
 (``DEFAULT_MEMORY_MB``, what one client thread gets): a function without history counts
 as cheap for its first run, and goes to the workers from then on if it was not. The

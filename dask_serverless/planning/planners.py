@@ -122,7 +122,9 @@ class PlanInputs:
 
     @cached_property
     def has_history(self) -> bool:
-        return any(self.predictor.knows(f) for f in self.task_counts)
+        """Does history know the workers' functions (or have the workers no tasks)?"""
+        counts = self.task_counts
+        return not counts or any(self.predictor.knows(f) for f in counts)
 
     @cached_property
     def small_work(self) -> bool:
