@@ -271,9 +271,11 @@ def test_persisted_chunks_are_reduced_beside_them_in_the_client(scheduler):
 
 
 def test_a_task_found_costlier_than_moving_its_chunk_moves_to_the_workers(scheduler):
-    x = da.random.random((1000, 1000), chunks=500).persist(scheduler="threads")
-    slow = x.map_blocks(slow_block, 0.2, name="costly-blocks", dtype=float)
-    expected = x.sum().compute(scheduler="sync") + 1e6
+    # Blocks of 0.5 MB, each 0.6 s of work: far more than moving a block, even with the
+    # transfer times a busy machine measures.
+    x = da.random.random((500, 500), chunks=250).persist(scheduler="threads")
+    slow = x.map_blocks(slow_block, 0.6, name="costly-blocks", dtype=float)
+    expected = x.sum().compute(scheduler="sync") + 500 * 500
     # Unfused, so that the blocks' function is known by its own name.
     # Unknown: placed beside its chunk, and measured there.
     first = slow.sum().compute(scheduler=scheduler, optimize_graph=False)
