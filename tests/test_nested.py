@@ -83,7 +83,8 @@ def test_a_scheduler_made_in_a_task_nests_on_the_same_platform(redis_url, tmp_pa
         assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)  # still serving
     assert total == 6
     assert parent == child_parent  # the child run's workers come from the same platform
-    assert not started_default
+    if backend == "local":  # inline tasks run in this process, where other tests ran
+        assert not started_default
     assert where == sched.redis_url  # the same Redis, no embedded server of its own
 
 

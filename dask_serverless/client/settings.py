@@ -96,10 +96,18 @@ class _Reader:
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
         self.arguments = arguments
+        self.config = dask.config.get("serverless")
+
+    def setting(self, path: str) -> Any:
+        """``serverless.<path>`` from dask.config (read once per ``resolve``)."""
+        value = self.config
+        for part in path.split("."):
+            value = value[part]
+        return value
 
     def value(self, name: str) -> Any:
         given = self.arguments.get(name)
-        return given if given is not None else dask.config.get(f"serverless.{SETTING_OF[name]}")
+        return given if given is not None else self.setting(SETTING_OF[name])
 
     def label(self, name: str, value: Any) -> str:
         if self.arguments.get(name) is not None:
@@ -183,7 +191,7 @@ def resolve(arguments: Mapping[str, Any]) -> Settings:
             whole=True,
             above=True,
         )
-    local = dict(dask.config.get("serverless.local"))
+    local = dict(read.setting("local"))
     local["concurrency"] = read.number("concurrency", 1, whole=True, optional=True)
     local["keep-alive"] = read.number("keep_alive", 0)
     lambda_options = {
@@ -194,18 +202,18 @@ def resolve(arguments: Mapping[str, Any]) -> Settings:
     dashboard = arguments.get("dashboard")
     resources = Resources(
         redis=read.value("redis"),
-        redis_cluster=dask.config.get("serverless.redis-cluster", "auto"),
-        embedded_server=dask.config.get("serverless.embedded.server"),
+        redis_cluster=read.config.get("redis-cluster", "auto"),
+        embedded_server=read.setting("embedded.server"),
         backend=backend,
         secret=(secret.encode() if isinstance(secret, str) else secret)
         or secret_from_environment(),
         local=local,
         lambda_options={
-            **dask.config.get("serverless.lambda"),
+            **read.setting("lambda"),
             **{name: value for name, value in lambda_options.items() if value is not None},
         },
         dashboard=bool(dashboard or (dashboard is None and read.value("dashboard"))),
-        dashboard_port=int(dask.config.get("serverless.dashboard.port")),
+        dashboard_port=int(read.setting("dashboard.port")),
     )
     runs = RunSettings(
         timeout=read.number("timeout", 0, optional=True, above=True),
@@ -215,7 +223,7 @@ def resolve(arguments: Mapping[str, Any]) -> Settings:
         lease_ms=int(float(read.number("lease_timeout", 0, above=True)) * 1000),
         max_output_bytes=read.number("max_output_bytes", 1, whole=True),
         max_reinvocations=read.number("max_reinvocations", 0, whole=True),
-        cluster_output_bytes=int(dask.config.get("serverless.cluster-output-bytes")),
+        cluster_output_bytes=int(read.setting("cluster-output-bytes")),
         client_tasks=bool(read.value("client_tasks")),
         planning={
             "planner": read.value("planner"),
@@ -223,11 +231,11 @@ def resolve(arguments: Mapping[str, Any]) -> Settings:
             "deadline": read.value("deadline"),
             "memory_configs": memory_configs,
             "history": bool(read.value("history")),
-            "history_samples": int(dask.config.get("serverless.planning.history-samples")),
-            "history_ttl_s": int(dask.config.get("serverless.planning.history-ttl")),
-            "min_work_s": float(dask.config.get("serverless.planning.min-work")),
-            "pricing": dask.config.get("serverless.planning.pricing"),
+            "history_samples": int(read.setting("planning.history-samples")),
+            "history_ttl_s": int(read.setting("planning.history-ttl")),
+            "min_work_s": float(read.setting("planning.min-work")),
+            "pricing": read.setting("planning.pricing"),
         },
-        history_runs=int(dask.config.get("serverless.history.runs")),
+        history_runs=int(read.setting("history.runs")),
     )
     return Settings(resources, runs)
