@@ -26,11 +26,10 @@ A task with a dependency the workers compute stays on the workers (the client wo
 to wait for it, and no client action may be needed after the roots are invoked: I-2), and
 so does the sink: a worker stores the result and deletes the run's keys, as always. The
 client runs the placed tasks in invocations of its own, one per thread (a core each, as
-dask's threaded scheduler does), each starting with a group of the placed roots (roots a
-task reads together share one: literal data never crosses between them). A placed task
-whose dependencies all lie in one group is counted in that invocation's memory like a
-bundle's internal node (``planning.bundling``); the others are fan-ins counted in Redis,
-run by the client thread that completes them.
+dask's threaded scheduler does), each starting with a contiguous group of the placed
+roots; a placed task whose dependencies all lie in one group is counted in that
+invocation's memory like a bundle's internal node (``planning.bundling``), the others are
+fan-ins counted in Redis, run by the client thread that completes them.
 ``ClientPlacement.bundling`` takes the placed tasks out of the workers' bundles.
 
 The client runs its share right after invoking the workers' roots, before it starts to
@@ -176,39 +175,13 @@ def place_in_client(
 def group_roots(
     dag: DAG, roots: Sequence[int], consumers: set[int], threads: int
 ) -> tuple[tuple[tuple[int, ...], ...], frozenset[int]]:
-    """``roots`` in at most ``threads`` groups, and the consumers whose dependencies all
-    lie in one group (in index order, which is topological, so a consumer of internal
-    consumers is found internal too).
-
-    Roots read by one task together (``x + y`` of two persisted chunks) share a group, so
-    literal data never crosses from one client invocation to another through Redis;
-    otherwise groups are contiguous in index order (neighbours share reductions) and of
-    about equal size.
-    """
+    """``roots`` in at most ``threads`` contiguous groups (neighbours share reductions),
+    and the consumers whose dependencies all lie in one group (in index order, which is
+    topological, so a consumer of internal consumers is found internal too)."""
     if not roots:
         return (), frozenset()
-    # Union-find: roots a consumer reads directly go together.
-    leader = {root: root for root in roots}
-
-    def find(root: int) -> int:
-        while leader[root] != root:
-            leader[root] = leader[leader[root]]
-            root = leader[root]
-        return root
-
-    for index in consumers:
-        direct = [p for p in dag.dependencies[index] if p in leader]
-        for other in direct[1:]:
-            leader[find(other)] = find(direct[0])
-    together: dict[int, list[int]] = {}
-    for root in sorted(roots):
-        together.setdefault(find(root), []).append(root)
     size = -(-len(roots) // max(1, threads))
-    groups: list[list[int]] = [[]]
-    for component in sorted(together.values()):
-        if groups[-1] and len(groups[-1]) + len(component) > size:
-            groups.append([])
-        groups[-1].extend(component)
+    groups = tuple(tuple(roots[i : i + size]) for i in range(0, len(roots), size))
     group_of = [-1] * len(dag)
     for number, group in enumerate(groups):
         for root in group:
@@ -220,4 +193,4 @@ def group_roots(
         if number >= 0 and all(group_of[p] == number for p in parents):
             group_of[index] = number
             internal.add(index)
-    return tuple(tuple(group) for group in groups), frozenset(internal)
+    return groups, frozenset(internal)

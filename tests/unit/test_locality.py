@@ -142,26 +142,3 @@ def test_the_client_splits_the_roots_between_its_threads():
     assert placement.internal < placement.consumers
     one = place_in_client(dag, sizes, predictor, function_identities(dag), threads=1)
     assert one.internal == one.consumers and len(one.groups) == 1
-
-
-def test_chunks_read_together_share_a_client_thread():
-    xs = {f"x-{i}": np.full(2**14, float(i)) for i in range(4)}  # 128 KiB each
-    ys = {f"y-{i}": np.full(2**14, 1.0) for i in range(4)}
-    graph = {
-        **xs,
-        **ys,
-        **{f"add-{i}": (np.add, f"x-{i}", f"y-{i}") for i in range(4)},
-        **{f"part-{i}": (np.sum, f"add-{i}") for i in range(4)},
-        "total": (sum, [f"part-{i}" for i in range(4)]),
-    }
-    dag = translate(graph, "total")
-    predictor = Predictor(History(), SLA.parse("p95"))
-    placement = place_in_client(
-        dag, literal_sizes(dag), predictor, function_identities(dag), threads=2
-    )
-    assert len(placement.groups) == 2
-    for i in range(4):
-        x, y = dag.index[f"x-{i}"], dag.index[f"y-{i}"]
-        assert any(x in group and y in group for group in placement.groups)
-        assert dag.index[f"add-{i}"] in placement.internal
-    assert dag.index["total"] in placement.consumers - placement.internal
