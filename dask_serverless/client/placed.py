@@ -1,24 +1,21 @@
 """The tasks a run places in the client: run here, by the workers' own code.
 
 When the planner places tasks beside the literal data they read
-(``planning.locality``), the client runs them itself, as invocations of the run — one
-per group of placed roots, each in a thread of its own, as dask's threaded scheduler
-runs tasks — through the same ``worker.handler.serve`` a serverless instance and the
-inline backend use: each invocation is claimed and leased, each task's output is
-published, fan-in children are counted and claimed in Redis, events reach the run's
-stream — so callbacks, errors, retries, metrics and the run report treat these tasks
-like any other, with the client's worker id (``CLIENT_WORKER``) as their instance.
+(``planning.locality``), the client runs them itself, as one invocation of the run,
+through the same ``worker.handler.serve`` a serverless instance and the inline backend
+use: the invocation is claimed and leased, each task's output is published, fan-in
+children are counted and claimed in Redis, events reach the run's stream — so callbacks,
+warnings, errors, retries, metrics and the run report treat these tasks like any other,
+with the client's worker id (``CLIENT_WORKER``) as their instance.
 
-What differs from a serverless worker: the children that are not placed in the client
-always go to new invocations on the platform, so the rest of the DAG runs on the workers;
-nothing is handed on, since the data is here (``ClientLogic``); and with several
-invocations at once, a task's CPU time is its thread's and its warnings are raised in
-the client as they happen, not recorded and re-emitted (``catch_warnings`` is
-process-wide). The client's copy of the run record still holds the literal data (the
-stored one does not), and is forgotten when the invocation ends.
+Two things differ from a serverless worker (``ClientLogic``): the children that are not
+placed in the client always go to new invocations on the platform, so the rest of the
+DAG runs on the workers; and nothing is handed on, since the data is here. The client's
+copy of the run record still holds the literal data (the stored one does not), and is
+forgotten when the invocation ends.
 
 A ``ClientWorkers`` keeps the environments (a Redis connection, a heartbeat) of a
-Scheduler's client-side invocations between runs, one per invocation running at once.
+Scheduler's client-side invocations between runs, one per compute running at once.
 """
 
 from __future__ import annotations
@@ -26,9 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
 from dask_serverless.backends.base import Backend
 from dask_serverless.constants import CLIENT_WORKER, DEFAULT_MEMORY_MB
@@ -70,22 +65,6 @@ class ClientLogic(WorkerLogic):
         return False
 
 
-class ExceptionThread(threading.Thread):
-    """A thread that keeps what its target raised, for the thread that joins it."""
-
-    def __init__(self, target: Callable[..., None], *args: Any) -> None:
-        super().__init__(name="dask-serverless-client-tasks", daemon=True)
-        self.error: BaseException | None = None
-        self._call = (target, args)
-
-    def run(self) -> None:
-        target, args = self._call
-        try:
-            target(*args)
-        except BaseException as error:  # handed to the joining thread
-            self.error = error
-
-
 class ClientWorkers:
     """Worker environments for client-side invocations, one per compute in progress."""
 
@@ -98,48 +77,13 @@ class ClientWorkers:
         self._all: list[WorkerEnvironment] = []
 
     def serve(
-        self,
-        record: RunRecord,
-        dag: DAG,
-        invocations: Sequence[Invocation],
-        placed: frozenset[int],
+        self, record: RunRecord, dag: DAG, invocation: Invocation, placed: frozenset[int]
     ) -> None:
-        """Run ``invocations`` of ``record``'s run here — the ``placed`` tasks — at once,
-        one thread each; the first error any raised is raised once all ended. ``dag`` is
-        the run's DAG with its literal data (the stored record's placed nodes are empty).
-
-        One invocation runs in the calling thread, as a worker runs it; several run in
-        threads of this process at once, so each measures its tasks' CPU time on its own
-        thread and leaves their warnings to the process (``catch_warnings`` is
-        process-wide), where the caller's filters see them as they are raised.
-        """
-        if len(invocations) == 1:
-            self._serve_one(record, dag, invocations[0], placed, shares_process=False)
-            return
-        threads = [
-            ExceptionThread(self._serve_one, record, dag, invocation, placed, True)
-            for invocation in invocations
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for thread in threads:
-            if thread.error is not None:
-                raise thread.error
-
-    def _serve_one(
-        self,
-        record: RunRecord,
-        dag: DAG,
-        invocation: Invocation,
-        placed: frozenset[int],
-        shares_process: bool,
-    ) -> None:
+        """Run ``invocation`` of ``record``'s run here: the ``placed`` tasks. ``dag`` is
+        the run's DAG with its literal data (the stored record's placed nodes are empty)."""
         environment = self._take()
         try:
             environment.logic = ClientLogic(placed)
-            environment.shares_process = shares_process
             environment.remember(replace(record, dag=dag))
             serve(environment, invocation, _ONE_VCPU)
         finally:

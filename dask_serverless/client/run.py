@@ -156,19 +156,19 @@ class Run:
         sealed_record: bytes,
         timeout: float | None,
         literals: dict[int, bytes] | None = None,
-        here: Sequence[Sequence[int]] = (),
-        serve_here: Callable[[list[Invocation]], None] | None = None,
+        here: Sequence[int] = (),
+        serve_here: Callable[[Invocation], None] | None = None,
     ) -> Sequence[Any]:
         """Submit the run and wait for its values; whatever goes wrong, purge its keys.
 
         ``literals`` are the signed values of the record's large literals, by node.
-        ``here`` are the start tasks of the invocations the client runs itself, through
+        ``here`` are the start tasks of the invocation the client runs itself, through
         ``serve_here``, right after invoking the others (``client.placed``).
         """
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         self.deadline = deadline
         invocations = self.invocations(self.bundling.starts)
-        local = self.invocations(here)
+        local = self.invocations([here]) if here else []
         self.store.create(sealed_record, invocations + local, literals=literals)
         self.primaries = self.store.primaries()
         keeper = threading.Thread(
@@ -179,9 +179,9 @@ class Run:
             logger.debug("run %s: invoking %d workers", self.run_id, len(invocations))
             if invocations:
                 self.backend.invoke(invocations)
-            if local:
+            for invocation in local:
                 assert serve_here is not None
-                serve_here(local)
+                serve_here(invocation)
             return self.wait(deadline, timeout)
         except BaseException as error:
             self.ended.set()

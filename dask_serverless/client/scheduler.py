@@ -93,9 +93,6 @@ from dask_serverless.worker.handler import Serving, serving
 _BUNDLES_PER_WORKER = 4
 # Workers assumed for bundling when the platform's concurrency is unknown (AWS Lambda).
 _UNKNOWN_CONCURRENCY = 64
-# Threads the client runs the tasks placed beside its literal data in: one per core, as
-# dask's threaded scheduler (``planning.locality``).
-CLIENT_THREADS = os.cpu_count() or 1
 # How long AWS Lambda keeps an idle instance, roughly (it does not say): the platform
 # model's keep-alive where the backend gives none.
 LAMBDA_KEEP_ALIVE_S = 600.0
@@ -401,9 +398,7 @@ class Scheduler:
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id, graph=graph)
         workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
-        plan = self._planning.plan(
-            dag, self.platform(), self.literal_sizes(literals), CLIENT_THREADS
-        )
+        plan = self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
         placement = plan.inputs.placement
         bundling = placement.bundling(dag, plan.bundling)
         literals = {i: v for i, v in literals.items() if i not in placement.nodes}
@@ -432,8 +427,8 @@ class Scheduler:
         literal_blobs = {i: signer.dumps(v, LITERAL, i) for i, v in literals.items()}
         limit = self.timeout if timeout is None else timeout
 
-        def serve_here(invocations: list[Invocation]) -> None:
-            self.client_workers.serve(record, dag, invocations, placement.nodes)
+        def serve_here(invocation: Invocation) -> None:
+            self.client_workers.serve(record, dag, invocation, placement.nodes)
 
         with local_callbacks(callbacks) as active:
             run = Run(
@@ -466,7 +461,7 @@ class Scheduler:
                 if plan.prewarm:
                     self.backend.prewarm(dict(plan.prewarm))
                 run_started = time.time()
-                values = run.execute(sealed, limit, literal_blobs, placement.groups, serve_here)
+                values = run.execute(sealed, limit, literal_blobs, placement.roots, serve_here)
                 makespan = time.time() - run_started
                 succeeded = True
             except BaseException as error:
@@ -526,8 +521,7 @@ class Scheduler:
         dag = translate(dsk, keys)
         _, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
         with self._computing():
-            sizes = self.literal_sizes(literals)
-            return self._planning.plan(dag, self.platform(), sizes, CLIENT_THREADS)
+            return self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
 
     def platform(self) -> Platform:
         """The platform model the planner simulates runs on (``planning.simulate``).

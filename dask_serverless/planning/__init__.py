@@ -180,17 +180,14 @@ class Planning:
         dag: DAG,
         platform: Platform | None = None,
         literal_sizes: Mapping[int, int] | None = None,
-        client_threads: int = 1,
     ) -> Plan:
         """The plan of ``dag`` on ``platform``. Given ``literal_sizes`` (bytes of the nodes
         carrying large literal data), tasks that are cheaper to run beside that data than
-        to move it are placed in the client first (``planning.locality``), to run in
-        ``client_threads`` threads, and the planner plans the rest."""
+        to move it are placed in the client first (``planning.locality``) and the planner
+        plans the rest."""
         inputs = self.inputs(dag, platform=platform)
         if literal_sizes:
-            placement = place_in_client(
-                dag, literal_sizes, inputs.predictor, inputs.functions, client_threads
-            )
+            placement = place_in_client(dag, literal_sizes, inputs.predictor, inputs.functions)
             inputs = replace(inputs, placement=placement)
         plan = self.planner.plan(inputs)
         notes = (*plan.notes, inputs.placement.note()) if inputs.placement else plan.notes

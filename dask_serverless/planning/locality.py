@@ -25,15 +25,13 @@ the client plus a read by the worker). Placed are, in topological order:
 A task with a dependency the workers compute stays on the workers (the client would have
 to wait for it, and no client action may be needed after the roots are invoked: I-2), and
 so does the sink: a worker stores the result and deletes the run's keys, as always. The
-client runs the placed tasks in invocations of its own, one per thread (a core each, as
-dask's threaded scheduler does), each starting with a contiguous group of the placed
-roots; a placed task whose dependencies all lie in one group is counted in that
-invocation's memory like a bundle's internal node (``planning.bundling``), the others are
-fan-ins counted in Redis, run by the client thread that completes them.
-``ClientPlacement.bundling`` takes the placed tasks out of the workers' bundles.
+client runs all placed tasks in one invocation of its own, in which the placed non-roots
+are counted in memory like a bundle's internal nodes (``planning.bundling``);
+``ClientPlacement.bundling`` takes them out of the workers' bundles.
 
-The client runs its share right after invoking the workers' roots, before it starts to
-wait: a compute's ``timeout`` is checked once that share is done.
+The client runs its share right after invoking the workers' roots, one task after the
+other, before it starts to wait: a compute's ``timeout`` is checked once that share is
+done.
 
 Time is predicted from history, where the client's own tasks are recorded at one vCPU
 (``DEFAULT_MEMORY_MB``, what one client thread gets): a function without history counts
@@ -60,20 +58,12 @@ MOVES_PER_LITERAL = 2
 
 @dataclass(frozen=True)
 class ClientPlacement:
-    """The tasks the client runs itself: ``roots`` and the ``consumers`` above them.
-
-    ``groups`` are the roots each of the client's invocations starts with, one per thread
-    it runs them in; a consumer whose dependencies all lie in one group is ``internal``
-    (counted in that invocation's memory), the others are counted in Redis like any
-    fan-in and run in the client thread that completes them. ``literal_bytes`` is the
-    data that no longer moves.
-    """
+    """The tasks the client runs itself: ``roots`` start its invocation, ``consumers``
+    are counted in its memory; ``literal_bytes`` is the data they no longer move."""
 
     roots: tuple[int, ...] = ()
     consumers: frozenset[int] = frozenset()
     literal_bytes: int = 0
-    groups: tuple[tuple[int, ...], ...] = ()
-    internal: frozenset[int] = frozenset()
 
     @property
     def nodes(self) -> frozenset[int]:
@@ -83,7 +73,7 @@ class ClientPlacement:
         return bool(self.roots)
 
     def bundling(self, dag: DAG, bundling: Bundling) -> Bundling:
-        """``bundling`` without the placed nodes, with the client's internal consumers.
+        """``bundling`` without the placed nodes; the placed consumers become internal.
 
         A worker's bundle loses the placed roots; a node that was internal to it only
         through them is internal no longer (its parents now run in different
@@ -101,7 +91,7 @@ class ClientPlacement:
                 bundle_of[root] = len(starts)
             if kept:
                 starts.append(kept)
-        internal = set(self.internal)
+        internal = set(self.consumers)
         for index in sorted(bundling.internal - placed):
             parents = dag.dependencies[index]
             number = bundle_of[parents[0]]
@@ -123,14 +113,12 @@ def place_in_client(
     literal_sizes: Mapping[int, int],
     predictor: Predictor,
     functions: Sequence[str],
-    threads: int = 1,
 ) -> ClientPlacement:
     """The tasks the client runs beside their literal data; see the module docstring.
 
     ``literal_sizes`` gives the bytes of literal data of the nodes that carry large
-    literals; ``functions`` the function identity of every node; ``threads`` how many
-    invocations the client runs them in at once. Decided before the plan, so that the
-    planner plans the workers' part only: times are predicted at one vCPU
+    literals; ``functions`` the function identity of every node. Decided before the plan,
+    so that the planner plans the workers' part only: times are predicted at one vCPU
     (``DEFAULT_MEMORY_MB``), what one thread of the client gets.
     """
 
@@ -162,35 +150,4 @@ def place_in_client(
         if not isinstance(dag.nodes[root], DataNode)
         or any(child in consumers for child in dag.dependents[root])
     )
-    groups, internal = group_roots(dag, roots, consumers, threads)
-    return ClientPlacement(
-        tuple(roots),
-        frozenset(consumers),
-        sum(literal_roots[r] for r in roots),
-        groups,
-        internal,
-    )
-
-
-def group_roots(
-    dag: DAG, roots: Sequence[int], consumers: set[int], threads: int
-) -> tuple[tuple[tuple[int, ...], ...], frozenset[int]]:
-    """``roots`` in at most ``threads`` contiguous groups (neighbours share reductions),
-    and the consumers whose dependencies all lie in one group (in index order, which is
-    topological, so a consumer of internal consumers is found internal too)."""
-    if not roots:
-        return (), frozenset()
-    size = -(-len(roots) // max(1, threads))
-    groups = tuple(tuple(roots[i : i + size]) for i in range(0, len(roots), size))
-    group_of = [-1] * len(dag)
-    for number, group in enumerate(groups):
-        for root in group:
-            group_of[root] = number
-    internal = set()
-    for index in sorted(consumers):
-        parents = dag.dependencies[index]
-        number = group_of[parents[0]]
-        if number >= 0 and all(group_of[p] == number for p in parents):
-            group_of[index] = number
-            internal.add(index)
-    return groups, frozenset(internal)
+    return ClientPlacement(tuple(roots), frozenset(consumers), sum(literal_roots[r] for r in roots))

@@ -82,9 +82,6 @@ class Branch:
     # Measures each task's peak memory; the backend's probe, or none.
     memory_probe: MemoryProbe | None = None
     cache: OutputCache | None = None
-    # The clock of a task's CPU time: the process's (a BLAS call's threads count), or the
-    # thread's where other invocations run in the same process at once (the client's).
-    cpu_clock: Callable[[], float] = time.process_time
     values: dict[int, Any] = field(default_factory=dict)
     clustered: set[int] = field(default_factory=set)
     uses: dict[int, int] = field(default_factory=dict)

@@ -150,7 +150,6 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
         on_task=environment.on_task,
         memory_probe=environment.memory_probe,
         cache=environment.cache,
-        cpu_clock=time.thread_time if environment.shares_process else time.process_time,
     )
     branch.pending_events.append(
         events.invocation_started(
@@ -173,12 +172,7 @@ def serve(environment: WorkerEnvironment, invocation: Invocation, context: Any) 
     )
     token = _serving.set(Serving(environment, branch.cancelled))
     try:
-        run_branch(
-            branch,
-            invocation.tasks,
-            environment.logic,
-            capture_warnings=not environment.shares_process,
-        )
+        run_branch(branch, invocation.tasks, environment.logic)
     finally:
         _serving.reset(token)
         environment.heartbeat.drop()
@@ -281,10 +275,6 @@ class WorkerEnvironment:
         # The client (a Scheduler) for nested runs this instance's tasks start, built on
         # first use by ``dask_serverless.get`` and kept with the instance.
         self.nested_client: Any = None
-        # Whether other invocations run in this process at the same time (the client's own,
-        # in threads): tasks' CPU time is then their thread's, and their warnings are left
-        # to the process (``worker.loop.run_branch``).
-        self.shares_process = False
 
     def cached_record(self, run_id: str) -> RunRecord | None:
         record = self.records.get(run_id)

@@ -69,20 +69,13 @@ LOAD_CHECK_S = 0.02
 logger = logging.getLogger(__name__)
 
 
-def run_branch(
-    branch: Branch, starts: Sequence[int], logic: WorkerLogic, capture_warnings: bool = True
-) -> None:
+def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> None:
     """Follow the branch from ``starts`` until it ends; see the module docstring.
 
     Warnings are recorded for the whole invocation (whatever the instance's filters: the
     client applies its own when it re-emits them); ``execute_with_retries`` takes those a
-    task raised. Without ``capture_warnings`` (the client's own invocations, several at
-    once in its threads: ``catch_warnings`` is process-wide) they are left to the
-    process, which is the client's.
+    task raised.
     """
-    if not capture_warnings:
-        follow_branch(branch, starts, logic, [])
-        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         follow_branch(branch, starts, logic, caught)

@@ -5,10 +5,9 @@ execute, publish (upload) — and sizes its inputs and output with ``dask.sizeof
 same measure whether an input came from Redis or from this worker's memory), each value
 once (``Branch.size_of``). Beside the wall time of the execution it measures the CPU time
 the process spent in it (``time.process_time``: all threads, so a BLAS call counts in
-full; the thread's, ``Branch.cpu_clock``, where invocations share the process), which
-tells the planner how much of the task scales with the CPU share, the time the task was
-ready to run but waited for a CPU (the kernel's run delay: a CPU quota's throttling and
-other processes' contention — neither is the task's own waiting), and the
+full), which tells the planner how much of the task scales with the CPU share, the time
+the task was ready to run but waited for a CPU (the kernel's run delay: a CPU quota's
+throttling and other processes' contention — neither is the task's own waiting), and the
 peak memory the task reached (``MemoryProbe``). The metrics
 ride in the task's ``done`` event; the upload's duration, known only once the publish
 script returned, follows in an ``up`` event of a later batch. Nothing here talks to Redis.
@@ -70,14 +69,14 @@ class TaskMeter:
     def gathered(self) -> None:
         if self.branch.memory_probe is not None:
             self.branch.memory_probe.reset()
-        self.cpu_from = self.branch.cpu_clock()
+        self.cpu_from = time.process_time()
         self.delay_from = run_delay_s()
         self.gathered_at = time.time()
 
     def done(self, inputs: dict[int, Any], value: Any) -> events.Event:
         """The task's ``done`` event, with its metrics."""
         branch, now = self.branch, time.time()
-        cpu_s = branch.cpu_clock() - self.cpu_from
+        cpu_s = time.process_time() - self.cpu_from
         delay_s = run_delay_s() - self.delay_from
         probe = branch.memory_probe
         peak_mb = probe.peak_mb() if probe is not None else 0.0

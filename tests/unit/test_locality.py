@@ -118,27 +118,3 @@ def test_the_planner_plans_the_workers_part_and_notes_the_placement():
     unplaced = planning.plan(dag)
     assert not unplaced.inputs.placement
     assert not any("run in the client" in note for note in unplaced.notes)
-
-
-def test_the_client_splits_the_roots_between_its_threads():
-    dag = persisted_sum()
-    sizes = literal_sizes(dag)
-    predictor = Predictor(History(), SLA.parse("p95"))
-    placement = place_in_client(dag, sizes, predictor, function_identities(dag), threads=2)
-    assert [len(group) for group in placement.groups] == [2, 2]
-    assert sorted(r for group in placement.groups for r in group) == list(placement.roots)
-    # What reads one group only is counted in that invocation's memory; the reduction
-    # joining both groups is a fan-in counted in Redis, run by whichever thread completes it.
-    group_of = {root: n for n, group in enumerate(placement.groups) for root in group}
-    for index in placement.consumers:
-        ancestors, stack = set(), list(dag.dependencies[index])
-        while stack:
-            parent = stack.pop()
-            if parent not in ancestors:
-                ancestors.add(parent)
-                stack.extend(dag.dependencies[parent])
-        groups = {group_of[a] for a in ancestors if a in group_of}
-        assert (index in placement.internal) == (len(groups) == 1)
-    assert placement.internal < placement.consumers
-    one = place_in_client(dag, sizes, predictor, function_identities(dag), threads=1)
-    assert one.internal == one.consumers and len(one.groups) == 1
