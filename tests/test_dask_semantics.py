@@ -287,6 +287,15 @@ def test_a_task_found_costlier_than_moving_its_chunk_moves_to_the_workers(schedu
     assert where_tasks_ran(scheduler.last_run)["costly"] == {"local"}
 
 
+def test_warnings_of_tasks_run_in_the_client_reach_the_caller(scheduler):
+    x = da.random.random((1000, 1000), chunks=500).persist(scheduler="threads")
+    noisy = x.map_blocks(warn_then, "chunk warning", dtype=float).sum()
+    with pytest.warns(TaskWarning, match="chunk warning"):
+        total = noisy.compute(scheduler=scheduler)
+    assert np.isclose(total, x.sum().compute(scheduler="sync"))
+    assert scheduler.last_run.client_tasks > 0
+
+
 def test_a_task_failing_in_the_client_fails_the_run_naming_its_key(scheduler):
     x = da.random.random((1000, 1000), chunks=500).persist(scheduler="threads")
     bad = x.map_blocks(fail_block, name="failing-blocks", dtype=float).sum()
