@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from dask_serverless.graph import DAG
 from dask_serverless.planning.bundling import Bundling, bundle_roots
+from dask_serverless.planning.locality import ClientPlacement
 from dask_serverless.planning.predict import Predictor
 from dask_serverless.planning.simulate import (
     ANY_MEMORY,
@@ -107,6 +108,9 @@ class PlanInputs:
     platform: Platform = field(default_factory=Platform)
     pricing: Pricing = field(default_factory=Pricing)
     literals: Sequence[int] | None = None
+    # Tasks the client runs beside their literal data (``planning.locality``): not the
+    # workers' to plan, and never known to history.
+    placement: ClientPlacement = field(default_factory=ClientPlacement)
 
     @cached_property
     def costs(self) -> NodeCosts:
@@ -116,12 +120,15 @@ class PlanInputs:
 
     @cached_property
     def task_counts(self) -> Counter[str]:
-        """How many tasks call each function (the sink aside)."""
-        return Counter(self.functions[: self.dag.sink])
+        """How many of the workers' tasks call each function (the sink aside)."""
+        placed = self.placement.nodes
+        return Counter(f for i, f in enumerate(self.functions[: self.dag.sink]) if i not in placed)
 
     @cached_property
     def has_history(self) -> bool:
-        return any(self.predictor.knows(f) for f in self.task_counts)
+        """Does history know the workers' functions (or have the workers no tasks)?"""
+        counts = self.task_counts
+        return not counts or any(self.predictor.knows(f) for f in counts)
 
     @cached_property
     def small_work(self) -> bool:
