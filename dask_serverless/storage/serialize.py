@@ -1,8 +1,12 @@
 """Pickling, compression and signing of every blob that crosses Redis.
 
-A blob is ``MAGIC | flags | HMAC-SHA256(context | flags | payload) | payload``. The client
-and the workers share a secret; anything whose MAC does not check out is refused *before*
-it is unpickled, so a process that can write to Redis cannot make ours run its code (I-5).
+A blob is ``MAGIC | flags | MAC(context | flags | payload) | payload``. The client and the
+workers share a secret; anything whose MAC does not check out is refused *before* it is
+unpickled, so a process that can write to Redis cannot make ours run its code (I-5).
+The MAC is keyed BLAKE3 (its keyed mode is a MAC; the key is derived from the secret,
+which may have any length). It covers every byte, array data included: a large output
+is mostly raw buffer bytes, and BLAKE3 hashes them four times faster than HMAC-SHA256 on
+the same core (about a third of a millisecond for a 2 MB block).
 The *context* is not stored: it names where the blob belongs (run, kind, slot — see
 ``protocol.record.RunSigner``) and the reader supplies it, so a validly signed blob moved
 to another key, run or kind no longer checks out.
@@ -16,7 +20,6 @@ objects that must travel by value scans only the pickle stream, not the array da
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import pickle
@@ -27,14 +30,17 @@ import traceback
 import zlib
 from typing import Any
 
+import blake3
 import cloudpickle
 from tblib import pickling_support
 
-MAGIC = b"DSL1"
+MAGIC = b"DSL2"
 _COMPRESSED = 0x01
 _OUT_OF_BAND = 0x02
 _COUNTS = struct.Struct("<IQ")
-_MAC_SIZE = hashlib.sha256().digest_size
+_MAC_SIZE = blake3.blake3.digest_size
+# BLAKE3's key derivation context: the secret becomes the 32-byte MAC key.
+_KEY_CONTEXT = "dask-serverless 2026-12 blob MAC key"
 _HEADER_SIZE = len(MAGIC) + 1 + _MAC_SIZE
 
 
@@ -73,10 +79,10 @@ class Signer:
     def __init__(self, secret: bytes) -> None:
         if not secret:
             raise ValueError("the signing secret must not be empty")
-        self._secret = secret
+        self._key = blake3.blake3(secret, derive_key_context=_KEY_CONTEXT).digest()
 
     def _mac(self, context: bytes, flags: int, *parts: bytes | memoryview) -> bytes:
-        mac = hmac.new(self._secret, struct.pack("<I", len(context)), hashlib.sha256)
+        mac = blake3.blake3(struct.pack("<I", len(context)), key=self._key)
         mac.update(context)
         mac.update(bytes([flags]))
         for part in parts:
