@@ -435,13 +435,11 @@ class RunStore:
                 if reply is None:
                     self.client.unlink(keys.output(index))
             elif len(output) >= LARGE_ARGUMENT_BYTES:
-                # A plain SET, then the script, so Redis never copies a large value into Lua
-                # (not one MULTI: an error there makes redis-py format every argument); the
-                # script deletes the output again if the run is gone meanwhile.
-                self.client.set(keys.output(index), output, ex=self.ttl_s)
-                reply = self._complete(
-                    keys=[*script_keys, keys.output(index), *inboxes],
-                    args=[self.ttl_s, "preset", b"", *tail],
+                reply = self._set_then_complete(
+                    keys.output(index),
+                    output,
+                    [*script_keys, keys.output(index), *inboxes],
+                    [self.ttl_s, "preset", b"", *tail],
                 )
             else:
                 reply = self._complete(
@@ -452,6 +450,28 @@ class RunStore:
             return None
         load, *won = reply
         return int(load), [fan_in[position - 1][0] for position in won]
+
+    def _set_then_complete(
+        self, key: str, output: bytes, script_keys: list[str], args: list[Any]
+    ) -> Any:
+        """A plain SET of a large ``output``, then the ``complete`` script, in one round trip.
+
+        Redis never copies the value into Lua this way. A pipeline, not a MULTI: an error
+        inside a MULTI makes redis-py format every argument, 2 MB blobs included. The
+        script counts nothing unless the output is there (a refused SET fails the script
+        too), and deletes it again if the run is gone meanwhile.
+        """
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, output, ex=self.ttl_s)
+            pipe.evalsha(self._complete.sha, len(script_keys), *script_keys, *args)
+            stored, reply = pipe.execute(raise_on_error=False)
+        if isinstance(stored, Exception):
+            raise stored
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return self._complete(keys=script_keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def append_events(self, events: bytes) -> bool:
         """Append a batch of events; False when the run is gone."""
