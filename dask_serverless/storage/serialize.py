@@ -73,6 +73,26 @@ def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
+class SignedParts:
+    """A signed blob as the buffers it is made of, in order: header, pickle, array data.
+
+    A large output goes to Redis from its arrays' own memory (the store sends each part
+    as it is), never joined into one more copy of the whole; ``bytes()`` joins them.
+    """
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        self.parts = parts
+        self.nbytes = sum(memoryview(part).nbytes for part in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 class Signer:
     """Turns objects into signed blobs and back, under one secret."""
 
@@ -93,11 +113,15 @@ class Signer:
         """``obj`` signed for ``context`` (where it belongs; the reader must name it too)."""
         if compress:
             flags = _COMPRESSED
-            parts: list[bytes | memoryview] = [zlib.compress(pickle_in_band(obj), 1)]
-        else:
-            flags = _OUT_OF_BAND
-            parts = pickle_out_of_band(obj)
-        return b"".join((MAGIC, bytes([flags]), self._mac(context, flags, *parts), *parts))
+            payload = zlib.compress(pickle_in_band(obj), 1)
+            return b"".join((MAGIC, bytes([flags]), self._mac(context, flags, payload), payload))
+        return bytes(self.dumps_parts(obj, context))
+
+    def dumps_parts(self, obj: Any, context: bytes = b"") -> SignedParts:
+        """``obj`` signed for ``context``, as the parts of its blob (``dumps`` joins them)."""
+        parts = pickle_out_of_band(obj)
+        header = MAGIC + bytes([_OUT_OF_BAND]) + self._mac(context, _OUT_OF_BAND, *parts)
+        return SignedParts((header, *parts))
 
     def loads(self, blob: bytes, what: str = "blob", context: bytes = b"") -> Any:
         view = memoryview(blob)
