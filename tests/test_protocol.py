@@ -158,6 +158,42 @@ def test_arrays_travel_out_of_band_and_come_back_writable():
         signer.loads(bytes(tampered))
 
 
+def test_a_large_output_goes_to_redis_in_parts_and_is_read_as_one_signed_blob(store, redis_client):
+    """The array data leaves from the array's own memory (no joined copy); what Redis
+    holds is the very blob ``dumps`` would make, signed over every byte, and a byte
+    changed in the array data is refused."""
+    signer = RunSigner(Signer(new_secret()), store.run_id)
+    array = np.arange(500 * 500, dtype="float64").reshape(500, 500)
+    parts = signer.dumps_parts(array, OUTPUT, 1)
+    assert len(parts) > array.nbytes
+    assert any(isinstance(part, memoryview) for part in parts.parts)
+    assert store.complete(1, parts, [(3, 2)], None, "inv") == (0, [])
+    (blob,) = store.fetch_outputs([1])
+    assert blob == bytes(parts)
+    back = signer.loads(blob, OUTPUT, 1)
+    np.testing.assert_array_equal(back, array)
+    assert back.flags.writeable
+    tampered = bytearray(blob)
+    tampered[-8] ^= 1
+    with pytest.raises(UntrustedBlobError, match="signature"):
+        signer.loads(bytes(tampered), OUTPUT, 1)
+    with pytest.raises(UntrustedBlobError, match="signature"):
+        signer.loads(blob, OUTPUT, 2)
+
+
+def test_a_large_output_whose_set_was_refused_counts_nothing(store, redis_client):
+    """The complete script of a large output runs after its SET in the same round trip; if
+    the SET did not store the output, the parent is not counted and no child is claimed."""
+    if store.cluster:
+        pytest.skip("on a cluster an output has a slot of its own and is stored before")
+    keys = store.keys
+    script_keys = [keys.record, keys.events, keys.leases, keys.restart, keys.queued]
+    script_keys += [keys.output(1), keys.inbox(3)]
+    with pytest.raises(Exception, match="was not stored"):
+        store._complete(keys=script_keys, args=[60, "preset", b"", 1, b"", "inv", "replace", 3, 1])
+    assert not redis_client.exists(keys.inbox(3))
+
+
 def test_redact_hides_passwords():
     assert redact("redis://user:hunter2@host:6380/0") == "redis://user:***@host:6380/0"
     assert redact("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"

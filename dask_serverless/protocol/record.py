@@ -20,7 +20,7 @@ from dask._task_spec import DataNode, GraphNode, Task
 from dask.sizeof import sizeof
 
 from dask_serverless.graph import DAG
-from dask_serverless.storage.serialize import Signer, UntrustedBlobError
+from dask_serverless.storage.serialize import SignedParts, Signer, UntrustedBlobError
 
 # Kinds of signed blob in a run.
 RECORD = "run record"
@@ -143,6 +143,10 @@ class RunSigner:
 
     def dumps(self, value: Any, kind: str, slot: int | None = None) -> bytes:
         return self.signer.dumps(value, context=blob_context(self.run_id, kind, slot))
+
+    def dumps_parts(self, value: Any, kind: str, slot: int | None = None) -> SignedParts:
+        """``dumps``, as the parts of the blob (see ``SignedParts``)."""
+        return self.signer.dumps_parts(value, context=blob_context(self.run_id, kind, slot))
 
     def loads(
         self, blob: bytes, kind: str, slot: int | None = None, label: str | None = None
