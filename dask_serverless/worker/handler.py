@@ -1,9 +1,10 @@
 """The worker's entry: ``handler(event, context)`` runs one invocation.
 
 A serverless instance is reused for many invocations, so what is costly to build — the
-Redis connection, the run records already loaded, the lease-renewing heartbeat thread —
-lives in a ``WorkerEnvironment`` that the instance keeps between invocations (a warm start
-pays neither an import nor a connection). A backend's entry point (the local instance's
+Redis connection, the run records already loaded, the lease keeper (a heartbeat thread,
+unless the backend renews leases from outside this interpreter) — lives in a
+``WorkerEnvironment`` that the instance keeps between invocations (a warm start pays
+neither an import nor a connection). A backend's entry point (the local instance's
 main, the Lambda handler in ``backends.aws_lambda.entry``, the inline backend) builds the
 environment once and calls ``serve`` (or ``handle`` with a JSON payload) for every
 invocation; this module knows no backend. The environment holds no run's data beyond a
@@ -32,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis
 
@@ -252,6 +253,7 @@ class WorkerEnvironment:
         large_outputs: LargeOutputStore | None = None,
         handoff_margin_ms: int = 0,
         cache_bytes: int = CACHE_BYTES,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.secret = secret
@@ -262,7 +264,9 @@ class WorkerEnvironment:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.logic = logic or WorkerLogic()
         self.records: OrderedDict[str, RunRecord] = OrderedDict()
-        self.heartbeat = Heartbeat()
+        # Who renews the running invocation's lease: a thread of this interpreter unless
+        # the backend keeps it from outside (``backends.aws_lambda.leases`` on Lambda).
+        self.heartbeat: LeaseKeeper = leases or Heartbeat()
         self.invocations = 0
         self.large_outputs = large_outputs
         self.handoff_margin_ms = int(handoff_margin_ms)
@@ -286,6 +290,19 @@ class WorkerEnvironment:
         self.records[record.run_id] = record
         while len(self.records) > RECORD_CACHE_SIZE:
             self.records.popitem(last=False)
+
+
+class LeaseKeeper(Protocol):
+    """Keeps the lease of the invocation an instance runs, and notices its run gone."""
+
+    def hold(self, store: RunStore, invocation_id: str, lease_ms: int) -> None:
+        """Start renewing ``invocation_id``'s lease (the invocation has begun)."""
+
+    def drop(self) -> None:
+        """Stop renewing (the invocation has ended)."""
+
+    def run_gone(self, run_id: str) -> bool:
+        """Whether a renewal found ``run_id`` gone (finished, failed, cancelled)."""
 
 
 class Heartbeat:
