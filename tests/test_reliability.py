@@ -8,13 +8,17 @@ at once and again a few seconds later (the autouse fixture checks the session se
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import dask
 import pytest
@@ -42,6 +46,7 @@ from tests.tasks import (
     total,
     total_len,
 )
+from tests.trials import Trial, TrialTally
 
 LEASE_S = 1.0
 # Slack for a machine shared with other work: cold starts, CPU-burning neighbours.
@@ -340,17 +345,79 @@ def wait_until(condition, seconds: float) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.parametrize("trial", range(20))
-def test_a_killed_clients_keys_are_gone_and_its_workers_stop(redis_url, redis_client, trial):
-    """20 seeded trials: a client is killed at a random point of its runs; their keys
-    outlive it by its TTL (its workers stop once the record is gone), and nothing
-    recreates one."""
-    client, _ = start_client(redis_url, trial)
-    time.sleep(random.Random(trial).uniform(0.3, 1.5))
+CLIENT_TRIALS = 20
+# The trials run side by side, each lane on a Redis of its own (a trial waits until its
+# server holds no run key at all).
+CLIENT_LANES = 4
+
+
+@pytest.fixture(scope="module")
+def client_tally(tallies):
+    return tallies.setdefault("client", TrialTally("Clients SIGKILLed mid-run"))
+
+
+@pytest.fixture(scope="module")
+def client_lanes() -> Iterator[queue.SimpleQueue]:
+    """A queue of private Redis servers, one per lane."""
+    lanes: queue.SimpleQueue = queue.SimpleQueue()
+    with contextlib.ExitStack() as stack:
+        for _ in range(CLIENT_LANES):
+            lanes.put(stack.enter_context(EmbeddedRedis(tcp=True)))
+        yield lanes
+
+
+def client_trial(url: str, trial: int) -> tuple[Trial, list[str]]:
+    """One seeded trial: a client is killed at a random point of its runs. Returns its
+    row of the tally and what went wrong (nothing, when the run keys were gone within
+    the client's TTL and some slack, and stayed gone)."""
+    redis_client = redis.Redis.from_url(url)
+    client, _ = start_client(url, trial)
+    after_s = random.Random(trial).uniform(0.3, 1.5)
+    time.sleep(after_s)
     client.kill()
     client.wait()
-    wait_until(lambda: not run_keys(redis_client), KILLED_CLIENT_TTL + SLACK_S)
-    assert_clean(redis_client, recheck_s=1.0)
+    keys = len(run_keys(redis_client))
+    started = time.monotonic()
+    bound_s = KILLED_CLIENT_TTL + SLACK_S
+    while run_keys(redis_client) and time.monotonic() - started < bound_s:
+        time.sleep(0.1)
+    seconds = time.monotonic() - started
+    left = len(run_keys(redis_client))
+    time.sleep(1.0)
+    left += len(run_keys(redis_client))
+    redis_client.close()
+    row = Trial(
+        trial,
+        f"killed after {after_s:.1f} s",
+        "keys gone" if not left else "keys left",
+        seconds,
+        f"{keys} run keys at the kill, {left} left {seconds:.1f} s later",
+        {"keys at the kill": keys, "keys left": left},
+    )
+    return row, [f"trial {trial}: {left} run keys left"] if left else []
+
+
+def test_a_killed_clients_keys_are_gone_and_its_workers_stop(client_lanes, client_tally):
+    """20 seeded trials, four at a time: a client is killed at a random point of its
+    runs; their keys outlive it by its TTL (its workers stop once the record is gone),
+    and nothing recreates one. The tally says how many keys each kill left behind and
+    how long until none was left."""
+
+    def run(trial: int) -> tuple[Trial, list[str]]:
+        server = client_lanes.get()
+        try:
+            return client_trial(server.url, trial)
+        finally:
+            client_lanes.put(server)
+
+    with concurrent.futures.ThreadPoolExecutor(CLIENT_LANES) as pool:
+        results = list(pool.map(run, range(CLIENT_TRIALS)))
+    for row, _ in results:
+        client_tally.add(row)
+    print(f"\n{client_tally.table()}")
+    assert not [problem for _, found in results for problem in found]
+    assert client_tally.outcomes()["keys gone"] == CLIENT_TRIALS
+    assert client_tally.total("keys at the kill") > 0
 
 
 def test_a_killed_clients_embedded_redis_dies_and_its_directory_goes():
