@@ -84,6 +84,13 @@ memory_option = click.option(
     help="Memory sizes in MB: --memory 512 1024 1769 3008 (or 512,1024,…); "
     "default: serverless.lambda.memory-sizes.",
 )
+s3_threshold_option = click.option(
+    "--s3-threshold",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Outputs larger than this many bytes go to --s3-bucket.",
+)
 more_memory_argument = click.argument("more_memory", nargs=-1, type=int, metavar="[MEMORY_MB]...")
 
 
@@ -135,13 +142,7 @@ def lambda_() -> None:
     help="Instruction set of the functions (and of the wheels packaged for them).",
 )
 @click.option("--s3-bucket", help="Bucket for outputs too large for Redis.")
-@click.option(
-    "--s3-threshold",
-    type=int,
-    default=1024 * 1024,
-    show_default=True,
-    help="Outputs larger than this many bytes go to --s3-bucket.",
-)
+@s3_threshold_option
 @click.option(
     "--handoff-margin",
     type=int,
@@ -366,13 +367,7 @@ def policy(
 @click.option("--throttle-first", default=0, help="Answer 429 to the first N requests.")
 @click.option("--throttle-every", default=0, help="Answer 429 to every N-th request.")
 @click.option("--s3-bucket", help="Large outputs bucket (S3 endpoint: $AWS_ENDPOINT_URL_S3).")
-@click.option(
-    "--s3-threshold",
-    type=int,
-    default=1024 * 1024,
-    show_default=True,
-    help="Outputs larger than this many bytes go to --s3-bucket.",
-)
+@s3_threshold_option
 @click.option("--env", multiple=True, help="Extra NAME=VALUE for the workers (repeat).")
 def serve_local(
     host: str,
