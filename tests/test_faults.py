@@ -18,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dask
 import pytest
@@ -30,7 +30,7 @@ from dask_serverless.client import RedisUnavailableError
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import new_secret
 from dask_serverless.worker.branch import OutputTooLargeError
-from tests.conftest import run_keys
+from tests.conftest import LEAK_GRACE_S, run_keys
 from tests.tasks import (
     add_all,
     big_bytes,
@@ -87,9 +87,18 @@ def fragile(redis_url):
         yield sched
 
 
-def kill_instances_while_running(sched: Scheduler, rng: random.Random, stop: threading.Event):
-    """SIGKILL a random live instance every now and then until ``stop`` is set."""
+def kill_instances_while_running(
+    sched: Scheduler,
+    rng: random.Random,
+    stop: threading.Event,
+    running: Callable[[], bool] = lambda: True,
+):
+    """SIGKILL a random live instance every now and then until ``stop`` is set, once
+    ``running()`` says a worker runs (on a busy machine a run may take a while to begin:
+    killing only instances that have nothing to lose would show nothing)."""
     killed = []
+    while not running() and not stop.wait(0.02):
+        pass
     while not stop.wait(rng.uniform(0.1, 0.4)):
         pids = sched.backend.instance_pids()
         if pids and len(killed) < 2:
@@ -116,29 +125,38 @@ KILL_LANES = 2
 
 
 @pytest.fixture(scope="module")
-def fragile_lanes(redis_url) -> Iterator[queue.SimpleQueue]:
-    """A queue of Schedulers with short leases, like ``fragile``, one per lane."""
+def fragile_lanes() -> Iterator[queue.SimpleQueue]:
+    """A queue of ``(server, scheduler)`` lanes: a Redis of its own (the killer watches
+    its leases) and a Scheduler with short leases, like ``fragile``."""
     lanes: queue.SimpleQueue = queue.SimpleQueue()
     with contextlib.ExitStack() as stack:
         for _ in range(KILL_LANES):
-            lanes.put(
-                stack.enter_context(
-                    Scheduler(redis=redis_url, concurrency=4, lease_timeout=LEASE_S, timeout=90)
-                )
+            server = stack.enter_context(EmbeddedRedis(tcp=True))
+            sched = stack.enter_context(
+                Scheduler(redis=server.url, concurrency=4, lease_timeout=LEASE_S, timeout=90)
             )
+            lanes.put((server, sched))
         yield lanes
 
 
-def kill_trial(sched: Scheduler, trial: int) -> tuple[Trial, list[str]]:
+def some_lease_held(client: redis.Redis) -> bool:
+    """Whether a worker holds a lease on ``client``'s server (a run is executing)."""
+    return any(client.zcard(key) for key in client.scan_iter(match="dsl:*:leases"))
+
+
+def kill_trial(server: EmbeddedRedis, sched: Scheduler, trial: int) -> tuple[Trial, list[str]]:
     """One seeded trial: workers are SIGKILLed while a graph runs. Returns its row of the
-    tally and what went wrong (nothing, when the answer was right and work was re-invoked
-    only if a worker was killed)."""
+    tally and what went wrong (nothing, when the answer was right, work was re-invoked
+    only if a worker was killed, and Redis was left clean)."""
     rng = random.Random(trial)
     collection, expected = SHAPES[trial % len(SHAPES)]()
     stop = threading.Event()
     killed: list = []
+    client = redis.Redis.from_url(server.url)
     killer = threading.Thread(
-        target=lambda: killed.extend(kill_instances_while_running(sched, rng, stop))
+        target=lambda: killed.extend(
+            kill_instances_while_running(sched, rng, stop, lambda: some_lease_held(client))
+        )
     )
     recovered_before = sched.recovered_invocations
     started = time.monotonic()
@@ -158,6 +176,12 @@ def kill_trial(sched: Scheduler, trial: int) -> tuple[Trial, list[str]]:
     recovered = sched.recovered_invocations - recovered_before
     if recovered and not killed:
         problems.append("work was re-invoked although no worker was killed")
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while run_keys(client) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if run_keys(client):
+        problems.append(f"run keys left: {sorted(run_keys(client))[:5]}")
+    client.close()
     row = Trial(
         trial,
         SHAPE_NAMES[trial % len(SHAPES)],
@@ -174,11 +198,11 @@ def test_killed_workers_do_not_hang_or_lose_the_result(fragile_lanes, kill_tally
     the tally says how many were killed and re-invoked, and how long each trial took."""
 
     def run(trial: int) -> tuple[Trial, list[str]]:
-        sched = fragile_lanes.get()
+        lane = fragile_lanes.get()
         try:
-            return kill_trial(sched, trial)
+            return kill_trial(*lane, trial)
         finally:
-            fragile_lanes.put(sched)
+            fragile_lanes.put(lane)
 
     with concurrent.futures.ThreadPoolExecutor(KILL_LANES) as pool:
         results = list(pool.map(run, range(KILL_TRIALS)))

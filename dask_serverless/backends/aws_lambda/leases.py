@@ -24,6 +24,9 @@ State of one watcher, seen from the worker (``ForkedLeases``):
   an instance between invocations). A child whose parent died sees its stop pipe close (or
   its parent process change) and exits without another renewal.
 
+Where no process can be forked (the instance is out of processes or memory), the lease
+is renewed from a thread instead, as on other platforms.
+
 Only ``os.fork`` and pipes: Lambda has no ``/dev/shm``, so ``multiprocessing`` queues and
 semaphores are not available there. The child imports nothing, logs nothing and leaves with
 ``os._exit``, so locks another thread of the worker held at the fork cannot stop it.
@@ -32,6 +35,8 @@ semaphores are not available there. The child imports nothing, logs nothing and 
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
 import select
 import signal
@@ -42,11 +47,14 @@ import redis
 
 from dask_serverless.constants import HEARTBEATS_PER_LEASE
 from dask_serverless.protocol.store import Client, RunStore, Scripts, client_for
+from dask_serverless.worker.handler import Heartbeat
 
 _STOP = b"s"
 _GONE = b"g"
 # How long ``drop`` waits for a told watcher to exit before it kills it.
 _STOP_WAIT_S = 1.0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,8 @@ class ForkedLeases:
         self._redis_url = redis_url
         self._watcher: _Watcher | None = None
         self._gone_run: str | None = None
+        # Renews from a thread, as a last resort, when no process can be forked.
+        self._fallback = Heartbeat()
 
     @property
     def pid(self) -> int | None:
@@ -80,7 +90,14 @@ class ForkedLeases:
         stop_read, stop_write = os.pipe()
         gone_read, gone_write = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as error:
+            for end in (stop_read, stop_write, gone_read, gone_write):
+                os.close(end)
+            logger.warning("no lease watcher (%s): the lease is renewed from a thread", error)
+            self._fallback.hold(store, invocation_id, lease_ms)
+            return
         if pid == 0:
             status = 1
             try:
@@ -106,6 +123,7 @@ class ForkedLeases:
 
     def drop(self) -> None:
         """Stop the watcher and reap it: it does not outlive the invocation."""
+        self._fallback.drop()
         watcher, self._watcher = self._watcher, None
         if watcher is None:
             return
@@ -132,7 +150,7 @@ class ForkedLeases:
             and os.read(watcher.gone, 1) == _GONE
         ):
             self._gone_run = run_id
-        return self._gone_run == run_id
+        return self._gone_run == run_id or self._fallback.run_gone(run_id)
 
 
 def watch_lease(
@@ -148,6 +166,9 @@ def watch_lease(
 ) -> None:
     """The watcher's life in the child: renew every third of the lease until told to stop,
     the parent dies or the run is gone (then say so on ``gone``)."""
+    # No finalizer of the parent's objects runs here (a Redis connection's would shut
+    # down the socket the parent shares).
+    gc.disable()
     for name in (signal.SIGINT, signal.SIGTERM):
         signal.signal(name, signal.SIG_DFL)
     interval = lease_ms / 1000 / HEARTBEATS_PER_LEASE
