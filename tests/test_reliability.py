@@ -33,6 +33,7 @@ from dask_serverless import (
 from dask_serverless.protocol.store import StoreRefusedError
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.worker.branch import OutputTooLargeError
+from dask_serverless.worker.handler import WorkerEnvironment
 from tests.conftest import run_keys
 from tests.tasks import (
     add_all,
@@ -239,6 +240,23 @@ def test_queued_invocations_survive_a_redis_restart(tmp_path):
         restarter.join()
         assert time.monotonic() - started < 2.0 + 4 * 0.3 + 3 * LEASE_S + SLACK_S
         assert_clean(redis.Redis.from_url(server.url))
+
+
+def test_an_instance_booting_while_redis_restarts_waits_for_it(private_redis):
+    """A worker instance that boots while Redis is down (a restart) waits for it, as an
+    invocation's first call does, instead of failing its boot: a platform whose boots
+    fail stops starting instances."""
+    restarter = threading.Thread(target=private_redis.restart, kwargs={"down_s": 1.5})
+    restarter.start()
+    time.sleep(0.3)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(private_redis.url).ping()
+        environment = WorkerEnvironment(private_redis.url, b"secret", invoker=None)
+        assert environment.redis.ping()
+        environment.redis.close()
+    finally:
+        restarter.join()
 
 
 def test_a_hung_redis_cannot_hold_the_compute_past_its_timeout(private_redis):

@@ -53,7 +53,7 @@ RECORD_CACHE_SIZE = 8
 # First pause before an invocation's first Redis call is tried again (doubling).
 _FIRST_RETRY_S = 0.1
 # How long a booting instance keeps trying to reach Redis (a restart takes seconds).
-BOOT_RETRY_S = 10.0
+_BOOT_RETRY_S = 10.0
 _T = TypeVar("_T")
 # How often an idle heartbeat thread looks for a lease to renew.
 _IDLE_WAKE_S = 1.0
@@ -261,7 +261,7 @@ class WorkerEnvironment:
         self.secret = secret
         # A Redis restarting or paused while the instance boots is waited for, as its
         # invocation's first call is: a platform that sees boots fail stops starting them.
-        self.redis = retry_within(BOOT_RETRY_S, client_for, redis_url)
+        self.redis = retry_within(_BOOT_RETRY_S, client_for, redis_url)
         self.scripts = Scripts(self.redis)
         self.signer = Signer(secret)
         self.invoker = invoker
