@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 import numpy as np
 import pytest
+import redis
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
@@ -16,6 +17,7 @@ from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import new_run_id
 from dask_serverless.protocol.record import OUTPUT, RECORD, RESULT, RunRecord, RunSigner
 from dask_serverless.protocol.store import RunStore, redact
+from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.branch import Branch, RunGone
 from tests.tasks import inc, slow_inc, total
@@ -249,3 +251,21 @@ def test_invoked_children_are_noted_as_queued_then_sent_each_in_its_configuratio
         assert not redis_client.exists(store.keys.queued)
     finally:
         store.purge(len(dag))
+
+
+def test_a_script_refused_for_want_of_memory_raises_out_of_memory():
+    """Redis 6 words a write refused inside a script as a script error; every script
+    call raises it as the ``OutOfMemoryError`` a plain command gets, so that the worker
+    reports a full Redis instead of crashing on it."""
+    with EmbeddedRedis(tcp=True, extra_args=["--maxmemory-policy", "noeviction"]) as server:
+        client = redis.Redis.from_url(server.url)
+        store = RunStore(client, new_run_id(), 60)
+        client.set(store.keys.record, b"alive")
+        client.set("filler", b"x" * 4_000_000)
+        # Full: the limit is below what the server holds already.
+        client.config_set("maxmemory", "2mb")
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("more", b"x")
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="OOM"):
+            store.fail(b"error", b"events")
+        client.close()
