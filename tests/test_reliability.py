@@ -30,6 +30,7 @@ from dask_serverless import (
     UntrustedBlobError,
     WorkerCrashedError,
 )
+from dask_serverless.client import RedisUnavailableError
 from dask_serverless.protocol.store import StoreRefusedError
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.worker.branch import OutputTooLargeError
@@ -240,6 +241,25 @@ def test_queued_invocations_survive_a_redis_restart(tmp_path):
         restarter.join()
         assert time.monotonic() - started < 2.0 + 4 * 0.3 + 3 * LEASE_S + SLACK_S
         assert_clean(redis.Redis.from_url(server.url))
+
+
+def test_a_compute_started_while_redis_is_down_is_a_clear_error(private_redis):
+    """A compute that starts while Redis restarts fails at once with the package's error,
+    naming the server (never a raw client error); the Scheduler works once Redis is back."""
+    with Scheduler(redis=private_redis.url, lease_timeout=LEASE_S, timeout=60) as sched:
+        dask.compute(dask.delayed(inc)(0), scheduler=sched)
+        restarter = threading.Thread(target=private_redis.restart, kwargs={"down_s": 1.5})
+        restarter.start()
+        time.sleep(0.3)
+        try:
+            with pytest.raises(
+                RedisUnavailableError, match=f"cannot reach Redis at {private_redis.url}"
+            ):
+                dask.compute(dask.delayed(inc)(1), scheduler=sched, timeout=10)
+        finally:
+            restarter.join()
+        assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
+        assert_clean(redis.Redis.from_url(private_redis.url))
 
 
 def test_an_instance_booting_while_redis_restarts_waits_for_it(private_redis):

@@ -45,6 +45,7 @@ from typing import Any
 
 import dask.base
 import dask.config
+import redis
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
@@ -329,7 +330,15 @@ class Scheduler:
         """Compute ``keys`` (none of them plain data) in one run; their values by key."""
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id, graph=graph)
-        plan = self._planning.plan(dag, self.platform())
+        try:
+            plan = self._planning.plan(dag, self.platform())
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            # Planning reads the history: a Redis that is down (restarting) or hung fails
+            # the compute before it starts, with the package's error naming the server.
+            raise RedisUnavailableError(
+                f"cannot reach Redis at {self.redis_url or 'the embedded server'} to plan "
+                f"run {run_id}: {error}"
+            ) from None
         bundling = plan.bundling
         workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
         logger.debug(
