@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.schedulers import OURS, RunningScheduler, close_all, start_all
-from benchmarks.workloads import Workload, count_tasks
+from benchmarks.workloads import Workload, compute, count_tasks
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,8 @@ def results_match(expected: Any, actual: Any) -> bool:
 
 
 def time_compute(workload: Workload, quick: bool, scheduler: Any) -> float:
-    """Wall time of one ``dask.compute`` of a freshly built graph.
+    """Wall time of one ``dask.compute`` of a freshly built graph (of all the computes of a
+    ``sequential`` workload).
 
     Building the collections happens before the clock starts: it is the same user code
     for every scheduler and not what we compare.
@@ -131,7 +132,7 @@ def time_compute(workload: Workload, quick: bool, scheduler: Any) -> float:
     collections = workload.build(quick)
     gc.collect()
     started = time.perf_counter()
-    dask.compute(*collections, scheduler=scheduler)
+    compute(workload, collections, scheduler)
     return time.perf_counter() - started
 
 
@@ -155,9 +156,7 @@ def warm_up(
     reference: tuple[str, Any] | None = None
     for sched in running:
         try:
-            value = dask.compute(
-                *workload.build(quick), scheduler=sched.for_workload(workload.io_bound)
-            )
+            value = compute(workload, workload.build(quick), sched.for_workload(workload.io_bound))
         except Exception as error:
             failures.append(f"{workload.name} on {sched.name}: {describe(error)}")
             continue
@@ -173,7 +172,7 @@ def benchmark_workload(
     workload: Workload, quick: bool, running: Sequence[RunningScheduler], repeat: int
 ) -> Outcome:
     """Warm up, then time ``repeat`` rounds in which every scheduler runs once."""
-    tasks = count_tasks(workload.build(quick))
+    tasks = count_tasks(workload.build(quick), workload.sequential)
     healthy, notes, failures = warm_up(workload, quick, running)
     runs: dict[str, list[float]] = {sched.name: [] for sched in healthy}
     broken: set[str] = set()

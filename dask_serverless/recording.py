@@ -6,10 +6,10 @@ run history (``protocol.runs``), which is how a dashboard learns the shape of a 
 progress — the workers' event stream only carries task numbers. When it ends, whatever
 the outcome, the report with what was measured replaces it:
 
-* a run that succeeded gets a report built on first use (``sched.last_run``) and saved
-  to the history from a background thread, so the compute returns without waiting for a
-  10 000-row report to be built and written; the next run starts only once it is saved,
-  so that saving never competes with a run;
+* both reports of a run that succeeded are built and saved by one background thread, in
+  order (the planned one first), so no compute waits for a 10 000-row report to be built
+  and written: the planned report while the run's workers start, the measured one while
+  the caller goes on; ``sched.last_run`` builds the latter on first use;
 * a run that failed, timed out or was cancelled gets its report at once, attached to the
   raised exception as ``run_report`` and kept as ``sched.last_run``: tasks the client
   heard of are ``done`` (with their measurements), the failing task ``failed``, a task
@@ -167,15 +167,12 @@ class RunRecorder:
     ) -> None:
         """Publish the run's planned report so that a dashboard can follow it.
 
-        Done here, before the run's first invocation, and only once the previous run's
-        report is saved: the client's dispatching must not compete with report building
-        (on the local backend the dispatcher shares the client's interpreter, and
-        invocation start-ups are measured for the planner's history).
+        Built and saved in the background, while the run starts: planning never waits
+        for its report (a small run's report costs as much as the run itself).
         """
         if self.history is None:
             return
-        self.flush()
-        self._save(
+        self._submit(
             lambda: build_report(
                 run_id,
                 dag,

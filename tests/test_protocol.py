@@ -10,12 +10,24 @@ import dask
 import numpy as np
 import pytest
 import redis
+from dask._task_spec import DataNode, Task, TaskRef
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
+from dask_serverless.graph import translate
+from dask_serverless.protocol.history import HistoryStore
 from dask_serverless.protocol.invocation import Invocation
-from dask_serverless.protocol.keys import new_run_id
-from dask_serverless.protocol.record import OUTPUT, RECORD, RESULT, RunRecord, RunSigner
+from dask_serverless.protocol.keys import new_run_id, task_history_key
+from dask_serverless.protocol.record import (
+    OUTPUT,
+    RECORD,
+    RESULT,
+    PackedNodes,
+    RunRecord,
+    RunSigner,
+    open_record,
+    seal_record,
+)
 from dask_serverless.protocol.store import RunStore, redact
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
@@ -251,6 +263,39 @@ def test_invoked_children_are_noted_as_queued_then_sent_each_in_its_configuratio
         assert not redis_client.exists(store.keys.queued)
     finally:
         store.purge(len(dag))
+
+
+def test_history_store_holds_what_redis_holds_and_sees_other_clients_appends(redis_client):
+    function = f"held-{new_run_id()}"
+    ours = HistoryStore(redis_client, samples=3, ttl_s=60)
+    other = HistoryStore(redis_client, samples=3, ttl_s=60)
+    ours.append({(function, 512): [[1, 0, 0.1]]}, {}, {})
+    assert ours.load([function], [512])[0] == {(function, 512): [[1, 0, 0.1]]}
+    # Its own appends are applied to what it holds, newest first and trimmed, as Redis does.
+    ours.append({(function, 512): [[2, 0, 0.2], [3, 0, 0.3], [4, 0, 0.4]]}, {}, {})
+    expected = [[4, 0, 0.4], [3, 0, 0.3], [2, 0, 0.2]]
+    assert ours.load([function], [512])[0] == {(function, 512): expected}
+    key = task_history_key(function, 512)
+    assert [json.loads(e) for e in redis_client.lrange(key, 0, -1)] == expected
+    # Another client's append is seen at the next load.
+    other.append({(function, 512): [[5, 0, 0.5]]}, {}, {})
+    assert ours.load([function], [512])[0] == {(function, 512): [[5, 0, 0.5], *expected[:2]]}
+    ours.append({(function, 512): [[6, 0, 0.6]]}, {}, {})
+    assert ours.load([function], [512])[0] == {
+        (function, 512): [[6, 0, 0.6], [5, 0, 0.5], [4, 0, 0.4]]
+    }
+
+
+def test_a_sealed_record_rebuilds_its_tasks_as_they_are_used():
+    signer = Signer(new_secret())
+    graph = {"a": Task("a", inc, 1), "b": Task("b", inc, TaskRef("a")), "c": DataNode("c", 5)}
+    dag = translate(graph, ["b", "c"])
+    opened = open_record(signer, seal_record(signer, RunRecord("run", dag)), "run")
+    nodes = opened.dag.nodes
+    assert isinstance(nodes, PackedNodes) and len(nodes) == len(dag)
+    a, b, c = (nodes[dag.index[key]] for key in ("a", "b", "c"))
+    assert a({}) == 2 and b({"a": 2}) == 3 and c({}) == 5
+    assert nodes[-1] is None and nodes[dag.index["a"]] is a
 
 
 def test_a_script_refused_for_want_of_memory_raises_out_of_memory():

@@ -12,10 +12,11 @@ naming the key it was found under.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, overload
 
-from dask._task_spec import DataNode, GraphNode
+from dask._task_spec import DataNode, GraphNode, Task
 from dask.sizeof import sizeof
 
 from dask_serverless.graph import DAG
@@ -70,6 +71,62 @@ class RunRecord:
         if self.memory is None:
             return None
         return max((self.memory[t] or 0 for t in tasks), default=0) or None
+
+
+class PackedNodes(Sequence[GraphNode | None]):
+    """A sealed record's task nodes, kept as pickled state and rebuilt one by one when a
+    worker runs them.
+
+    Unpickling a dask ``Task`` calls its ``__setstate__`` in Python, some 10 µs a node;
+    every instance that serves a run opens the whole record, but runs a few of its nodes.
+    A ``Task`` is packed as ``(class, state)`` and rebuilt as pickle rebuilds it; any
+    other node (``DataNode``, ``Alias``) stays as it is. The packed state is part of the
+    signed record, so nothing unverified is ever rebuilt (I-5).
+    """
+
+    def __init__(self, packed: Sequence[tuple[type[Task] | None, Any]]) -> None:
+        self._packed = tuple(packed)
+        self._built: dict[int, GraphNode | None] = {}
+
+    @classmethod
+    def of(cls, nodes: Sequence[GraphNode | None]) -> PackedNodes:
+        return cls([_packed(node) for node in nodes])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PackedNodes, (self._packed,))
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    @overload
+    def __getitem__(self, index: int) -> GraphNode | None: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[GraphNode | None]: ...
+
+    def __getitem__(self, index: int | slice) -> GraphNode | None | list[GraphNode | None]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        position = index + len(self._packed) if index < 0 else index
+        if position not in self._built:
+            cls, state = self._packed[position]
+            if cls is None:
+                self._built[position] = state
+            else:
+                task = cls.__new__(cls)
+                task.__setstate__(state)
+                self._built[position] = task
+        return self._built[position]
+
+
+def _packed(node: GraphNode | None) -> tuple[type[Task] | None, Any]:
+    """``(class, state)`` of a ``Task`` pickled the default way (``__getstate__``), else
+    ``(None, node)``."""
+    if isinstance(node, Task):
+        cls = type(node)
+        if cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__:
+            return cls, node.__getstate__()
+    return None, node
 
 
 def blob_context(run_id: str, kind: str, slot: int | None = None) -> bytes:
@@ -143,9 +200,11 @@ def split_large_literals(dag: DAG, min_bytes: int) -> tuple[DAG, dict[int, Any]]
 
 
 def seal_record(signer: Signer, record: RunRecord) -> bytes:
-    """The signed, compressed record; a task that cannot be pickled is named in the error."""
+    """The signed, compressed record (its nodes packed, ``PackedNodes``); a task that
+    cannot be pickled is named in the error."""
+    packed = replace(record, dag=replace(record.dag, nodes=PackedNodes.of(record.dag.nodes)))
     try:
-        return signer.dumps(record, compress=True, context=blob_context(record.run_id, RECORD))
+        return signer.dumps(packed, compress=True, context=blob_context(record.run_id, RECORD))
     except Exception as error:
         dag = record.dag
         for index in range(dag.sink):

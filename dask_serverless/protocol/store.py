@@ -162,6 +162,9 @@ def client_for(url: str, cluster: bool | str | None = None) -> Client:
     timeouts = {
         "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
         "socket_connect_timeout": REDIS_SOCKET_TIMEOUT_S,
+        # No CLIENT SETINFO on connect: two round trips, and a package-metadata lookup
+        # that costs a cold instance more than its first task.
+        "driver_info": None,
     }
     if cluster_mode(url, cluster):
         base, cap, attempts = _CLUSTER_RETRY
