@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 import numpy as np
 import pytest
+import redis
 from dask._task_spec import DataNode, Task, TaskRef
 
 from dask_serverless import Scheduler, UntrustedBlobError
@@ -28,6 +29,7 @@ from dask_serverless.protocol.record import (
     seal_record,
 )
 from dask_serverless.protocol.store import RunStore, redact
+from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.branch import Branch, RunGone
 from tests.tasks import inc, slow_inc, total
@@ -330,3 +332,21 @@ def test_a_sealed_record_rebuilds_its_tasks_as_they_are_used():
     a, b, c = (nodes[dag.index[key]] for key in ("a", "b", "c"))
     assert a({}) == 2 and b({"a": 2}) == 3 and c({}) == 5
     assert nodes[-1] is None and nodes[dag.index["a"]] is a
+
+
+def test_a_script_refused_for_want_of_memory_raises_out_of_memory():
+    """Redis 6 words a write refused inside a script as a script error; every script
+    call raises it as the ``OutOfMemoryError`` a plain command gets, so that the worker
+    reports a full Redis instead of crashing on it."""
+    with EmbeddedRedis(tcp=True, extra_args=["--maxmemory-policy", "noeviction"]) as server:
+        client = redis.Redis.from_url(server.url)
+        store = RunStore(client, new_run_id(), 60)
+        client.set(store.keys.record, b"alive")
+        client.set("filler", b"x" * 4_000_000)
+        # Full: the limit is below what the server holds already.
+        client.config_set("maxmemory", "2mb")
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("more", b"x")
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="OOM"):
+            store.fail(b"error", b"events")
+        client.close()

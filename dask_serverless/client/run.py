@@ -169,7 +169,14 @@ class Run:
         self.deadline = deadline
         invocations = self.invocations(self.bundling.starts)
         local = self.invocations([here]) if here else []
-        self.store.create(sealed_record, invocations + local, literals=literals)
+        try:
+            self.store.create(sealed_record, invocations + local, literals=literals)
+        except _OUTAGES as error:
+            # Its reply may be what was lost: whatever was stored goes again.
+            self.clean_up(True)
+            raise RedisUnavailableError(
+                f"cannot reach Redis to start run {self.run_id}: {error}"
+            ) from None
         self.primaries = self.store.primaries()
         keeper = threading.Thread(
             target=self.keep_alive, name=f"dask-serverless-keep-alive-{self.run_id}", daemon=True

@@ -51,6 +51,7 @@ from typing import Any
 
 import dask.base
 import dask.config
+import redis
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
@@ -398,7 +399,15 @@ class Scheduler:
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id, graph=graph)
         workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
-        plan = self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
+        try:
+            plan = self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            # Planning reads the history: a Redis that is down (restarting) or hung fails
+            # the compute before it starts, with the package's error naming the server.
+            raise RedisUnavailableError(
+                f"cannot reach Redis at {self.redis_url or 'the embedded server'} to plan "
+                f"run {run_id}: {error}"
+            ) from None
         placement = plan.inputs.placement
         bundling = placement.bundling(dag, plan.bundling)
         literals = {i: v for i, v in literals.items() if i not in placement.nodes}

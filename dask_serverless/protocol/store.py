@@ -218,15 +218,38 @@ def connect(url: str, cluster: bool | str | None = None) -> Client:
     return client
 
 
+# How Redis words its refusal of a write for want of memory (maxmemory, no eviction).
+_OUT_OF_MEMORY = "OOM command not allowed"
+
+
+class ScriptCall:
+    """One registered script. Redis 6 reports a write refused inside a script for want of
+    memory as a script error; it is raised as the ``OutOfMemoryError`` a plain command
+    gets, so that every caller handles running out of memory in one way."""
+
+    def __init__(self, script: Script) -> None:
+        self._script = script
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return self._script(keys=keys, args=args)
+        except redis.exceptions.ResponseError as error:
+            if isinstance(error, redis.exceptions.OutOfMemoryError):
+                raise
+            if _OUT_OF_MEMORY in str(error):
+                raise redis.exceptions.OutOfMemoryError(str(error)) from error
+            raise
+
+
 class Scripts:
     """The Lua scripts, registered once per Redis client (registering hashes the source)."""
 
     def __init__(self, client: Client) -> None:
-        self.by_name: dict[str, Script] = {
-            name: client.register_script(scripts.source(name)) for name in scripts.NAMES
+        self.by_name: dict[str, ScriptCall] = {
+            name: ScriptCall(client.register_script(scripts.source(name))) for name in scripts.NAMES
         }
 
-    def __getitem__(self, name: str) -> Script:
+    def __getitem__(self, name: str) -> ScriptCall:
         return self.by_name[name]
 
 
