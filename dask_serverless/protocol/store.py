@@ -230,15 +230,26 @@ class ScriptCall:
     def __init__(self, script: Script) -> None:
         self._script = script
 
+    @property
+    def sha(self) -> str:
+        """The script's SHA1, for an ``EVALSHA`` queued in a pipeline."""
+        return str(self._script.sha)
+
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         try:
             return self._script(keys=keys, args=args)
         except redis.exceptions.ResponseError as error:
-            if isinstance(error, redis.exceptions.OutOfMemoryError):
+            refusal = out_of_memory_as_such(error)
+            if refusal is error:
                 raise
-            if _OUT_OF_MEMORY in str(error):
-                raise redis.exceptions.OutOfMemoryError(str(error)) from error
-            raise
+            raise refusal from error
+
+
+def out_of_memory_as_such(error: redis.exceptions.ResponseError) -> Exception:
+    """``error``, as ``OutOfMemoryError`` when it is Redis refusing a write for memory."""
+    if isinstance(error, redis.exceptions.OutOfMemoryError) or _OUT_OF_MEMORY not in str(error):
+        return error
+    return redis.exceptions.OutOfMemoryError(str(error))
 
 
 class Scripts:
@@ -514,6 +525,8 @@ class RunStore:
             raise stored
         if isinstance(reply, redis.exceptions.NoScriptError):
             return self._complete(keys=script_keys, args=args)
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise out_of_memory_as_such(reply)
         if isinstance(reply, Exception):
             raise reply
         return reply
