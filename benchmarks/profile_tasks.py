@@ -20,10 +20,8 @@ import pstats
 import time
 from collections.abc import Sequence
 
-import dask
-
 from benchmarks.schedulers import import_ours
-from benchmarks.workloads import WORKLOADS, count_tasks
+from benchmarks.workloads import WORKLOADS, compute, count_tasks
 
 # Stages of a task's life, by the functions whose cumulative time they are.
 STAGES: tuple[tuple[str, str, str], ...] = (
@@ -66,14 +64,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Two workers' worth of concurrency for the plan and the workers' load checks, as the
     # smallest local pool would have; the invocations still run one at a time.
     with ours.Scheduler(backend="inline", concurrency=2) as sched:
-        tasks = count_tasks(workload.build(args.quick)) or 1
+        tasks = count_tasks(workload.build(args.quick), workload.sequential) or 1
         for _ in range(2):  # warm-up, and history for the planner
-            dask.compute(*workload.build(args.quick), scheduler=sched)
+            compute(workload, workload.build(args.quick), sched)
         collections_ = workload.build(args.quick)
         profiler = cProfile.Profile()
         started = time.perf_counter()
         profiler.enable()
-        dask.compute(*collections_, scheduler=sched)
+        compute(workload, collections_, sched)
         profiler.disable()
         wall = time.perf_counter() - started
     stats = pstats.Stats(profiler)

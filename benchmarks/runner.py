@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -25,8 +25,9 @@ import distributed
 import numpy as np
 import pandas as pd
 
+from benchmarks.peak_rss import PeakRss, measure
 from benchmarks.schedulers import OURS, RunningScheduler, close_all, start_all
-from benchmarks.workloads import Workload, count_tasks
+from benchmarks.workloads import Workload, compute, count_tasks
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Report:
     results: tuple[Result, ...]
     notes: tuple[str, ...] = ()
     failures: tuple[str, ...] = ()
+    # Client peak RSS by (workload, scheduler), for workloads with a memory target.
+    memory: dict[tuple[str, str], PeakRss] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Outcome:
     results: list[Result]
     notes: list[str]
     failures: list[str]
+    memory: dict[str, PeakRss] = field(default_factory=dict)
 
 
 def progress(message: str) -> None:
@@ -123,7 +127,8 @@ def results_match(expected: Any, actual: Any) -> bool:
 
 
 def time_compute(workload: Workload, quick: bool, scheduler: Any) -> float:
-    """Wall time of one ``dask.compute`` of a freshly built graph.
+    """Wall time of one ``dask.compute`` of a freshly built graph (of all the computes of a
+    ``sequential`` workload).
 
     Building the collections happens before the clock starts: it is the same user code
     for every scheduler and not what we compare.
@@ -131,7 +136,7 @@ def time_compute(workload: Workload, quick: bool, scheduler: Any) -> float:
     collections = workload.build(quick)
     gc.collect()
     started = time.perf_counter()
-    dask.compute(*collections, scheduler=scheduler)
+    compute(workload, collections, scheduler)
     return time.perf_counter() - started
 
 
@@ -155,9 +160,7 @@ def warm_up(
     reference: tuple[str, Any] | None = None
     for sched in running:
         try:
-            value = dask.compute(
-                *workload.build(quick), scheduler=sched.for_workload(workload.io_bound)
-            )
+            value = compute(workload, workload.build(quick), sched.for_workload(workload.io_bound))
         except Exception as error:
             failures.append(f"{workload.name} on {sched.name}: {describe(error)}")
             continue
@@ -173,7 +176,7 @@ def benchmark_workload(
     workload: Workload, quick: bool, running: Sequence[RunningScheduler], repeat: int
 ) -> Outcome:
     """Warm up, then time ``repeat`` rounds in which every scheduler runs once."""
-    tasks = count_tasks(workload.build(quick))
+    tasks = count_tasks(workload.build(quick), workload.sequential)
     healthy, notes, failures = warm_up(workload, quick, running)
     runs: dict[str, list[float]] = {sched.name: [] for sched in healthy}
     broken: set[str] = set()
@@ -195,7 +198,19 @@ def benchmark_workload(
     ]
     summary = ", ".join(f"{result.scheduler} {result.median_s:.3f}s" for result in results)
     progress(f"{workload.name} ({tasks} tasks): {summary or 'no results'}")
-    return Outcome(tasks, results, notes, failures)
+    memory: dict[str, PeakRss] = {}
+    if workload.memory_target is not None:
+        for sched in healthy:
+            try:
+                memory[sched.name] = measure(workload.name, sched.name, quick)
+            except Exception as error:
+                failures.append(f"{workload.name} peak RSS on {sched.name}: {describe(error)}")
+                continue
+            progress(
+                f"{workload.name}: client peak RSS on {sched.name} "
+                f"{memory[sched.name].peak_mb:.0f} MB"
+            )
+    return Outcome(tasks, results, notes, failures, memory)
 
 
 def machine_info(quick: bool, repeat: int) -> dict[str, Any]:
@@ -225,11 +240,13 @@ def run(
     tasks: dict[str, int] = {}
     results: list[Result] = []
     failures: list[str] = []
+    memory: dict[tuple[str, str], PeakRss] = {}
     try:
         for workload in workloads:
             outcome = benchmark_workload(workload, quick, running, repeat)
             tasks[workload.name] = outcome.tasks
             results.extend(outcome.results)
+            memory.update({(workload.name, name): peak for name, peak in outcome.memory.items()})
             notes.extend(outcome.notes)
             failures.extend(outcome.failures)
     finally:
@@ -249,6 +266,7 @@ def run(
         results=tuple(results),
         notes=tuple(notes),
         failures=tuple(failures),
+        memory=memory,
     )
 
 
@@ -325,21 +343,59 @@ def startup_table(report: Report) -> str:
     return format_table(["scheduler", "start-up s"], rows)
 
 
+def memory_ratio(report: Report, workload: str, peer: str) -> str:
+    """Our client peak RSS divided by a peer's for ``workload``."""
+    ours, theirs = report.memory.get((workload, OURS)), report.memory.get((workload, peer))
+    if ours is None or theirs is None or theirs.peak_mb <= 0:
+        return "—"
+    return f"{ours.peak_mb / theirs.peak_mb:.2f}"
+
+
 def targets_table(report: Report) -> str:
     """Workloads with a target (ours at most N × a peer): the ratio and whether it held."""
     by_key = lookup(report)
     rows = []
     for workload in report.workloads:
-        if workload.target is None:
-            continue
-        peer, limit = workload.target
-        ours, theirs = by_key.get((workload.name, OURS)), by_key.get((workload.name, peer))
-        measured = ratio(ours, theirs)
-        met = "—" if measured == "—" else "met" if float(measured) <= limit else "MISSED"
-        rows.append([workload.name, f"÷{peer} ≤ {limit:g}", measured, met])
+        checks = []
+        if workload.target is not None:
+            peer, limit = workload.target
+            ours, theirs = by_key.get((workload.name, OURS)), by_key.get((workload.name, peer))
+            checks.append((f"÷{peer} ≤ {limit:g}", ratio(ours, theirs), limit))
+        if workload.memory_target is not None:
+            peer, limit = workload.memory_target
+            measured = memory_ratio(report, workload.name, peer)
+            checks.append((f"peak RSS ÷{peer} ≤ {limit:g}", measured, limit))
+        for target, measured, limit in checks:
+            met = "—" if measured == "—" else "met" if float(measured) <= limit else "MISSED"
+            rows.append([workload.name, target, measured, met])
     if not rows:
         return ""
     return format_table(["workload", "target", "measured", "result"], rows)
+
+
+def memory_table(report: Report) -> str:
+    """Client peak RSS during one compute (fresh process per scheduler), and before it."""
+    rows = []
+    for workload in report.workloads:
+        for sched in report.schedulers:
+            found = report.memory.get((workload.name, sched))
+            if found is None:
+                continue
+            rows.append(
+                [
+                    workload.name,
+                    sched,
+                    f"{found.before_mb:.0f}",
+                    f"{found.peak_mb:.0f}",
+                    f"{found.growth_mb:.0f}",
+                    f"{found.seconds:.2f}",
+                    "compute" if found.compute_only else "process",
+                ]
+            )
+    if not rows:
+        return ""
+    headers = ["client RSS (MB)", "scheduler", "before", "peak", "growth", "compute s", "peak of"]
+    return format_table(headers, rows)
 
 
 def render(report: Report) -> str:
@@ -359,6 +415,9 @@ def render(report: Report) -> str:
     overhead = overhead_table(report)
     if overhead:
         sections.append(overhead)
+    memory = memory_table(report)
+    if memory:
+        sections.append(memory)
     targets = targets_table(report)
     if targets:
         sections.append(targets)
@@ -379,9 +438,21 @@ def to_json(report: Report) -> dict[str, Any]:
                 "tasks": result.tasks,
                 "median_s": result.median_s,
                 "runs_s": list(result.runs_s),
+                **memory_fields(report.memory.get((result.workload, result.scheduler))),
             }
             for result in report.results
         ],
+    }
+
+
+def memory_fields(found: PeakRss | None) -> dict[str, Any]:
+    """The JSON fields of a client peak RSS measurement (none when not measured)."""
+    if found is None:
+        return {}
+    return {
+        "client_rss_before_mb": found.before_mb,
+        "client_peak_rss_mb": found.peak_mb,
+        "client_peak_rss_compute_only": found.compute_only,
     }
 
 

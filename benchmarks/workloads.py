@@ -39,18 +39,25 @@ class Workload:
     ``per_task`` marks graphs whose tasks do (almost) nothing, so median / tasks is a
     meaningful scheduler overhead per task. ``io_bound`` marks graphs whose tasks mostly
     wait: dask-serverless runs them with more concurrent instances than cores, the setting
-    a user chooses for such graphs. ``quick_note`` says how ``--quick`` scales the graph
-    down (empty when it does not).
+    a user chooses for such graphs. ``sequential`` marks workloads that are many computes:
+    each collection is computed on its own, one after the other, as a user at a notebook
+    runs cell after cell. ``quick_note`` says how ``--quick`` scales the graph down (empty
+    when it does not).
     """
 
     name: str
     build: Callable[[bool], Collections]
     per_task: bool = False
     io_bound: bool = False
+    sequential: bool = False
     quick_note: str = ""
     # (peer scheduler, ratio): the workload's time on dask-serverless must stay at most
     # this many times the peer's; the runner reports whether it does.
     target: tuple[str, float] | None = None
+    # (peer scheduler, ratio): the same for the client's peak RSS during one compute. The
+    # runner measures it only for workloads that have one, each scheduler in a fresh
+    # process of its own (``benchmarks.peak_rss``).
+    memory_target: tuple[str, float] | None = None
 
 
 # --- small task functions -------------------------------------------------------------
@@ -112,6 +119,17 @@ def noop_tree(quick: bool) -> Collections:
     n_leaves = 1_000 if quick else 5_000
     leaves = [dask.delayed(noop)(i) for i in range(n_leaves)]
     return (tree_reduce(leaves, delayed_add),)
+
+
+DELAYED_200K_LEAVES = 100_000
+
+
+def delayed_200k(quick: bool) -> Collections:
+    """A large map-reduce of small ``dask.delayed`` calls, as a user writes one: 100 000
+    mapped items summed by a binary tree, ~200 000 tasks. The same size with ``--quick``:
+    its point is the client's time and memory per task at that size."""
+    mapped = [dask.delayed(inc)(i) for i in range(DELAYED_200K_LEAVES)]
+    return (tree_reduce(mapped, delayed_add),)
 
 
 def chain(quick: bool) -> Collections:
@@ -258,13 +276,28 @@ def summarize(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(values.mean()), "std": float(values.std()), "n": float(values.size)}
 
 
-def fanout_fanin(quick: bool) -> Collections:
-    """3 → 1 → 3 → 1 → 1 small compute tasks."""
-    sources = [dask.delayed(make_numbers)(seed) for seed in range(3)]
+def fanout_fanin_graph(first_seed: int) -> Delayed:
+    """3 → 1 → 3 → 1 → 1 small compute tasks on the seeds from ``first_seed`` on."""
+    sources = [dask.delayed(make_numbers)(seed) for seed in range(first_seed, first_seed + 3)]
     joined = dask.delayed(concatenate)(*sources)
     scaled = [dask.delayed(scale)(joined, factor) for factor in (1, 2, 3)]
     rejoined = dask.delayed(concatenate)(*scaled)
-    return (dask.delayed(summarize)(rejoined),)
+    return dask.delayed(summarize)(rejoined)
+
+
+def fanout_fanin(quick: bool) -> Collections:
+    """3 → 1 → 3 → 1 → 1 small compute tasks."""
+    return (fanout_fanin_graph(0),)
+
+
+INTERACTIVE_COMPUTES = 100
+
+
+def interactive(quick: bool) -> Collections:
+    """100 small computes one after the other, a 9-task graph each (``fanout_fanin``'s
+    shape on other seeds every time), as a user at a notebook computes: the fixed cost
+    of a run, paid 100 times."""
+    return tuple(fanout_fanin_graph(3 * number) for number in range(INTERACTIVE_COMPUTES))
 
 
 def count_words(document: int) -> Counter[str]:
@@ -407,9 +440,17 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("groupby", groupby, quick_note="20 000 rows per partition instead of 200 000"),
     Workload("fixed-times", fixed_times, io_bound=True, quick_note="0.05 s tasks instead of 0.5 s"),
     Workload("fanout-fanin", fanout_fanin),
+    Workload("interactive", interactive, sequential=True, target=("threads", 3.0)),
     Workload("text-analysis", text_analysis),
     Workload("image-pipeline", image_pipeline, quick_note="1 024² image instead of 2 048²"),
     Workload("persist-reduce", persist_reduce, target=("threads", 2.0)),
+    Workload(
+        "delayed-200k",
+        delayed_200k,
+        per_task=True,
+        target=("threads", 1.0),
+        memory_target=("threads", 1.5),
+    ),
 )
 
 
@@ -428,12 +469,24 @@ def select_workloads(names: Sequence[str] | None) -> list[Workload]:
     return [workload for workload in WORKLOADS if workload.name in names]
 
 
-def count_tasks(collections: Collections) -> int:
-    """Number of tasks in the graph ``dask.compute`` actually runs (after optimization).
+def compute(workload: Workload, collections: Collections, scheduler: Any) -> tuple[Any, ...]:
+    """The values of ``collections``: one ``dask.compute`` of them all, or one per
+    collection, in order, for a ``sequential`` workload."""
+    if workload.sequential:
+        return tuple(dask.compute(c, scheduler=scheduler)[0] for c in collections)
+    return dask.compute(*collections, scheduler=scheduler)
+
+
+def count_tasks(collections: Collections, sequential: bool = False) -> int:
+    """Number of tasks in the graph ``dask.compute`` actually runs (after optimization);
+    for a ``sequential`` workload, the tasks of all its computes.
 
     This mirrors ``dask.compute``: collections → one expression → finalize → optimize.
     """
     from dask._expr import FinalizeCompute
 
-    expr = FinalizeCompute(dask.base.collections_to_expr(list(collections))).optimize()
-    return len(expr.__dask_graph__())
+    groups = [[c] for c in collections] if sequential else [list(collections)]
+    return sum(
+        len(FinalizeCompute(dask.base.collections_to_expr(group)).optimize().__dask_graph__())
+        for group in groups
+    )

@@ -67,3 +67,7 @@ KEEP_ALIVES_PER_TTL = 4
 # the same size from which an argument is worth sending without a copy, since below it a
 # value costs less inside the record than a round trip of its own.
 LARGE_LITERAL_BYTES = LARGE_ARGUMENT_BYTES
+
+# The worker id prefix of the invocations a client runs itself (tasks placed beside the
+# literal data they read, ``planning.locality``): run reports name it as their instance.
+CLIENT_WORKER = "client"

@@ -17,7 +17,7 @@ translates without touching the recursion limit.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ class DAG:
     """
 
     keys: tuple[Key, ...]
-    nodes: tuple[GraphNode | None, ...]
+    nodes: Sequence[GraphNode | None]
     dependencies: tuple[tuple[int, ...], ...]
     dependents: tuple[tuple[int, ...], ...]
     index: dict[Key, int] = field(repr=False, compare=False)

@@ -1,15 +1,23 @@
 """What a Scheduler keeps of each run: its report, in memory and in the run history.
 
-A run is *recorded* twice. When it starts, its planned report (every task with its
+A run is *recorded* twice. While it runs, its planned report (every task with its
 function, configuration, dependencies and planned times; state ``running``) goes to the
 run history (``protocol.runs``), which is how a dashboard learns the shape of a run in
 progress — the workers' event stream only carries task numbers. When it ends, whatever
-the outcome, the report with what was measured replaces it:
+the outcome, the report with what was measured replaces it.
 
+Building a report costs time in proportion to the run's tasks, so none is built on the
+compute's path:
+
+* the planned report is built by a background thread, and only for a run still going
+  ``RUNNING_REPORT_AFTER_S`` after it started: a shorter run is over before a dashboard
+  (which polls about once a second) could show it running, and its final report follows
+  at once;
 * a run that succeeded gets a report built on first use (``sched.last_run``) and saved
-  to the history from a background thread, so the compute returns without waiting for a
-  10 000-row report to be built and written; the next run starts only once it is saved,
-  so that saving never competes with a run;
+  to the history by the same background thread, so the compute returns without waiting
+  for a 10 000-row report to be built and written. Reports are saved in the order the
+  runs started; a new run waits only while more than one earlier report is still
+  unsaved, so saving keeps up with computes without holding each of them;
 * a run that failed, timed out or was cancelled gets its report at once, attached to the
   raised exception as ``run_report`` and kept as ``sched.last_run``: tasks the client
   heard of are ``done`` (with their measurements), the failing task ``failed``, a task
@@ -52,6 +60,7 @@ from dask_serverless.report import (
     InvocationRecord,
     Pricing,
     RunReport,
+    TaskRecord,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +68,10 @@ logger = logging.getLogger(__name__)
 _ERROR_CHARS = 500
 # Distinct functions a run's summary names (what `dask-serverless history` searches).
 _FUNCTIONS_LISTED = 100
+# A run still going this long after its start gets its planned report saved (see above).
+RUNNING_REPORT_AFTER_S = 0.5
+# Unsaved reports of earlier runs a new run lets pass before it waits for them.
+_UNSAVED_REPORTS = 1
 
 
 def outcome_of(error: BaseException, progress: Any) -> str:
@@ -103,8 +116,18 @@ def build_report(
         m = measured.get(index)
         retries = progress.retries.get(index, 0)
         tasks.append(
-            replace(
-                task,
+            TaskRecord(
+                key=task.key,
+                memory_mb=task.memory_mb,
+                predicted_s=task.predicted_s,
+                actual_s=task.actual_s,
+                on_critical_path=task.on_critical_path,
+                predicted_start_s=task.predicted_start_s,
+                predicted_finish_s=task.predicted_finish_s,
+                actual_start_s=task.actual_start_s,
+                actual_finish_s=task.actual_finish_s,
+                worker_id=task.worker_id,
+                cold=task.cold,
                 function=functions[index],
                 input_bytes=None if m is None else m.input_bytes,
                 output_bytes=None if m is None else m.output_bytes,
@@ -159,24 +182,27 @@ class RunRecorder:
         self._saving = ThreadPoolExecutor(1, thread_name_prefix="dask-serverless-history")
         self._pending: list[Future] = []
         self._closed = False
+        # Set when a run ends: its planned report is no longer worth building.
+        self._ended: dict[str, threading.Event] = {}
         # Computes may run from several threads at once; they share the pending saves.
         self._lock = threading.Lock()
 
     def started(
         self, run_id: str, dag: DAG, plan: Plan, progress: Any, started_unix: float
     ) -> None:
-        """Publish the run's planned report so that a dashboard can follow it.
-
-        Done here, before the run's first invocation, and only once the previous run's
-        report is saved: the client's dispatching must not compete with report building
-        (on the local backend the dispatcher shares the client's interpreter, and
-        invocation start-ups are measured for the planner's history).
-        """
+        """Have the run's planned report saved should the run last long enough for a
+        dashboard to follow it (``RUNNING_REPORT_AFTER_S``); see the module docstring."""
         if self.history is None:
             return
-        self.flush()
-        self._save(
-            lambda: build_report(
+        self.flush(keep=_UNSAVED_REPORTS)
+        ended = threading.Event()
+        with self._lock:
+            self._ended[run_id] = ended
+
+        def planned() -> RunReport | None:
+            if ended.wait(max(0.0, started_unix + RUNNING_REPORT_AFTER_S - time.time())):
+                return None
+            return build_report(
                 run_id,
                 dag,
                 plan,
@@ -186,7 +212,14 @@ class RunRecorder:
                 status=RUNNING,
                 pricing=self.pricing,
             )
-        )
+
+        self._submit(planned)
+
+    def _end(self, run_id: str) -> None:
+        with self._lock:
+            ended = self._ended.pop(run_id, None)
+        if ended is not None:
+            ended.set()
 
     def succeeded(
         self,
@@ -199,6 +232,7 @@ class RunRecorder:
         throttled: bool | None,
     ) -> Callable[[], RunReport]:
         """How to build the report of a run that succeeded; saved in the background."""
+        self._end(run_id)
         build = functools.cache(
             lambda: build_report(
                 run_id,
@@ -230,6 +264,7 @@ class RunRecorder:
 
         Building it never replaces ``error``: if that fails, the run has no report.
         """
+        self._end(run_id)
         status = outcome_of(error, progress)
         reason = f"{type(error).__name__}: {error}"[:_ERROR_CHARS]
         try:
@@ -257,19 +292,21 @@ class RunRecorder:
             self._submit(lambda: built)
         return lambda: built
 
-    def _submit(self, build: Callable[[], RunReport]) -> None:
+    def _submit(self, build: Callable[[], RunReport | None]) -> None:
         with self._lock:
             if self._closed:
                 return  # a compute that outlived its Scheduler's close: nothing is saved
             self._pending = [f for f in self._pending if not f.done()]
             self._pending.append(self._saving.submit(self._save, build))
 
-    def _save(self, build: Callable[[], RunReport]) -> None:
-        """Build and store one report. Seeing a run must never break computing one, so
-        a failure here is logged, not raised."""
+    def _save(self, build: Callable[[], RunReport | None]) -> None:
+        """Build and store one report (none when ``build`` gives none). Seeing a run must
+        never break computing one, so a failure here is logged, not raised."""
         assert self.history is not None
         try:
             built = build()
+            if built is None:
+                return
             self.history.save(
                 built.run_id,
                 built.started_unix or time.time(),
@@ -281,15 +318,20 @@ class RunRecorder:
         except Exception:
             logger.exception("could not build a run report for the run history")
 
-    def flush(self) -> None:
-        """Wait until every report handed over so far is saved."""
+    def flush(self, keep: int = 0) -> None:
+        """Wait until every report handed over so far but the newest ``keep`` is saved."""
         with self._lock:
-            pending, self._pending = self._pending, []
-        for future in pending:
+            pending = [f for f in self._pending if not f.done()]
+            waited = pending[: max(0, len(pending) - keep)]
+            self._pending = pending
+        for future in waited:
             future.result()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            ended, self._ended = list(self._ended.values()), {}
+        for event in ended:
+            event.set()
         self.flush()
         self._saving.shutdown(wait=True)

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from dask_serverless.constants import CLIENT_WORKER
+
 if TYPE_CHECKING:
     import pandas as pd
     from bokeh.model import Model
@@ -191,6 +193,11 @@ class RunReport:
     started_unix: float | None = None
     invocation_records: tuple[InvocationRecord, ...] = field(default=(), repr=False)
 
+    @property
+    def client_tasks(self) -> int:
+        """Tasks that ran in the client, beside their literal data (``planning.locality``)."""
+        return sum(1 for t in self.tasks if (t.worker_id or "").startswith(CLIENT_WORKER))
+
     def summary(self) -> str:
         details = [f"SLA {self.sla}"]
         if self.target_s is not None:
@@ -212,6 +219,11 @@ class RunReport:
             f"({self.predicted_cold_starts} cold), actual {self.invocations} "
             f"({self.cold_starts} cold)",
         ]
+        if self.client_tasks:
+            lines.append(
+                f"  in the client: {self.client_tasks} tasks, beside the literal data they "
+                "read (instance client:…)"
+            )
         if self.out_of_memory_retries:
             lines.append(f"  out-of-memory retries at a larger size: {self.out_of_memory_retries}")
         lines += [f"  note: {note}" for note in self.notes]

@@ -3,7 +3,8 @@
 ``redis_url`` is a private redis-server on a free port of 127.0.0.1 ("standalone"), and —
 for the modules in ``CLUSTER_MODULES``, the core, planner and reliability tests (but the
 worker-kill trials) — also a private Redis Cluster of 3 masters and 3 replicas
-("cluster", ``tests.redis_cluster``).
+("cluster", ``tests.redis_cluster``) when the test or a fixture it asks for uses
+``redis_url`` (a test with servers of its own runs once).
 Each server starts once per session, on first use, and stops at the end. The other
 modules (translation, backends, AWS Lambda, load) do not depend on how Redis is deployed
 and run against standalone only, which keeps the suite's time well within its budget.
@@ -25,6 +26,7 @@ from dask_serverless import Scheduler
 from dask_serverless.protocol.store import Client, client_for
 from dask_serverless.storage.embedded import EmbeddedRedis
 from tests.redis_cluster import LocalRedisCluster
+from tests.trials import TrialTally
 
 EXTERNAL_URL = os.environ.get("DASK_SERVERLESS_TEST_REDIS_URL")
 
@@ -43,25 +45,67 @@ CLUSTER_MODULES = frozenset(
 
 # Tests of those modules that run against standalone only: the 20 worker-kill trials take
 # minutes, and tests/test_cluster.py kills workers and masters on a cluster already; the
-# CPU-share check measures cgroup quotas, which no Redis flavour changes.
+# CPU-share check measures cgroup quotas, which no Redis flavour changes; a chain of
+# 20 000 runs in one worker that publishes no output to another slot: on a cluster it
+# takes the same paths as on one server, 20 000 times.
 STANDALONE_ONLY = frozenset(
     {
         "test_killed_workers_do_not_hang_or_lose_the_result",
-        "test_the_kill_trials_killed_and_recovered_workers",
         "test_cpu_share_prediction_matches_the_measured_slowdown",
+        "test_chain_of_20000",
     }
 )
+
+
+def uses_the_session_redis(metafunc: pytest.Metafunc) -> bool:
+    """Whether the test itself, or a fixture it asks for, uses ``redis_url`` (the autouse
+    leak check alone does not count: a test with servers of its own needs no cluster)."""
+    seen: set[str] = set()
+    names = list(metafunc.definition._fixtureinfo.argnames)
+    while names:
+        name = names.pop()
+        if name == "redis_url":
+            return True
+        if name in seen:
+            continue
+        seen.add(name)
+        for fixture in metafunc._arg2fixturedefs.get(name, ()):
+            names.extend(fixture.argnames)
+    return False
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_url" not in metafunc.fixturenames:
         return
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    both = module in CLUSTER_MODULES and metafunc.function.__name__ not in STANDALONE_ONLY
+    both = (
+        module in CLUSTER_MODULES
+        and metafunc.function.__name__ not in STANDALONE_ONLY
+        and uses_the_session_redis(metafunc)
+    )
     kinds = ["standalone", "cluster"] if both else ["standalone"]
     if EXTERNAL_URL:
         kinds.append("external")
     metafunc.parametrize("redis_url", kinds, indirect=True, scope="session")
+
+
+# The tallies of the seeded fault trials (``tests.trials``), by set, for the summary.
+TALLIES = pytest.StashKey[dict[str, TrialTally]]()
+
+
+@pytest.fixture(scope="session")
+def tallies(pytestconfig: pytest.Config) -> dict[str, TrialTally]:
+    """Every trial set's tally; the terminal summary prints them."""
+    return pytestconfig.stash.setdefault(TALLIES, {})
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    for tally in config.stash.get(TALLIES, {}).values():
+        if tally.trials:
+            terminalreporter.write_sep("-", tally.title)
+            terminalreporter.write_line(tally.table())
 
 
 @pytest.fixture(scope="session")

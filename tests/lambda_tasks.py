@@ -18,3 +18,14 @@ def payload(size, seed):
 
 def total_length(parts):
     return sum(len(part) for part in parts)
+
+
+def note_then_hold_the_gil(path, x, seconds):
+    """Append a line to ``path`` (one per run of the task), then sleep ``seconds`` in C
+    holding the GIL (``PyDLL`` does not release it); return ``x``."""
+    import ctypes
+
+    with open(path, "a") as notes:
+        notes.write("ran\n")
+    ctypes.PyDLL(None).sleep(int(seconds))
+    return x

@@ -138,3 +138,13 @@ def main_module_file():
     import sys
 
     return getattr(sys.modules["__main__"], "__file__", None)
+
+
+def slow_block(block, seconds):
+    """An array block after ``seconds`` of work: costlier than moving the block."""
+    time.sleep(seconds)
+    return block + 1
+
+
+def fail_block(block):
+    raise ValueError(f"bad block of shape {block.shape}")

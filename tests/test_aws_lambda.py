@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 
@@ -30,11 +31,15 @@ from dask_serverless.backends import aws_lambda
 from dask_serverless.backends.aws_lambda import LambdaBackend, LambdaSettings
 from dask_serverless.backends.aws_lambda import deploy as lambda_deploy
 from dask_serverless.backends.aws_lambda.endpoint import LambdaEndpoint
+from dask_serverless.backends.aws_lambda.leases import ForkedLeases
 from dask_serverless.cli import main
 from dask_serverless.protocol.invocation import Invocation
+from dask_serverless.protocol.keys import RunKeys, new_run_id
+from dask_serverless.protocol.store import RunStore
 from dask_serverless.storage.s3 import POINTER, S3OutputStore
 from dask_serverless.storage.serialize import Signer, UntrustedBlobError
-from tests.lambda_tasks import add, inc, payload, total_length
+from tests.lambda_tasks import add, inc, note_then_hold_the_gil, payload, total_length
+from tests.tasks import hold_the_gil
 
 REGION = "us-east-1"
 
@@ -241,6 +246,120 @@ def test_worker_hands_its_branch_on_near_the_time_limit(redis_url, secret):
     ):
         assert dask.compute(chain, scheduler=sched) == (6,)
         assert served.invocations["dsl-handoff-1769"] >= 6
+
+
+def test_a_task_holding_the_gil_keeps_its_lease(endpoint, redis_url, secret, tmp_path):
+    """Four one-second leases with the GIL held: nothing in the worker's interpreter can
+    renew, the invocation's forked watcher does. The task runs once, the answer is right."""
+    lease_s = 1.0
+    notes = tmp_path / "runs"
+    work = dask.delayed(note_then_hold_the_gil)(str(notes), 5, 4 * lease_s)
+    # A warm instance first: a cold start slower than a few one-second leases would look
+    # like an invocation that never began.
+    with lambda_scheduler(
+        redis_url, secret, lambda_function="dsl-gil", lambda_endpoint_url=endpoint.url
+    ) as sched:
+        assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
+    with lambda_scheduler(
+        redis_url,
+        secret,
+        lambda_function="dsl-gil",
+        lambda_endpoint_url=endpoint.url,
+        lease_timeout=lease_s,
+    ) as sched:
+        assert dask.compute(dask.delayed(inc)(work), scheduler=sched) == (6,)
+        assert sched.recovered_invocations == 0
+    assert notes.read_text().splitlines() == ["ran"]
+
+
+def lease_expiry(client, keys: RunKeys, invocation_id: str) -> float:
+    """Milliseconds from now (Redis's clock) until ``invocation_id``'s lease lapses."""
+    seconds, micros = client.time()
+    return float(client.zscore(keys.leases, invocation_id)) - (seconds * 1000 + micros / 1000)
+
+
+def test_the_forked_watcher_renews_while_the_gil_is_held(redis_client, redis_url):
+    """The watcher renews from its own interpreter while this one holds the GIL for five
+    leases; it tells a lost run between tasks without a Redis call, and is reaped when
+    the invocation drops it."""
+    lease_ms = 400
+    keys = RunKeys(new_run_id())
+    redis_client.set(keys.record, b"alive", ex=60)
+    redis_client.zadd(keys.leases, {"inv": 0})
+    store = RunStore(redis_client, keys.run_id, 60)
+    leases = ForkedLeases(redis_url)
+    try:
+        leases.hold(store, "inv", lease_ms)
+        watcher = leases.pid
+        assert watcher is not None
+        hold_the_gil(None, 5 * lease_ms / 1000)
+        assert lease_expiry(redis_client, keys, "inv") > 0
+        assert not leases.run_gone(keys.run_id)
+        redis_client.delete(keys.record)
+        give_up = time.monotonic() + 10 * lease_ms / 1000
+        while not leases.run_gone(keys.run_id) and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert leases.run_gone(keys.run_id)
+        leases.drop()
+        assert leases.pid is None
+        with pytest.raises(ChildProcessError):
+            os.waitpid(watcher, os.WNOHANG)
+    finally:
+        leases.drop()
+        redis_client.delete(keys.record, keys.leases)
+
+
+WATCHED_WORKER = """
+import sys, time
+from dask_serverless.backends.aws_lambda.leases import ForkedLeases
+from dask_serverless.protocol.store import RunStore, client_for
+url, run_id = sys.argv[1:]
+leases = ForkedLeases(url)
+leases.hold(RunStore(client_for(url, False), run_id, 60), "inv", 300)
+print(leases.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_watcher_stops_when_its_worker_dies(redis_client, redis_url):
+    """A worker killed mid-invocation leaves no watcher behind, and its lease lapses."""
+    keys = RunKeys(new_run_id())
+    redis_client.set(keys.record, b"alive", ex=60)
+    redis_client.zadd(keys.leases, {"inv": 0})
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WATCHED_WORKER, redis_url, keys.run_id],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert worker.stdout is not None
+        watcher = int(worker.stdout.readline())
+        give_up = time.monotonic() + 10
+        while lease_expiry(redis_client, keys, "inv") < 0 and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert lease_expiry(redis_client, keys, "inv") > 0
+        worker.kill()
+        worker.wait()
+        give_up = time.monotonic() + 5
+        while running(watcher) and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert not running(watcher)
+        time.sleep(0.5)
+        assert lease_expiry(redis_client, keys, "inv") < 0
+    finally:
+        worker.kill()
+        worker.wait()
+        redis_client.delete(keys.record, keys.leases)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture

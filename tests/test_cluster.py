@@ -30,6 +30,7 @@ from dask_serverless.protocol.store import client_for, cluster_mode
 from dask_serverless.worker.branch import MissingOutputError
 from tests.redis_cluster import LocalRedisCluster
 from tests.tasks import add_all, sleep_inc
+from tests.trials import RIGHT, Trial, TrialTally
 
 TRIALS = 10
 # Seconds a failover trial's run may take at most, and the slack allowed past it.
@@ -160,7 +161,9 @@ def failover_cluster() -> Iterator[LocalRedisCluster]:
         yield cluster
 
 
-OUTCOMES: dict[int, str] = {}
+@pytest.fixture(scope="module")
+def failover_tally(tallies):
+    return tallies.setdefault("failover", TrialTally("Redis Cluster masters killed mid-run"))
 
 
 def record_master(cluster: LocalRedisCluster) -> int | None:
@@ -172,7 +175,9 @@ def record_master(cluster: LocalRedisCluster) -> int | None:
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
-def test_killing_a_master_mid_run_ends_right_or_with_a_clear_error(failover_cluster, trial):
+def test_killing_a_master_mid_run_ends_right_or_with_a_clear_error(
+    failover_cluster, failover_tally, trial
+):
     cluster = failover_cluster
     cluster.wait_until_whole()
     url_port = int(cluster.url.rsplit(":", 1)[1])
@@ -203,24 +208,23 @@ def test_killing_a_master_mid_run_ends_right_or_with_a_clear_error(failover_clus
         killer.start()
         try:
             (value,) = dask.compute(total, scheduler=sched)
-            outcome = "right" if value == expected else f"WRONG {value}"
+            outcome, detail = (RIGHT, "") if value == expected else ("WRONG", str(value))
         except CLEAR_ERRORS as error:
-            outcome = f"error {type(error).__name__}: {str(error)[:100]}"
+            outcome, detail = type(error).__name__, str(error)[:100]
         finally:
             killer.join()
     elapsed = time.monotonic() - started
-    OUTCOMES[trial] = f"{outcome} ({elapsed:.1f} s, killed {killed} after {delay:.2f} s)"
-    print(f"\ntrial {trial}: {OUTCOMES[trial]}")
+    fault = f"{'run' if hit_run else 'any'} master, {delay:.2f} s in"
+    failover_tally.add(Trial(trial, fault, outcome, elapsed, f"killed {killed} {detail}"))
     for port in killed:
         cluster.restart(port)
     cluster.wait_until_whole()
-    assert not outcome.startswith("WRONG"), outcome
+    assert outcome != "WRONG", detail
     assert elapsed < TRIAL_TIMEOUT_S + TRIAL_SLACK_S
     assert_no_run_keys(cluster)
 
 
-def test_the_failover_trials_all_ended():
-    outcomes = "\n".join(f"trial {t}: {o}" for t, o in sorted(OUTCOMES.items()))
-    print(f"\n{outcomes}")
-    assert len(OUTCOMES) == TRIALS, outcomes
-    assert not any(o.startswith("WRONG") for o in OUTCOMES.values())
+def test_the_failover_trials_all_ended(failover_tally):
+    print(f"\n{failover_tally.table()}")
+    assert len(failover_tally.trials) == TRIALS
+    assert "WRONG" not in failover_tally.outcomes()

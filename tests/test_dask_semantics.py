@@ -21,7 +21,17 @@ from dask.diagnostics import Profiler
 import dask_serverless
 from dask_serverless import Scheduler
 from dask_serverless.client import _default
-from tests.tasks import TaskWarning, fail, inc, log_of, sleep_then, warn_then
+from tests.tasks import (
+    TaskWarning,
+    fail,
+    fail_block,
+    fail_first,
+    inc,
+    log_of,
+    sleep_then,
+    slow_block,
+    warn_then,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,9 +197,114 @@ def test_the_default_reads_the_configuration_at_each_compute():
     assert _default.get().backend.concurrency != 7
 
 
+def test_a_scheduler_reads_the_configuration_at_each_compute(redis_url, tmp_path):
+    flaky = dask.delayed(fail_first)(5, str(tmp_path / "calls"), 1)
+    with Scheduler(redis=redis_url, timeout=120) as sched:
+        started = sched.backend
+        with dask.config.set({"serverless.retries": 1}):
+            assert dask.compute(flaky, scheduler=sched) == (5,)
+        assert sched.last_retries == {flaky.key: 1}
+        assert sched.backend is started  # nothing it started changed
+        with dask.config.set({"serverless.local.concurrency": 1}):
+            assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)
+            assert sched.backend.concurrency == 1 and sched.backend is not started
+        assert dask.compute(dask.delayed(inc)(2), scheduler=sched) == (3,)
+        assert sched.backend.concurrency != 1
+        with (
+            dask.config.set({"serverless.retries": -1}),
+            pytest.raises(ValueError, match=r"serverless\.retries=-1"),
+        ):
+            dask.compute(dask.delayed(inc)(3), scheduler=sched)
+
+
+def test_arguments_given_to_a_scheduler_win_over_the_configuration(redis_url, tmp_path):
+    flaky = dask.delayed(fail_first)(5, str(tmp_path / "calls"), 1)
+    configured = {"serverless.retries": 3, "serverless.local.concurrency": 2}
+    with (
+        Scheduler(redis=redis_url, timeout=120, retries=0, concurrency=1) as sched,
+        dask.config.set(configured),
+    ):
+        with pytest.raises(ConnectionResetError, match="flaky call 1"):
+            dask.compute(flaky, scheduler=sched)
+        assert sched.backend.concurrency == 1
+
+
 # -- large literals ------------------------------------------------------------------
+
+
+def where_tasks_ran(report) -> dict[str, set[str]]:
+    """The kinds of instance (``client``, ``local``) each task name ran on."""
+    frame = report.to_frame()
+    kinds: dict[str, set[str]] = {}
+    for key, instance in zip(frame["key"], frame["instance"], strict=True):
+        name = (key[0] if isinstance(key, tuple) else key).split("-")[0]
+        kinds.setdefault(name, set()).add(instance.split(":")[0])
+    return kinds
 
 
 def test_persisted_arrays_reduce_from_literals_outside_the_record(scheduler):
     x = da.random.random((1000, 1000), chunks=250).persist(scheduler="threads")
-    assert np.isclose(x.sum().compute(scheduler=scheduler), x.sum().compute(scheduler="sync"))
+    with dask.config.set({"serverless.planning.client-tasks": False}):
+        total = x.sum().compute(scheduler=scheduler)
+    assert np.isclose(total, x.sum().compute(scheduler="sync"))
+    assert scheduler.last_run.client_tasks == 0
+    assert set().union(*where_tasks_ran(scheduler.last_run).values()) == {"local"}
+
+
+def test_persisted_chunks_are_reduced_beside_them_in_the_client(scheduler):
+    x = da.random.random((1000, 1000), chunks=250).persist(scheduler="threads")
+    y = da.ones((1000, 1000), chunks=250)  # computed by the workers
+    total = (x.sum() + y.sum()).compute(scheduler=scheduler)
+    assert np.isclose(total, x.sum().compute(scheduler="sync") + 1e6)
+    report = scheduler.last_run
+    kinds = where_tasks_ran(report)
+    # The chunks, fused into the tasks that sum them, and the cheap tree above them ran in
+    # the client; the other array and what joins both sums ran on the workers.
+    assert kinds["random_sample"] == {"client"}
+    assert kinds["add"] == {"local"} and "local" in kinds["sum"]
+    assert report.client_tasks == sum(
+        1 for t in report.tasks if str(t.worker_id).startswith("client:")
+    )
+    assert any("run in the client" in note for note in report.notes)
+    assert "in the client:" in report.summary()
+    assert report.invocations >= 1 and report.cost_gb_s > 0  # the workers' part is billed
+
+
+def test_a_task_found_costlier_than_moving_its_chunk_moves_to_the_workers(scheduler):
+    # Blocks of 0.5 MB, each 0.6 s of work: far more than moving a block, even with the
+    # transfer times a busy machine measures.
+    x = da.random.random((500, 500), chunks=250).persist(scheduler="threads")
+    slow = x.map_blocks(slow_block, 0.6, name="costly-blocks", dtype=float)
+    expected = x.sum().compute(scheduler="sync") + 500 * 500
+    # Unfused, so that the blocks' function is known by its own name.
+    # Unknown: placed beside its chunk, and measured there.
+    first = slow.sum().compute(scheduler=scheduler, optimize_graph=False)
+    assert np.isclose(first, expected)
+    assert where_tasks_ran(scheduler.last_run)["costly"] == {"client"}
+    # Now known to cost far more than moving the chunk: run on the workers.
+    second = slow.sum().compute(scheduler=scheduler, optimize_graph=False)
+    assert np.isclose(second, expected)
+    assert where_tasks_ran(scheduler.last_run)["costly"] == {"local"}
+
+
+def test_warnings_of_tasks_run_in_the_client_reach_the_caller(scheduler):
+    x = da.random.random((1000, 1000), chunks=500).persist(scheduler="threads")
+    noisy = x.map_blocks(warn_then, "chunk warning", dtype=float).sum()
+    with pytest.warns(TaskWarning, match="chunk warning"):
+        total = noisy.compute(scheduler=scheduler)
+    assert np.isclose(total, x.sum().compute(scheduler="sync"))
+    assert scheduler.last_run.client_tasks > 0
+
+
+def test_a_task_failing_in_the_client_fails_the_run_naming_its_key(scheduler):
+    x = da.random.random((1000, 1000), chunks=500).persist(scheduler="threads")
+    bad = x.map_blocks(fail_block, name="failing-blocks", dtype=float).sum()
+    with pytest.raises(ValueError, match="bad block of shape") as info:
+        bad.compute(scheduler=scheduler)
+    # The task that failed is the chunk with the blocks' function fused into it.
+    assert any("raised by task ('random_sample-" in note for note in info.value.__notes__)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[-1].name == "fail_block"
+    report = info.value.run_report
+    assert report.status == "failed"
+    assert "failed" in {t.state for t in report.tasks}

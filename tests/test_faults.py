@@ -8,13 +8,17 @@ checks that no key of any run is left in Redis.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import queue
 import random
 import shutil
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import dask
 import pytest
@@ -26,7 +30,7 @@ from dask_serverless.client import RedisUnavailableError
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import new_secret
 from dask_serverless.worker.branch import OutputTooLargeError
-from tests.conftest import run_keys
+from tests.conftest import LEAK_GRACE_S, run_keys
 from tests.tasks import (
     add_all,
     big_bytes,
@@ -38,6 +42,7 @@ from tests.tasks import (
     sleep_then,
     total,
 )
+from tests.trials import RIGHT, Trial, TrialTally
 
 LEASE_S = 1.0
 
@@ -82,9 +87,18 @@ def fragile(redis_url):
         yield sched
 
 
-def kill_instances_while_running(sched: Scheduler, rng: random.Random, stop: threading.Event):
-    """SIGKILL a random live instance every now and then until ``stop`` is set."""
+def kill_instances_while_running(
+    sched: Scheduler,
+    rng: random.Random,
+    stop: threading.Event,
+    running: Callable[[], bool] = lambda: True,
+):
+    """SIGKILL a random live instance every now and then until ``stop`` is set, once
+    ``running()`` says a worker runs (on a busy machine a run may take a while to begin:
+    killing only instances that have nothing to lose would show nothing)."""
     killed = []
+    while not running() and not stop.wait(0.02):
+        pass
     while not stop.wait(rng.uniform(0.1, 0.4)):
         pids = sched.backend.instance_pids()
         if pids and len(killed) < 2:
@@ -97,43 +111,108 @@ def kill_instances_while_running(sched: Scheduler, rng: random.Random, stop: thr
     return killed
 
 
+KILL_TRIALS = 20
+SHAPE_NAMES = ["chain of 30", "tree of 32", "fan-out of 24", "lattice of 8"]
+
+
 @pytest.fixture(scope="module")
-def kill_stats():
-    return {"trials": 0, "killed": 0, "recovered": 0, "seconds": []}
+def kill_tally(tallies):
+    return tallies.setdefault("kill", TrialTally("Workers SIGKILLed mid-run"))
 
 
-@pytest.mark.parametrize("trial", range(20))
-def test_killed_workers_do_not_hang_or_lose_the_result(fragile, kill_stats, trial):
+# The trials run side by side, each lane with a Scheduler (and instances) of its own.
+KILL_LANES = 2
+
+
+@pytest.fixture(scope="module")
+def fragile_lanes() -> Iterator[queue.SimpleQueue]:
+    """A queue of ``(server, scheduler)`` lanes: a Redis of its own (the killer watches
+    its leases) and a Scheduler with short leases, like ``fragile``."""
+    lanes: queue.SimpleQueue = queue.SimpleQueue()
+    with contextlib.ExitStack() as stack:
+        for _ in range(KILL_LANES):
+            server = stack.enter_context(EmbeddedRedis(tcp=True))
+            sched = stack.enter_context(
+                Scheduler(redis=server.url, concurrency=4, lease_timeout=LEASE_S, timeout=90)
+            )
+            lanes.put((server, sched))
+        yield lanes
+
+
+def some_lease_held(client: redis.Redis) -> bool:
+    """Whether a worker holds a lease on ``client``'s server (a run is executing)."""
+    return any(client.zcard(key) for key in client.scan_iter(match="dsl:*:leases"))
+
+
+def kill_trial(server: EmbeddedRedis, sched: Scheduler, trial: int) -> tuple[Trial, list[str]]:
+    """One seeded trial: workers are SIGKILLed while a graph runs. Returns its row of the
+    tally and what went wrong (nothing, when the answer was right, work was re-invoked
+    only if a worker was killed, and Redis was left clean)."""
     rng = random.Random(trial)
     collection, expected = SHAPES[trial % len(SHAPES)]()
     stop = threading.Event()
     killed: list = []
+    client = redis.Redis.from_url(server.url)
     killer = threading.Thread(
-        target=lambda: killed.extend(kill_instances_while_running(fragile, rng, stop))
+        target=lambda: killed.extend(
+            kill_instances_while_running(sched, rng, stop, lambda: some_lease_held(client))
+        )
     )
-    recovered_before = fragile.recovered_invocations
+    recovered_before = sched.recovered_invocations
     started = time.monotonic()
     killer.start()
+    problems = []
     try:
-        (result,) = dask.compute(collection, scheduler=fragile)
+        (result,) = dask.compute(collection, scheduler=sched)
+        outcome, detail = RIGHT, ""
+        if result != expected:
+            problems.append(f"wrong answer {result!r}, expected {expected!r}")
+    except Exception as error:
+        outcome, detail = type(error).__name__, first_line(error)
+        problems.append(f"{outcome}: {detail}")
     finally:
         stop.set()
         killer.join()
-    assert result == expected
-    recovered = fragile.recovered_invocations - recovered_before
-    if recovered:
-        assert killed, "work was re-invoked although no worker was killed"
-    kill_stats["trials"] += 1
-    kill_stats["killed"] += len(killed)
-    kill_stats["recovered"] += recovered
-    kill_stats["seconds"].append(time.monotonic() - started)
+    recovered = sched.recovered_invocations - recovered_before
+    if recovered and not killed:
+        problems.append("work was re-invoked although no worker was killed")
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while run_keys(client) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if run_keys(client):
+        problems.append(f"run keys left: {sorted(run_keys(client))[:5]}")
+    client.close()
+    row = Trial(
+        trial,
+        SHAPE_NAMES[trial % len(SHAPES)],
+        outcome,
+        time.monotonic() - started,
+        detail or f"{len(killed)} workers killed, {recovered} invocations re-invoked",
+        {"workers killed": len(killed), "re-invoked": recovered},
+    )
+    return row, [f"trial {trial}: {problem}" for problem in problems]
 
 
-def test_the_kill_trials_killed_and_recovered_workers(kill_stats):
-    print(f"\nkill trials: {kill_stats}")
-    assert kill_stats["trials"] == 20
-    assert kill_stats["killed"] >= 10
-    assert kill_stats["recovered"] >= 1
+def test_killed_workers_do_not_hang_or_lose_the_result(fragile_lanes, kill_tally):
+    """20 seeded trials, two at a time: every answer is right though workers are killed;
+    the tally says how many were killed and re-invoked, and how long each trial took."""
+
+    def run(trial: int) -> tuple[Trial, list[str]]:
+        lane = fragile_lanes.get()
+        try:
+            return kill_trial(*lane, trial)
+        finally:
+            fragile_lanes.put(lane)
+
+    with concurrent.futures.ThreadPoolExecutor(KILL_LANES) as pool:
+        results = list(pool.map(run, range(KILL_TRIALS)))
+    for row, _ in results:
+        kill_tally.add(row)
+    print(f"\n{kill_tally.table()}")
+    assert not [problem for _, found in results for problem in found]
+    assert kill_tally.outcomes()[RIGHT] == KILL_TRIALS
+    assert kill_tally.total("workers killed") >= 10
+    assert kill_tally.total("re-invoked") >= 1
 
 
 def test_lost_worker_is_detected_within_the_lease(fragile):
@@ -336,15 +415,24 @@ def test_output_over_the_limit_names_key_and_limit(redis_url):
             dask.compute(consumers, scheduler=sched)
 
 
+# The trials run side by side, each lane on a Redis of its own (they pause and restart it).
+REDIS_LANES = 2
+
+
 @pytest.fixture(scope="module")
-def flaky_redis():
-    """A Redis that persists every write (AOF), to pause and restart under a Scheduler."""
+def flaky_redis_lanes() -> Iterator[queue.SimpleQueue]:
+    """Redis servers that persist every write (AOF), to pause and restart under a
+    Scheduler each: a queue of ``(server, scheduler)`` lanes."""
     aof = ["--appendonly", "yes", "--appendfsync", "always"]
-    with (
-        EmbeddedRedis(tcp=True, extra_args=aof) as server,
-        Scheduler(redis=server.url, concurrency=2, lease_timeout=LEASE_S, timeout=60) as sched,
-    ):
-        yield server, sched
+    lanes: queue.SimpleQueue = queue.SimpleQueue()
+    with contextlib.ExitStack() as stack:
+        for _ in range(REDIS_LANES):
+            server = stack.enter_context(EmbeddedRedis(tcp=True, extra_args=aof))
+            sched = stack.enter_context(
+                Scheduler(redis=server.url, concurrency=2, lease_timeout=LEASE_S, timeout=60)
+            )
+            lanes.put((server, sched))
+        yield lanes
 
 
 def disturb_redis(server: EmbeddedRedis, rng: random.Random) -> str:
@@ -361,32 +449,83 @@ def disturb_redis(server: EmbeddedRedis, rng: random.Random) -> str:
     return f"restarted after {down:.1f} s"
 
 
-@pytest.mark.parametrize("trial", range(20))
-def test_a_paused_or_restarted_redis_ends_every_compute_in_time(flaky_redis, trial):
-    """20 seeded trials: every compute gives the right answer, or fails within its
-    timeout plus 10 s with an error that says why; Redis is clean afterwards."""
-    server, sched = flaky_redis
+REDIS_TRIALS = 20
+# What a disturbed compute may raise: each says why the run could not finish.
+CLEAR_ERRORS = (TimeoutError, RedisUnavailableError, StuckRunError, WorkerCrashedError)
+
+
+@pytest.fixture(scope="module")
+def redis_tally(tallies):
+    return tallies.setdefault("redis", TrialTally("Redis paused (SIGSTOP) or restarted (AOF)"))
+
+
+def redis_trial(server: EmbeddedRedis, sched: Scheduler, trial: int) -> tuple[Trial, list[str]]:
+    """One seeded trial: Redis is paused or restarted under a compute. Returns its row of
+    the tally, and what went wrong (nothing, when the compute gave the right answer or
+    failed with a clear error within its timeout plus 10 s, and Redis was left clean)."""
     rng = random.Random(1000 + trial)
     collection, expected = [lambda: chain(10), lambda: tree(8), lambda: fan_out_fan_in(8)][
         trial % 3
     ]()
     timeout = 10
     what: list[str] = []
+    problems: list[str] = []
     disturber = threading.Thread(target=lambda: what.append(disturb_redis(server, rng)))
     started = time.monotonic()
     disturber.start()
     try:
         (result,) = dask.compute(collection, scheduler=sched, timeout=timeout)
-        assert result == expected
-    except (TimeoutError, RedisUnavailableError, StuckRunError, WorkerCrashedError):
-        pass
+        outcome, detail = RIGHT, ""
+        if result != expected:
+            problems.append(f"wrong answer {result!r}, expected {expected!r}")
+    except CLEAR_ERRORS as error:
+        outcome, detail = type(error).__name__, first_line(error)
+    except Exception as error:
+        outcome, detail = type(error).__name__, first_line(error)
+        problems.append(f"unexpected {outcome}: {detail}")
     finally:
+        elapsed = time.monotonic() - started
         disturber.join()
-    assert time.monotonic() - started < timeout + 10, what
+    fault = what[0] if what else "?"
+    if elapsed >= timeout + 10:
+        problems.append(f"took {elapsed:.1f} s")
     client = redis.Redis.from_url(server.url)
     deadline = time.monotonic() + 30
     while run_keys(client) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not run_keys(client), what
+    left = len(run_keys(client))
     time.sleep(1.0)
-    assert not run_keys(client), what
+    left += len(run_keys(client))
+    client.close()
+    if left:
+        problems.append(f"{left} run keys left")
+    row = Trial(trial, fault, outcome, elapsed, detail, {"keys left": left})
+    return row, [f"trial {trial} ({fault}): {problem}" for problem in problems]
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0]
+
+
+def test_a_paused_or_restarted_redis_ends_every_compute_in_time(flaky_redis_lanes, redis_tally):
+    """20 seeded trials, two at a time: every compute gives the right answer, or fails
+    within its timeout plus 10 s with an error that says why; Redis is clean afterwards.
+    The tally says how many gave the right answer, which errors the others raised, and
+    how long each took."""
+
+    def run(trial: int) -> tuple[Trial, list[str]]:
+        lane = flaky_redis_lanes.get()
+        try:
+            return redis_trial(*lane, trial)
+        finally:
+            flaky_redis_lanes.put(lane)
+
+    with concurrent.futures.ThreadPoolExecutor(REDIS_LANES) as pool:
+        results = list(pool.map(run, range(REDIS_TRIALS)))
+    problems = [problem for _, found in results for problem in found]
+    for row, _ in results:
+        redis_tally.add(row)
+    print(f"\n{redis_tally.table()}")
+    assert not problems, problems
+    assert len(redis_tally.trials) == REDIS_TRIALS
+    assert redis_tally.outcomes()[RIGHT] >= 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def test_ipython(tmp_path):
 
 NOTEBOOK_RUNNER = """
 import sys
+import tempfile
 import nbclient
 import nbformat
 
@@ -148,3 +150,52 @@ def test_a_nested_compute_in_a_script(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "nested 30" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+# A function of the main module that fails in its task.
+FAILING_PROGRAM = textwrap.dedent(
+    """
+    import dask
+    import dask_serverless
+
+    def explode(x):
+        values = [x, x + 1]
+        return values[5]  # the line that fails
+
+    dask.compute(dask.delayed(explode)(1), scheduler=dask_serverless.get)
+    """
+)
+FAILING_LINE = "return values[5]  # the line that fails"
+
+
+def _check_failure(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "IndexError" in done.stderr and "raised by task 'explode-" in done.stderr
+    assert "<dynamic-code>" not in done.stderr
+
+
+def test_python_dash_c_shows_the_source_lines_of_a_failing_task(tmp_path):
+    done = _run([sys.executable, "-c", FAILING_PROGRAM], tmp_path)
+    _check_failure(done)
+    assert '-python-c.py", line 7, in explode' in done.stderr
+    assert FAILING_LINE in done.stderr
+    copies = list(Path(tempfile.gettempdir()).glob("dask-serverless-*-python-c.py"))
+    assert not [c for c in copies if FAILING_LINE in c.read_text()]  # deleted at exit
+
+
+def test_python_dash_reading_a_file_shows_the_source_lines_of_a_failing_task(tmp_path):
+    script = tmp_path / "program.py"
+    script.write_text(FAILING_PROGRAM)
+    with script.open() as stdin:
+        done = _run([sys.executable, "-"], tmp_path, stdin=stdin)
+    _check_failure(done)
+    assert '-stdin.py", line 7, in explode' in done.stderr
+    assert FAILING_LINE in done.stderr
+
+
+def test_a_heredoc_through_a_pipe_names_its_frames_without_source(tmp_path):
+    # The interpreter consumed the pipe: no copy of the code is left in the process.
+    done = _run([sys.executable, "-"], tmp_path, input=FAILING_PROGRAM)
+    _check_failure(done)
+    assert 'File "<stdin>", line 7, in explode' in done.stderr
+    assert FAILING_LINE not in done.stderr

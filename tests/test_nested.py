@@ -12,7 +12,7 @@ import dask_serverless
 from dask_serverless import Scheduler
 from dask_serverless.client import scheduler as scheduler_module
 from tests.conftest import run_keys
-from tests.tasks import inc, sleep_then
+from tests.tasks import fail_first, inc, sleep_then
 
 
 def fan_out(n: int) -> tuple[int, int, int, bool]:
@@ -58,6 +58,34 @@ def test_a_task_fans_out_on_the_same_platform_within_the_concurrency(redis_url, 
     for _, parent, child_parent, started_default in results:
         assert parent == child_parent  # both forked by the same platform's fork server
         assert not started_default  # no embedded Redis, no pool of its own
+
+
+def fan_out_through_a_scheduler(n: int, counter_path: str) -> tuple[int, int, int, bool, str]:
+    """``fan_out`` through a ``Scheduler`` made in the task, with a setting of its own:
+    one retry, which a flaky child needs. Also returns where the Scheduler's Redis is."""
+    children = [dask.delayed(parent_pid_and_inc)(i) for i in range(n)]
+    flaky = dask.delayed(fail_first)(0, counter_path, 1)
+    with Scheduler(retries=1) as inner:
+        results, extra = dask.compute(children, flaky, scheduler=inner)
+        where = str(inner.redis_url)
+    child_parents = {parent for parent, _ in results}
+    assert len(child_parents) == 1, child_parents
+    started_default = scheduler_module._default._scheduler is not None
+    total = sum(value for _, value in results) + extra
+    return total, os.getppid(), child_parents.pop(), started_default, where
+
+
+@pytest.mark.parametrize("backend", ["local", "inline"])
+def test_a_scheduler_made_in_a_task_nests_on_the_same_platform(redis_url, tmp_path, backend):
+    with Scheduler(redis=redis_url, backend=backend, concurrency=1, timeout=120) as sched:
+        task = dask.delayed(fan_out_through_a_scheduler)(3, str(tmp_path / "calls"))
+        total, parent, child_parent, started_default, where = dask.compute(task, scheduler=sched)[0]
+        assert dask.compute(dask.delayed(inc)(1), scheduler=sched) == (2,)  # still serving
+    assert total == 6
+    assert parent == child_parent  # the child run's workers come from the same platform
+    if backend == "local":  # inline tasks run in this process, where other tests ran
+        assert not started_default
+    assert where == sched.redis_url  # the same Redis, no embedded server of its own
 
 
 def test_nested_runs_nest_twice_with_one_instance(redis_url):

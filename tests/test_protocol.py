@@ -9,13 +9,27 @@ from concurrent.futures import ThreadPoolExecutor
 import dask
 import numpy as np
 import pytest
+import redis
+from dask._task_spec import DataNode, Task, TaskRef
 
 from dask_serverless import Scheduler, UntrustedBlobError
 from dask_serverless.backends.local import LocalBackend
+from dask_serverless.graph import translate
+from dask_serverless.protocol.history import HistoryStore
 from dask_serverless.protocol.invocation import Invocation
-from dask_serverless.protocol.keys import new_run_id
-from dask_serverless.protocol.record import OUTPUT, RECORD, RESULT, RunRecord, RunSigner
+from dask_serverless.protocol.keys import new_run_id, task_history_key
+from dask_serverless.protocol.record import (
+    OUTPUT,
+    RECORD,
+    RESULT,
+    PackedNodes,
+    RunRecord,
+    RunSigner,
+    open_record,
+    seal_record,
+)
 from dask_serverless.protocol.store import RunStore, redact
+from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.branch import Branch, RunGone
 from tests.tasks import inc, slow_inc, total
@@ -146,6 +160,42 @@ def test_arrays_travel_out_of_band_and_come_back_writable():
         signer.loads(bytes(tampered))
 
 
+def test_a_large_output_goes_to_redis_in_parts_and_is_read_as_one_signed_blob(store, redis_client):
+    """The array data leaves from the array's own memory (no joined copy); what Redis
+    holds is the very blob ``dumps`` would make, signed over every byte, and a byte
+    changed in the array data is refused."""
+    signer = RunSigner(Signer(new_secret()), store.run_id)
+    array = np.arange(500 * 500, dtype="float64").reshape(500, 500)
+    parts = signer.dumps_parts(array, OUTPUT, 1)
+    assert len(parts) > array.nbytes
+    assert any(isinstance(part, memoryview) for part in parts.parts)
+    assert store.complete(1, parts, [(3, 2)], None, "inv") == (0, [])
+    (blob,) = store.fetch_outputs([1])
+    assert blob == bytes(parts)
+    back = signer.loads(blob, OUTPUT, 1)
+    np.testing.assert_array_equal(back, array)
+    assert back.flags.writeable
+    tampered = bytearray(blob)
+    tampered[-8] ^= 1
+    with pytest.raises(UntrustedBlobError, match="signature"):
+        signer.loads(bytes(tampered), OUTPUT, 1)
+    with pytest.raises(UntrustedBlobError, match="signature"):
+        signer.loads(blob, OUTPUT, 2)
+
+
+def test_a_large_output_whose_set_was_refused_counts_nothing(store, redis_client):
+    """The complete script of a large output runs after its SET in the same round trip; if
+    the SET did not store the output, the parent is not counted and no child is claimed."""
+    if store.cluster:
+        pytest.skip("on a cluster an output has a slot of its own and is stored before")
+    keys = store.keys
+    script_keys = [keys.record, keys.events, keys.leases, keys.restart, keys.queued]
+    script_keys += [keys.output(1), keys.inbox(3)]
+    with pytest.raises(Exception, match="was not stored"):
+        store._complete(keys=script_keys, args=[60, "preset", b"", 1, b"", "inv", "replace", 3, 1])
+    assert not redis_client.exists(keys.inbox(3))
+
+
 def test_redact_hides_passwords():
     assert redact("redis://user:hunter2@host:6380/0") == "redis://user:***@host:6380/0"
     assert redact("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
@@ -249,3 +299,54 @@ def test_invoked_children_are_noted_as_queued_then_sent_each_in_its_configuratio
         assert not redis_client.exists(store.keys.queued)
     finally:
         store.purge(len(dag))
+
+
+def test_history_store_holds_what_redis_holds_and_sees_other_clients_appends(redis_client):
+    function = f"held-{new_run_id()}"
+    ours = HistoryStore(redis_client, samples=3, ttl_s=60)
+    other = HistoryStore(redis_client, samples=3, ttl_s=60)
+    ours.append({(function, 512): [[1, 0, 0.1]]}, {}, {})
+    assert ours.load([function], [512])[0] == {(function, 512): [[1, 0, 0.1]]}
+    # Its own appends are applied to what it holds, newest first and trimmed, as Redis does.
+    ours.append({(function, 512): [[2, 0, 0.2], [3, 0, 0.3], [4, 0, 0.4]]}, {}, {})
+    expected = [[4, 0, 0.4], [3, 0, 0.3], [2, 0, 0.2]]
+    assert ours.load([function], [512])[0] == {(function, 512): expected}
+    key = task_history_key(function, 512)
+    assert [json.loads(e) for e in redis_client.lrange(key, 0, -1)] == expected
+    # Another client's append is seen at the next load.
+    other.append({(function, 512): [[5, 0, 0.5]]}, {}, {})
+    assert ours.load([function], [512])[0] == {(function, 512): [[5, 0, 0.5], *expected[:2]]}
+    ours.append({(function, 512): [[6, 0, 0.6]]}, {}, {})
+    assert ours.load([function], [512])[0] == {
+        (function, 512): [[6, 0, 0.6], [5, 0, 0.5], [4, 0, 0.4]]
+    }
+
+
+def test_a_sealed_record_rebuilds_its_tasks_as_they_are_used():
+    signer = Signer(new_secret())
+    graph = {"a": Task("a", inc, 1), "b": Task("b", inc, TaskRef("a")), "c": DataNode("c", 5)}
+    dag = translate(graph, ["b", "c"])
+    opened = open_record(signer, seal_record(signer, RunRecord("run", dag)), "run")
+    nodes = opened.dag.nodes
+    assert isinstance(nodes, PackedNodes) and len(nodes) == len(dag)
+    a, b, c = (nodes[dag.index[key]] for key in ("a", "b", "c"))
+    assert a({}) == 2 and b({"a": 2}) == 3 and c({}) == 5
+    assert nodes[-1] is None and nodes[dag.index["a"]] is a
+
+
+def test_a_script_refused_for_want_of_memory_raises_out_of_memory():
+    """Redis 6 words a write refused inside a script as a script error; every script
+    call raises it as the ``OutOfMemoryError`` a plain command gets, so that the worker
+    reports a full Redis instead of crashing on it."""
+    with EmbeddedRedis(tcp=True, extra_args=["--maxmemory-policy", "noeviction"]) as server:
+        client = redis.Redis.from_url(server.url)
+        store = RunStore(client, new_run_id(), 60)
+        client.set(store.keys.record, b"alive")
+        client.set("filler", b"x" * 4_000_000)
+        # Full: the limit is below what the server holds already.
+        client.config_set("maxmemory", "2mb")
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("more", b"x")
+        with pytest.raises(redis.exceptions.OutOfMemoryError, match="OOM"):
+            store.fail(b"error", b"events")
+        client.close()

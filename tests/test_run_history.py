@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import dask
@@ -9,7 +10,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from dask_serverless import Scheduler
+from dask_serverless import Scheduler, recording
 from dask_serverless.cli import main
 from dask_serverless.protocol.runs import RUNS_KEY, RunHistory
 from dask_serverless.report import RunReport
@@ -88,3 +89,42 @@ def test_history_keeps_only_the_newest_runs(redis_url, redis_client):
     assert ids[-2:] == kept[-2:]
     assert len(kept) == 2
     assert RunHistory(redis_client).load(ids[:2]) == [None, None]
+
+
+def test_a_run_in_progress_has_its_planned_report_and_a_short_one_only_its_final(
+    scheduler, redis_client, monkeypatch
+):
+    history = RunHistory(redis_client)
+    seen_running: list[str] = []
+    leaves = [dask.delayed(sleep_inc, pure=False)(i, 1.5) for i in range(2)]
+    slow = dask.delayed(total, pure=False)(leaves)
+    done = []
+    runner = threading.Thread(target=lambda: done.append(dask.compute(slow, scheduler=scheduler)))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while runner.is_alive() and time.monotonic() < deadline and not seen_running:
+        for run_id, _started in history.recent(3):
+            (text,) = history.load([run_id])
+            if text is not None and RunReport.from_json(text).status == "running":
+                seen_running.append(run_id)
+        time.sleep(0.05)
+    runner.join(60)
+    assert done == [(3,)]
+    assert seen_running == [scheduler.last_run.run_id]
+    assert len(RunReport.from_json(history.load(seen_running)[0] or "").tasks) == 3
+    saved(redis_client, seen_running[0], "succeeded")
+
+    built: list[str] = []
+    build = recording.build_report
+
+    def counted(*args, **kwargs):
+        report = build(*args, **kwargs)
+        built.append(report.status)
+        return report
+
+    monkeypatch.setattr(recording, "build_report", counted)
+    dask.compute(dask.delayed(inc)(1), scheduler=scheduler)
+    quick = scheduler.last_run.run_id
+    scheduler._recorder.flush()
+    assert built == ["succeeded"]  # no planned report for a run over within half a second
+    assert RunReport.from_json(history.load([quick])[0] or "").status == "succeeded"

@@ -113,6 +113,9 @@ class RunProgress:
     out_of_memory: list[tuple[int, int]] = field(default_factory=list)
     started_callbacks: list[tuple[Callable | None, ...]] = field(default_factory=list)
     warnings: dict[tuple, Event] = field(default_factory=dict)
+    # One str object per worker and invocation id: a run's done events repeat them, and
+    # JSON decoding makes a new copy for every event the client keeps.
+    names: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         (
@@ -181,6 +184,9 @@ class RunProgress:
         if index in self.seen:
             return
         self.seen.add(index)
+        for position in (2, -1):
+            if isinstance(event[position], str):
+                event[position] = self.names.setdefault(event[position], event[position])
         self.task_events.append(event)
         if not self.callbacks:
             return

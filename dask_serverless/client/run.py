@@ -155,15 +155,27 @@ class Run:
         sealed_record: bytes,
         timeout: float | None,
         literals: dict[int, bytes] | None = None,
+        here: Sequence[int] = (),
+        serve_here: Callable[[Invocation], None] | None = None,
     ) -> Sequence[Any]:
         """Submit the run and wait for its values; whatever goes wrong, purge its keys.
 
         ``literals`` are the signed values of the record's large literals, by node.
+        ``here`` are the start tasks of the invocation the client runs itself, through
+        ``serve_here``, right after invoking the others (``client.placed``).
         """
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         self.deadline = deadline
         invocations = self.invocations(self.bundling.starts)
-        self.store.create(sealed_record, invocations, literals=literals)
+        local = self.invocations([here]) if here else []
+        try:
+            self.store.create(sealed_record, invocations + local, literals=literals)
+        except _OUTAGES as error:
+            # Its reply may be what was lost: whatever was stored goes again.
+            self.clean_up(True)
+            raise RedisUnavailableError(
+                f"cannot reach Redis to start run {self.run_id}: {error}"
+            ) from None
         self.primaries = self.store.primaries()
         keeper = threading.Thread(
             target=self.keep_alive, name=f"dask-serverless-keep-alive-{self.run_id}", daemon=True
@@ -171,7 +183,11 @@ class Run:
         keeper.start()
         try:
             logger.debug("run %s: invoking %d workers", self.run_id, len(invocations))
-            self.backend.invoke(invocations)
+            if invocations:
+                self.backend.invoke(invocations)
+            for invocation in local:
+                assert serve_here is not None
+                serve_here(invocation)
             return self.wait(deadline, timeout)
         except BaseException as error:
             self.ended.set()

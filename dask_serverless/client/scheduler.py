@@ -8,49 +8,57 @@ backend, the secret, the planner with its history, the settings — and turns ev
    (as dask's schedulers do), and translate the rest of the dask graph into a DAG (bad
    input and bad annotations fail here, before anything is sent);
 2. plan it on the platform the backend is (``planning.Platform``), which decides the root
-   bundles too;
-3. take large literals (persisted chunks) out of the record, store them under keys of
-   their own, and seal (pickle and sign) the run record, so an unpicklable task also
-   fails before dispatch; warnings the tasks raised are re-emitted after the run;
-4. hand the run to a ``Run``, which stores the record, invokes the roots and listens, and
-   drive the dask callbacks around it;
+   bundles too — after placing in the client the tasks cheaper to run beside the large
+   literals (persisted chunks) they read than to move those (``planning.locality``);
+3. take the other large literals out of the record, store them under keys of their own,
+   and seal (pickle and sign) the run record, so an unpicklable task also fails before
+   dispatch; warnings the tasks raised are re-emitted after the run;
+4. hand the run to a ``Run``, which stores the record, invokes the roots, runs the tasks
+   placed in the client (``client.placed``) and listens, and drive the dask callbacks
+   around it;
 5. record the run's measurements in history and keep its report for ``last_run`` — also
    when the run failed, timed out or was cancelled (``dask_serverless.recording``).
 
 Every argument is checked when the Scheduler is made, with an error that names it; the
-settings a Scheduler was not given come from ``dask.config``. ``get``, the embedded
-default, reads ``dask.config`` at every compute: when the ``serverless`` settings changed
-since its Scheduler was made, it makes a new one. ``import dask_serverless`` also
-registers the name ``"serverless"`` with dask, so ``scheduler="serverless"`` works.
+settings a Scheduler was not given come from ``dask.config``, read again at every compute
+(``client.settings``): a changed setting applies to the next compute, and one that changes
+what the Scheduler started (its Redis, backend, secret, dashboard) restarts those first.
+``get``, the embedded default, is one such Scheduler, made on first use.
+``import dask_serverless`` also registers the name ``"serverless"`` with dask, so
+``scheduler="serverless"`` works.
 
 ``get``, the embedded default, called inside a task (a worker runs it) starts a *nested*
 run instead: a child run on the worker's own Redis and platform, through a Scheduler the
-worker keeps for its tasks. While the task waits, its instance secedes from the platform's
-concurrency (``seceded``), so a fan-out decided at run time cannot deadlock the limit;
-the child run's error is raised in the task, and the child run stops (deleting its keys)
-if the parent run goes away.
+worker keeps for its tasks. A ``Scheduler(...)`` made inside a task without a Redis or
+backend of its own is such a Scheduler too (its other arguments apply to its runs).
+While the task waits, its instance secedes from the platform's concurrency
+(``seceded``), so a fan-out decided at run time cannot deadlock the limit; the child
+run's error is raised in the task, and the child run stops (deleting its keys) if the
+parent run goes away.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
 import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dask.base
 import dask.config
+import redis
 from dask.callbacks import local_callbacks
 from dask.local import nested_get
 
 from dask_serverless import config, logs
 from dask_serverless.backends import create_backend
 from dask_serverless.backends.base import Backend
+from dask_serverless.client.placed import ClientWorkers
 from dask_serverless.client.progress import RunProgress
 from dask_serverless.client.run import (
     RedisUnavailableError,
@@ -58,20 +66,23 @@ from dask_serverless.client.run import (
     StuckRunError,
     WorkerCrashedError,
 )
+from dask_serverless.client.settings import Resources, RunSettings, resolve
 from dask_serverless.constants import LARGE_LITERAL_BYTES
 from dask_serverless.dashboard import Dashboard, start_dashboard
 from dask_serverless.graph import as_task_graph, literal_values, requested_keys, translate
 from dask_serverless.planning import Plan, Planner, Planning, Platform
+from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import new_run_id
 from dask_serverless.protocol.record import (
     LITERAL,
     RunRecord,
     RunSigner,
+    literal_bytes,
     seal_record,
     split_large_literals,
 )
 from dask_serverless.protocol.runs import RunHistory
-from dask_serverless.protocol.store import RunStore, Scripts, connect, redact
+from dask_serverless.protocol.store import Client, RunStore, Scripts, connect, redact
 from dask_serverless.recording import RunRecorder
 from dask_serverless.report import RunReport
 from dask_serverless.storage.embedded import EmbeddedRedis
@@ -91,34 +102,6 @@ __all__ = ["RedisUnavailableError", "Scheduler", "StuckRunError", "WorkerCrashed
 
 logger = logging.getLogger(__name__)
 
-_BACKEND_NAMES = ("local", "inline", "lambda")
-
-
-def checked_number(
-    name: str,
-    value: Any,
-    minimum: float,
-    *,
-    whole: bool = False,
-    optional: bool = False,
-    above: bool = False,
-) -> Any:
-    """``value`` when it is a number >= ``minimum`` (> with ``above``), else a ValueError
-    that names the argument; ``None`` passes when ``optional``."""
-    if value is None and optional:
-        return None
-    kind = "whole number" if whole else "number"
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if valid and whole:
-        valid = float(value).is_integer()
-    if valid:
-        valid = value > minimum if above else value >= minimum
-    if not valid:
-        bound = f"> {minimum:g}" if above else f">= {minimum:g}"
-        allowed = " or None" if optional else ""
-        raise ValueError(f"Scheduler({name}={value!r}): {name} must be a {kind} {bound}{allowed}")
-    return int(value) if whole else value
-
 
 class Scheduler:
     """A dask scheduler that runs every task on serverless workers.
@@ -130,7 +113,9 @@ class Scheduler:
     step through with pdb), ``"lambda"`` (AWS Lambda functions deployed by ``dask-serverless lambda
     deploy``; ``lambda_function`` names them, ``lambda_endpoint_url`` and
     ``lambda_region`` say where their API is) or a Backend object. Unset arguments come
-    from ``dask.config``'s ``serverless.*`` settings. Use it as
+    from ``dask.config``'s ``serverless.*`` settings, read at every compute. Made inside a
+    task without ``redis`` or ``backend``, it computes nested runs on the worker's Redis
+    and platform, like ``dask_serverless.get`` there. Use it as
     ``dask.compute(x, scheduler=sched)``, under ``dask.config.set(scheduler=sched)``, or as
     a context manager; ``close()`` stops what it started.
     """
@@ -159,120 +144,183 @@ class Scheduler:
         memory_configs: Sequence[int] | None = None,
         history: bool | None = None,
         dashboard: bool | None = None,
+        client_tasks: bool | None = None,
     ) -> None:
         logs.configure()
         self._closed = False
         self._dashboard: Dashboard | None = None
         self._embedded: EmbeddedRedis | None = None
         self._backend: Backend | None = None
-        checked = {
-            "timeout": checked_number(
-                "timeout", config.setting("timeout", timeout), 0, optional=True, above=True
-            ),
-            "run_ttl": checked_number("run_ttl", config.setting("run-ttl", run_ttl), 1, whole=True),
-            "concurrency": checked_number(
-                "concurrency",
-                config.setting("local.concurrency", concurrency),
-                1,
-                whole=True,
-                optional=True,
-            ),
-            "keep_alive": checked_number(
-                "keep_alive", config.setting("local.keep-alive", keep_alive), 0
-            ),
-            "retries": checked_number("retries", config.setting("retries", retries), 0, whole=True),
-            "retry_backoff": checked_number(
-                "retry_backoff", config.setting("retry-backoff", retry_backoff), 0
-            ),
-            "lease_timeout": checked_number(
-                "lease_timeout", config.setting("lease-timeout", lease_timeout), 0, above=True
-            ),
-            "max_output_bytes": checked_number(
-                "max_output_bytes",
-                config.setting("max-output-bytes", max_output_bytes),
-                1,
-                whole=True,
-            ),
-            "max_reinvocations": checked_number(
-                "max_reinvocations",
-                config.setting("max-reinvocations", max_reinvocations),
-                0,
-                whole=True,
-            ),
+        self._client_workers: ClientWorkers | None = None
+        self._redis: Client | None = None
+        self._recorder: RunRecorder | None = None
+        self._last_report: Callable[[], RunReport | None] | None = None
+        self.recovered_invocations = 0
+        self.last_retries: dict[Any, int] = {}
+        # What it was given; the rest is read from dask.config at every compute.
+        self._arguments: dict[str, Any] = {
+            "redis": redis,
+            "backend": backend,
+            "timeout": timeout,
+            "run_ttl": run_ttl,
+            "secret": secret,
+            "concurrency": concurrency,
+            "keep_alive": keep_alive,
+            "retries": retries,
+            "retry_backoff": retry_backoff,
+            "lease_timeout": lease_timeout,
+            "max_reinvocations": max_reinvocations,
+            "max_output_bytes": max_output_bytes,
+            "lambda_function": lambda_function,
+            "lambda_endpoint_url": lambda_endpoint_url,
+            "lambda_region": lambda_region,
+            "planner": planner,
+            "sla": sla,
+            "deadline": deadline,
+            "memory_configs": memory_configs,
+            "history": history,
+            "dashboard": dashboard,
+            "client_tasks": client_tasks,
         }
-        for value in memory_configs or ():
-            checked_number("memory_configs", value, 0, whole=True, above=True)
-        chosen_backend = config.setting("backend", backend)
-        if isinstance(chosen_backend, str) and chosen_backend not in _BACKEND_NAMES:
-            raise ValueError(
-                f"Scheduler(backend={chosen_backend!r}): backend must be one of "
-                f"{', '.join(map(repr, _BACKEND_NAMES))} or a Backend object"
+        # Made inside a task without a Redis or backend of its own: nested runs on the
+        # worker's Redis and platform (``_as_child``), which it borrows and never stops.
+        invocation = serving()
+        self._nested = invocation is not None and redis is None and backend is None
+        if invocation is not None and self._nested:
+            environment = invocation.environment
+            if not isinstance(environment.invoker, Backend):
+                raise RuntimeError(
+                    f"this worker's platform ({type(environment.invoker).__name__}) cannot "
+                    "start nested runs"
+                )
+            self._arguments.update(
+                redis=environment.redis_url,
+                backend=environment.invoker,
+                secret=environment.secret,
+                dashboard=False,  # a worker serves no pages; the parent's dashboard sees it
             )
-        if secret is not None and not isinstance(secret, (bytes, str)):
-            raise TypeError(
-                f"Scheduler(secret=…): secret must be bytes or str, not {type(secret).__name__}"
-            )
-        url = config.setting("redis", redis)
-        self.redis_url = redact(url) if url is not None else None
-        if url is None:
-            self._embedded = EmbeddedRedis(server=config.setting("embedded.server"))
-            url = self._embedded.url
-            self.redis_url = None
+        # Computes in progress, and the lock a restart waits on until there are none.
+        self._active = 0
+        self._state = threading.Condition()
+        self._resources: Resources | None = None
+        self._runs: RunSettings | None = None
+        settings = resolve(self._arguments)
         try:
-            self._redis = connect(url)
-            self._scripts = Scripts(self._redis)
-            self.timeout = checked["timeout"]
-            self.run_ttl = checked["run_ttl"]
-            self.retries = checked["retries"]
-            self.retry_backoff = float(checked["retry_backoff"])
-            self.lease_ms = int(float(checked["lease_timeout"]) * 1000)
-            self.max_output_bytes = checked["max_output_bytes"]
-            self.max_reinvocations = checked["max_reinvocations"]
-            self.cluster_output_bytes = int(config.setting("cluster-output-bytes"))
-            self.recovered_invocations = 0
-            self.last_retries: dict[Any, int] = {}
-            shared = secret.encode() if isinstance(secret, str) else secret
-            self._secret = shared or config.secret_from_environment() or new_secret()
-            self._signer = Signer(self._secret)
-            options = dict(config.setting("local"))
-            options["concurrency"] = checked["concurrency"]
-            options["keep-alive"] = checked["keep_alive"]
-            options["lambda"] = {
-                "function": lambda_function,
-                "endpoint-url": lambda_endpoint_url,
-                "region": lambda_region,
-            }
-            self._backend = create_backend(chosen_backend, url, self._secret, options)
-            workers = self._backend.concurrency or _UNKNOWN_CONCURRENCY
-            self.bundles = int(workers) * _BUNDLES_PER_WORKER
-            # Planning (dask_serverless.planning): per-task memory from history, the SLA.
-            self._planning = Planning(
-                self._redis,
-                planner=config.setting("planning.planner", planner),
-                sla=config.setting("planning.sla", sla),
-                deadline=config.setting("planning.deadline", deadline),
-                memory_configs=config.setting("planning.memory-configs", memory_configs),
-                history=bool(config.setting("planning.history", history)),
-                history_samples=int(config.setting("planning.history-samples")),
-                history_ttl_s=int(config.setting("planning.history-ttl")),
-                min_work_s=float(config.setting("planning.min-work")),
-                pricing=config.setting("planning.pricing"),
-            )
-            self._last_report: Callable[[], RunReport | None] | None = None
-            # Run history and reports of failed runs (dask_serverless.recording).
-            keep_runs = int(config.setting("history.runs"))
-            self._recorder = RunRecorder(
-                RunHistory(self._redis, keep_runs, int(config.setting("planning.history-ttl")))
-                if keep_runs > 0
-                else None,
-                self._planning.pricing,
-            )
-            if dashboard or (dashboard is None and config.setting("dashboard.enabled")):
-                self._dashboard = start_dashboard(url, int(config.setting("dashboard.port")))
-                print(f"dask-serverless dashboard: {self._dashboard.url}")
+            self._start(settings.resources)
+            self._apply(settings.runs)
         except BaseException:
             self.close()
             raise
+
+    def _start(self, resources: Resources) -> None:
+        """Start Redis (embedded, or connect to the URL), the backend and the dashboard."""
+        url = resources.redis
+        self.redis_url = redact(url) if url is not None else None
+        if url is None:
+            self._embedded = EmbeddedRedis(server=resources.embedded_server)
+            url = self._embedded.url
+        self._url = url
+        self._redis = connect(url, resources.redis_cluster)
+        self._scripts = Scripts(self._redis)
+        if resources.secret is not None:
+            self._secret = resources.secret
+        elif self._resources is None or self._resources.secret is not None:
+            self._secret = new_secret()  # kept while the Scheduler lives
+        self._signer = Signer(self._secret)
+        options = {**resources.local, "lambda": resources.lambda_options}
+        self._backend = create_backend(resources.backend, url, self._secret, options)
+        workers = self._backend.concurrency or _UNKNOWN_CONCURRENCY
+        self.bundles = int(workers) * _BUNDLES_PER_WORKER
+        if resources.dashboard:
+            self._dashboard = start_dashboard(url, resources.dashboard_port)
+            print(f"dask-serverless dashboard: {self._dashboard.url}")
+        self._resources = resources
+        self._runs = None  # planning and run history are made again on the new Redis
+
+    def _apply(self, runs: RunSettings) -> None:
+        """Shape the next runs by ``runs``: planning and run history are made again when
+        their settings changed."""
+        previous, self._runs = self._runs, runs
+        self.timeout = runs.timeout
+        self.run_ttl = runs.run_ttl
+        self.retries = runs.retries
+        self.retry_backoff = runs.retry_backoff_s
+        self.lease_ms = runs.lease_ms
+        self.max_output_bytes = runs.max_output_bytes
+        self.max_reinvocations = runs.max_reinvocations
+        self.cluster_output_bytes = runs.cluster_output_bytes
+        self.client_tasks = runs.client_tasks
+        same = previous is not None and previous.planning == runs.planning
+        if same and previous is not None and previous.history_runs == runs.history_runs:
+            return
+        # Planning (dask_serverless.planning): per-task memory from history, the SLA.
+        self._planning = Planning(self._redis, **runs.planning)
+        # Run history and reports of failed runs (dask_serverless.recording).
+        if self._recorder is not None:
+            self._recorder.close()
+        keep_runs = runs.history_runs
+        ttl_s = runs.planning["history_ttl_s"]
+        self._recorder = RunRecorder(
+            RunHistory(self.redis, keep_runs, ttl_s) if keep_runs > 0 else None,
+            self._planning.pricing,
+        )
+
+    def _stop(self, closing: bool = False) -> None:
+        """Stop what ``_start`` started. A Backend object given as argument is closed only
+        with the Scheduler (``closing``), and a borrowed one (nested) never."""
+        if self._dashboard is not None:
+            self._dashboard.stop()
+            self._dashboard = None
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        if self._client_workers is not None:
+            self._client_workers.close()
+            self._client_workers = None
+        if self._backend is not None:
+            given = not isinstance(self._arguments["backend"], str | None)
+            if not self._nested and (closing or not given):
+                self._backend.close()
+            self._backend = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    @contextlib.contextmanager
+    def _computing(self) -> Iterator[None]:
+        """One compute: read the settings again (restarting what they changed once no
+        other compute is in progress), and count the compute while it runs."""
+        settings = resolve(self._arguments)
+        with self._state:
+            if self._closed:
+                raise RuntimeError("this Scheduler is closed")
+            if settings.resources != self._resources:
+                while self._active:
+                    self._state.wait()
+                logger.info("settings changed: restarting the Scheduler's Redis and backend")
+                self._stop()
+                self._start(settings.resources)
+            self._apply(settings.runs)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._active -= 1
+                self._state.notify_all()
+
+    @property
+    def recorder(self) -> RunRecorder:
+        assert self._recorder is not None
+        return self._recorder
+
+    @property
+    def redis(self) -> Client:
+        assert self._redis is not None
+        return self._redis
 
     @property
     def backend(self) -> Backend:
@@ -314,8 +362,29 @@ class Scheduler:
         results = literal_values(graph, wanted)
         computed = [key for key in wanted if key not in results]
         if computed:
-            results.update(self.run(dsk, graph, computed, callbacks, timeout, parent_gone))
+            with self._computing(), self._as_child(parent_gone) as parent:
+                results.update(self.run(dsk, graph, computed, callbacks, timeout, parent))
         return nested_get(keys, results)
+
+    @contextlib.contextmanager
+    def _as_child(
+        self, parent_gone: Callable[[], bool] | None
+    ) -> Iterator[Callable[[], bool] | None]:
+        """For a Scheduler made inside a task: the compute is a child run of the task
+        running now, which secedes from the platform's concurrency while it waits, and
+        whose run going away stops the child run. Otherwise nothing changes."""
+        if not self._nested:
+            yield parent_gone
+            return
+        invocation = serving()
+        if invocation is None:
+            raise RuntimeError(
+                "this Scheduler was made inside a task, for nested runs of the worker's "
+                "platform: it computes only inside a task"
+            )
+        seceded = getattr(self.backend, "seceded", contextlib.nullcontext)
+        with seceded():
+            yield parent_gone or invocation.cancelled
 
     def run(
         self,
@@ -329,9 +398,19 @@ class Scheduler:
         """Compute ``keys`` (none of them plain data) in one run; their values by key."""
         run_id = new_run_id()
         dag = translate(dsk, keys, run_token=run_id, graph=graph)
-        plan = self._planning.plan(dag, self.platform())
-        bundling = plan.bundling
         workers_dag, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
+        try:
+            plan = self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            # Planning reads the history: a Redis that is down (restarting) or hung fails
+            # the compute before it starts, with the package's error naming the server.
+            raise RedisUnavailableError(
+                f"cannot reach Redis at {self.redis_url or 'the embedded server'} to plan "
+                f"run {run_id}: {error}"
+            ) from None
+        placement = plan.inputs.placement
+        bundling = placement.bundling(dag, plan.bundling)
+        literals = {i: v for i, v in literals.items() if i not in placement.nodes}
         logger.debug(
             "run %s: planner %s (SLA %s) chose memory %s MB",
             run_id,
@@ -356,13 +435,17 @@ class Scheduler:
         signer = RunSigner(self._signer, run_id)
         literal_blobs = {i: signer.dumps(v, LITERAL, i) for i, v in literals.items()}
         limit = self.timeout if timeout is None else timeout
+
+        def serve_here(invocation: Invocation) -> None:
+            self.client_workers.serve(record, dag, invocation, placement.nodes)
+
         with local_callbacks(callbacks) as active:
             run = Run(
                 dag=dag,
                 bundling=bundling,
                 plan=plan,
                 record=record,
-                store=RunStore(self._redis, run_id, self.run_ttl, self._scripts),
+                store=RunStore(self.redis, run_id, self.run_ttl, self._scripts),
                 progress=RunProgress(dag, callbacks=active),
                 backend=self.backend,
                 signer=RunSigner(self._signer, run_id),
@@ -381,18 +464,18 @@ class Scheduler:
                 extra={"run_id": run_id},
             )
             run_started = time.time()
-            self._recorder.started(run_id, dag, plan, run.progress, run_started)
+            self.recorder.started(run_id, dag, plan, run.progress, run_started)
             try:
                 run.progress.start()
                 if plan.prewarm:
                     self.backend.prewarm(dict(plan.prewarm))
                 run_started = time.time()
-                values = run.execute(sealed, limit, literal_blobs)
+                values = run.execute(sealed, limit, literal_blobs, placement.roots, serve_here)
                 makespan = time.time() - run_started
                 succeeded = True
             except BaseException as error:
                 logger.info("run %s failed: %r", run_id, error, extra={"run_id": run_id})
-                self._last_report = self._recorder.ended_with(
+                self._last_report = self.recorder.ended_with(
                     error, run_id, dag, plan, run.progress, run_started, self.backend.throttled
                 )
                 raise
@@ -409,10 +492,25 @@ class Scheduler:
             extra={"run_id": run_id},
         )
         self._planning.finish(dag, plan, run.progress, out_of_memory=run.progress.out_of_memory)
-        self._last_report = self._recorder.succeeded(
+        self._last_report = self.recorder.succeeded(
             run_id, dag, plan, run.progress, run_started, makespan, self.backend.throttled
         )
         return dict(zip((dag.keys[i] for i in dag.requested), values, strict=True))
+
+    def literal_sizes(self, literals: dict[int, Any]) -> dict[int, int] | None:
+        """Bytes of literal data of the nodes carrying large literals, for the planner to
+        place tasks beside them in the client (``planning.locality``); None when
+        ``client_tasks`` is off."""
+        if not literals or not self.client_tasks:
+            return None
+        return {i: literal_bytes(node, sys.maxsize) for i, node in literals.items()}
+
+    @property
+    def client_workers(self) -> ClientWorkers:
+        """Where the tasks placed in the client run (made on first use)."""
+        if self._client_workers is None:
+            self._client_workers = ClientWorkers(self._url, self._secret, self.backend)
+        return self._client_workers
 
     @property
     def last_run(self) -> RunReport | None:
@@ -429,7 +527,10 @@ class Scheduler:
 
     def plan(self, dsk: Any, keys: Any) -> Plan:
         """The plan a compute of ``keys`` would get now, to print or inspect; runs nothing."""
-        return self._planning.plan(translate(dsk, keys), self.platform())
+        dag = translate(dsk, keys)
+        _, literals = split_large_literals(dag, LARGE_LITERAL_BYTES)
+        with self._computing():
+            return self._planning.plan(dag, self.platform(), self.literal_sizes(literals))
 
     def platform(self) -> Platform:
         """The platform model the planner simulates runs on (``planning.simulate``).
@@ -453,19 +554,11 @@ class Scheduler:
 
     def close(self) -> None:
         """Stop the backend's workers and the embedded Redis, if this Scheduler started them."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._dashboard is not None:
-            self._dashboard.stop()
-        if hasattr(self, "_recorder"):
-            self._recorder.close()
-        if self._backend is not None:
-            self._backend.close()
-        if hasattr(self, "_redis"):
-            self._redis.close()
-        if self._embedded is not None:
-            self._embedded.stop()
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop(closing=True)
 
     def __enter__(self) -> Scheduler:
         return self
@@ -476,22 +569,16 @@ class Scheduler:
 
 class _DefaultScheduler:
     """Holds the process-wide Scheduler behind ``dask_serverless.get``, made on first use
-    and made again when the ``serverless`` settings it was made with changed."""
+    (it reads ``dask.config`` at every compute, as every Scheduler does)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._scheduler: Scheduler | None = None
-        self._settings: dict | None = None
 
     def get(self) -> Scheduler:
         with self._lock:
-            settings = dask.config.get("serverless")
-            stale = self._scheduler is not None and settings != self._settings
-            if stale and self._scheduler is not None:
-                self._scheduler.close()
             if self._scheduler is None or self._scheduler._closed:
                 self._scheduler = Scheduler()
-                self._settings = copy.deepcopy(settings)
                 atexit.register(self._scheduler.close)
             return self._scheduler
 
@@ -511,23 +598,12 @@ def get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
 
 
 def child_run_get(invocation: Serving, dsk: Any, keys: Any, **kwargs: Any) -> Any:
-    """Compute ``keys`` as a child run of the task ``invocation`` is running."""
+    """Compute ``keys`` as a child run of the task ``invocation`` is running, through the
+    Scheduler the worker keeps for its tasks' nested runs (made in a task, it nests)."""
     environment = invocation.environment
-    platform = environment.invoker
-    if not isinstance(platform, Backend):
-        raise RuntimeError(
-            f"this worker's platform ({type(platform).__name__}) cannot start nested runs"
-        )
     if environment.nested_client is None:
-        environment.nested_client = Scheduler(
-            redis=environment.redis_url,
-            backend=platform,
-            secret=environment.secret,
-            dashboard=False,  # a worker serves no pages; the parent's dashboard sees the run
-        )
-    seceded = getattr(platform, "seceded", contextlib.nullcontext)
-    with seceded():
-        return environment.nested_client.get(dsk, keys, parent_gone=invocation.cancelled, **kwargs)
+        environment.nested_client = Scheduler()
+    return environment.nested_client.get(dsk, keys, **kwargs)
 
 
 # ``scheduler="serverless"``: dask looks names up in this table.

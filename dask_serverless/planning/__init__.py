@@ -27,13 +27,13 @@ history snapshot and predictor.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import redis
 
-from dask_serverless.constants import MEMORY_SIZES_MB
+from dask_serverless.constants import CLIENT_WORKER, MEMORY_SIZES_MB
 from dask_serverless.graph import DAG
 from dask_serverless.planning.history import (
     History,
@@ -49,6 +49,7 @@ from dask_serverless.planning.history import (
     run_samples,
     task_metrics,
 )
+from dask_serverless.planning.locality import ClientPlacement, place_in_client
 from dask_serverless.planning.planners import (
     CriticalPathPlanner,
     Plan,
@@ -67,6 +68,7 @@ from dask_serverless.report import Pricing, RunReport, TaskRecord
 
 __all__ = [
     "SLA",
+    "ClientPlacement",
     "CpuModel",
     "CriticalPathPlanner",
     "Deadline",
@@ -183,17 +185,30 @@ class Planning:
             literals=literal_bytes(dag),
         )
 
-    def plan(self, dag: DAG, platform: Platform | None = None) -> Plan:
+    def plan(
+        self,
+        dag: DAG,
+        platform: Platform | None = None,
+        literal_sizes: Mapping[int, int] | None = None,
+    ) -> Plan:
+        """The plan of ``dag`` on ``platform``. Given ``literal_sizes`` (bytes of the nodes
+        carrying large literal data), tasks that are cheaper to run beside that data than
+        to move it are placed in the client first (``planning.locality``) and the planner
+        plans the rest."""
         inputs = self.inputs(dag, platform=platform)
-        plan = replace(self.planner.plan(inputs), functions=inputs.functions)
+        if literal_sizes:
+            placement = place_in_client(dag, literal_sizes, inputs.predictor, inputs.functions)
+            inputs = replace(inputs, placement=placement)
+        plan = self.planner.plan(inputs)
+        notes = (*plan.notes, inputs.placement.note()) if inputs.placement else plan.notes
         platform = inputs.platform
         if platform.capacity is not None and platform.cores is not None:
-            note = (
+            notes = (
+                *notes,
                 f"the machine's other load leaves this backend {platform.capacity:.2f} of its "
-                f"{platform.cores:g} cores: predicted on those, sizes chosen on all"
+                f"{platform.cores:g} cores: predicted on those, sizes chosen on all",
             )
-            plan = replace(plan, notes=(*plan.notes, note))
-        return plan
+        return replace(plan, functions=inputs.functions, notes=notes)
 
     def finish(
         self,
@@ -214,7 +229,9 @@ class Planning:
         if self.store is None:
             return
         uploads: dict[int, float] = getattr(progress, "uploads", {})
-        invocations = [invocation_metrics(e) for e in getattr(progress, "invocations", [])]
+        started = [invocation_metrics(e) for e in getattr(progress, "invocations", [])]
+        # The client's own invocations start no instance: no start-up to learn from.
+        invocations = [i for i in started if not i.worker_id.startswith(CLIENT_WORKER)]
         functions = plan.functions or function_identities(dag)
         newest = newest_per_function(progress.task_events, functions, self.store.samples)
         sampled = [
@@ -306,13 +323,18 @@ def report(
     out_of_memory_retries: int = 0,
 ) -> RunReport:
     tasks = []
+    placed = plan.inputs.placement.nodes
     for i in range(dag.sink):
         m = measured.get(i)
         actual_start = None if m is None else m.start - started_unix
+        if i in placed:
+            memory_mb = None  # the client's own process: no configuration, not billed
+        else:
+            memory_mb = plan.memory_mb[i] if m is None or m.memory_mb is None else m.memory_mb
         tasks.append(
             TaskRecord(
                 key=dag.keys[i],
-                memory_mb=plan.memory_mb[i] if m is None or m.memory_mb is None else m.memory_mb,
+                memory_mb=memory_mb,
                 predicted_s=plan.predicted_s(i),
                 actual_s=None if m is None else m.total_s,
                 on_critical_path=plan.on_critical_path(i),
@@ -326,7 +348,8 @@ def report(
                 cold=None if m is None else m.cold,
             )
         )
-    bill = pricing.bill(billed_invocations(measured.values(), invocations))
+    platform = [inv for inv in invocations if not inv.worker_id.startswith(CLIENT_WORKER)]
+    bill = pricing.bill(billed_invocations(measured.values(), platform))
     timeline = plan.timeline
     return RunReport(
         run_id=run_id,
@@ -337,8 +360,8 @@ def report(
         actual_makespan_s=makespan_s,
         predicted_cost_gb_s=plan.predicted_cost_gb_s,
         cost_gb_s=bill.gb_s,
-        invocations=len(invocations),
-        cold_starts=sum(1 for inv in invocations if inv.cold),
+        invocations=len(platform),
+        cold_starts=sum(1 for inv in platform if inv.cold),
         throttled=throttled,
         target_s=plan.target_s,
         notes=plan.notes,

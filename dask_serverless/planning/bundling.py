@@ -15,6 +15,11 @@ few per concurrent worker, so every worker still gets work.
 An invocation runs at one configuration, so a bundle holds roots of one planned
 configuration only: given the plan's ``memory``, roots are grouped by it first, and a
 root planned at 512 MB never runs at 1769 MB because it was bundled with a larger one.
+
+A graph whose whole predicted work is worth less than a second invocation is one bundle
+(``bundles=1``): all its roots start in one invocation. Its fan-outs stay free: a task's
+time may depend on more than history sees (its arguments), and a worker still hands
+ready children to new workers while the platform has room.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from dask_serverless.graph import DAG
 from dask_serverless.planning.bundling import Bundling, bundle_roots
+from dask_serverless.planning.locality import ClientPlacement
 from dask_serverless.planning.predict import Predictor
 from dask_serverless.planning.simulate import (
     ANY_MEMORY,
@@ -70,6 +71,10 @@ _TABLE_ROWS = 200
 # that a normal approximation along the critical path stands in.
 MONTE_CARLO_DRAWS = 64
 MONTE_CARLO_BUDGET = 8_000
+# Node simulations the draws may cost per second of the predicted makespan: at some 25 µs
+# each, the draws take at most ~5% of the run they judge (a 0.1 s run gets the normal
+# approximation; planning must not cost more than the run it plans).
+MONTE_CARLO_NODES_PER_S = 2_000
 # Above this many tasks a platform simulation is worth a few passes over the DAG: the
 # search simulates only the likeliest candidates and restores in one step.
 LARGE_DAG = 2_000
@@ -103,6 +108,9 @@ class PlanInputs:
     platform: Platform = field(default_factory=Platform)
     pricing: Pricing = field(default_factory=Pricing)
     literals: Sequence[int] | None = None
+    # Tasks the client runs beside their literal data (``planning.locality``): not the
+    # workers' to plan, and never known to history.
+    placement: ClientPlacement = field(default_factory=ClientPlacement)
 
     @cached_property
     def costs(self) -> NodeCosts:
@@ -112,12 +120,15 @@ class PlanInputs:
 
     @cached_property
     def task_counts(self) -> Counter[str]:
-        """How many tasks call each function (the sink aside)."""
-        return Counter(self.functions[: self.dag.sink])
+        """How many of the workers' tasks call each function (the sink aside)."""
+        placed = self.placement.nodes
+        return Counter(f for i, f in enumerate(self.functions[: self.dag.sink]) if i not in placed)
 
     @cached_property
     def has_history(self) -> bool:
-        return any(self.predictor.knows(f) for f in self.task_counts)
+        """Does history know the workers' functions (or have the workers no tasks)?"""
+        counts = self.task_counts
+        return not counts or any(self.predictor.knows(f) for f in counts)
 
     @cached_property
     def small_work(self) -> bool:
@@ -129,14 +140,42 @@ class PlanInputs:
         """
         if not self.has_history or self.pinned:
             return False
-        smallest = self.configs[0]
+        total = self.work_bound_s(self.configs[0])
+        return total is not None and total < self.min_work_s
+
+    def work_bound_s(self, memory_mb: int) -> float | None:
+        """The DAG's whole work at ``memory_mb``, every task at its function's largest
+        input seen; None when a function is unknown."""
         total = 0.0
         for function, count in self.task_counts.items():
-            bound = self.predictor.work_bound_s(function, smallest)
+            bound = self.predictor.work_bound_s(function, memory_mb)
             if bound is None:
-                return False
+                return None
             total += count * bound
-        return total < self.min_work_s
+        return total
+
+    def worth_one_invocation(self, memory: Sequence[int]) -> bool:
+        """Is the whole DAG's work less than a second invocation costs (its invoke latency,
+        a warm start, an output stored and read)? Then all its roots start in one.
+
+        Splitting work ``W`` over two invocations saves at most ``W / 2``: below twice that
+        cost, one invocation starting every root finishes first. Only a small-work plan
+        with one configuration for every task qualifies.
+        """
+        if not self.small_work:
+            return False
+        sizes = {memory[i] for i in range(self.dag.sink)}
+        if len(sizes) != 1:
+            return False
+        (size,) = sizes
+        work = self.work_bound_s(size)
+        predictor = self.predictor
+        second = (
+            self.platform.invoke_latency_s
+            + predictor.startup(size).warm_s
+            + 2 * predictor.transfer_time(0, size)
+        )
+        return work is not None and work <= 2 * second
 
     @cached_property
     def per_node(self) -> bool:
@@ -196,8 +235,10 @@ class PlanInputs:
     def bundle(self, memory: Sequence[int]) -> Bundling:
         """The root bundles the client will invoke for ``memory`` (one size per bundle),
         the longest remaining path first: a platform with fewer slots than bundles starts
-        them in that order, and the critical path should not wait behind side branches."""
-        bundling = bundle_roots(self.dag, self.platform.bundles, memory)
+        them in that order, and the critical path should not wait behind side branches.
+        A DAG worth less than a second invocation starts in one (``worth_one_invocation``)."""
+        bundles = 1 if self.worth_one_invocation(memory) else self.platform.bundles
+        bundling = bundle_roots(self.dag, bundles, memory)
         if not self.per_node or len(bundling.starts) < 2:
             return bundling
         remaining = self.remaining_work(memory)
@@ -266,8 +307,9 @@ class PlanInputs:
         percentile = self.sla.percentile
         if percentile is None or not self.per_node:
             return schedule.makespan
-        n = len(self.dag)
-        draws = min(MONTE_CARLO_DRAWS, MONTE_CARLO_BUDGET // max(n, 1))
+        n = max(len(self.dag), 1)
+        budget = min(MONTE_CARLO_BUDGET, int(schedule.makespan * MONTE_CARLO_NODES_PER_S))
+        draws = min(MONTE_CARLO_DRAWS, budget // n)
         if draws >= 16:
             bundling = self.bundle(memory)
             value = makespan_quantile(
@@ -283,17 +325,22 @@ class PlanInputs:
 
 
 def normal_quantile(costs: NodeCosts, schedule: Schedule, q: float) -> float:
-    """The makespan's ``q`` quantile, as the critical path's sum of independent residuals."""
+    """The makespan's ``q`` quantile, as the critical path's sum of independent residuals.
+
+    A ratio scales a task's execution only (as in the Monte Carlo draws), never its
+    transfers and start-up: a millisecond task's noisy ratios stay a millisecond's noise.
+    """
+    column = {m: c for c, m in enumerate(costs.configs)}
     variance = 0.0
-    # Tasks of one function share one tuple of ratios: one variance each.
-    of_ratios: dict[int, float] = {}
+    # A function's ratios are one tuple shared by its tasks: their variance once per tuple.
+    variances: dict[int, float] = {}
     for i in schedule.critical_path():
         ratios = costs.ratios[i]
         if len(ratios) > 1:
-            spread = of_ratios.get(id(ratios))
-            if spread is None:
-                spread = of_ratios[id(ratios)] = pvariance(ratios)
-            variance += spread * schedule.duration(i) ** 2
+            if id(ratios) not in variances:
+                variances[id(ratios)] = pvariance(ratios)
+            executes = costs.exec_s[i][column.get(schedule.memory[i], len(costs.configs) // 2)]
+            variance += variances[id(ratios)] * min(executes, schedule.duration(i)) ** 2
     return schedule.makespan + NormalDist().inv_cdf(q) * math.sqrt(variance)
 
 

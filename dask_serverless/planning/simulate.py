@@ -440,6 +440,10 @@ def water_fill(caps: Sequence[float], cores: float | None) -> list[float]:
     """CPU rates of tasks running at once: each at most its cap, the cores shared fairly."""
     if cores is None or sum(caps) <= cores:
         return list(caps)
+    fair = cores / len(caps)
+    if min(caps) >= fair:
+        # No task is held below an equal share: the cores are split evenly.
+        return [fair] * len(caps)
     rates = [0.0] * len(caps)
     left, count = cores, len(caps)
     for position, index in enumerate(sorted(range(len(caps)), key=lambda k: caps[k])):
@@ -541,7 +545,7 @@ class _PlatformRun:
         """Start queued invocations on warm instances, or boot instances while there is room."""
         platform = self.platform
         waiting = []
-        for invocation in self.queue:
+        for position, invocation in enumerate(self.queue):
             idle = self.idle.get(invocation.memory_mb)
             while idle and self.now - idle[0] > platform.keep_alive_s:
                 idle.pop(0)
@@ -567,9 +571,14 @@ class _PlatformRun:
             elif self.evict_idle():
                 self.boot(invocation, column)
                 continue
-            else:
+            elif any(self.prewarmed.values()):
                 waiting.append(invocation)
                 continue
+            else:
+                # Every slot is taken and no instance is idle or booting ahead: nothing
+                # queued behind this one can start either.
+                waiting.extend(self.queue[position:])
+                break
             self.push(self.now + invocation.startup_s, _STARTED, invocation.number)
         self.queue = waiting
 

@@ -24,6 +24,7 @@ Keys (``H = dsl:history:v2:``, named in ``protocol.keys``), every entry a compac
                                  task
 ``H capacity``                   ``[unix time, CPUs]``: the cores a local backend's
                                  instances got in one run (``CAPACITIES`` kept)
+``H generation``                 how many appends the series above have had
 ==============================  =======================================================
 
 On a Redis Cluster the series of one function share a hash slot (the braces), so history
@@ -33,6 +34,15 @@ still costs one round trip.
 
 Every key carries a long TTL (``history-ttl``), refreshed on each write, so history of
 functions nobody runs any more expires on its own. Nothing here scans the keyspace.
+
+A ``HistoryStore`` keeps the series it has read, parsed, so that a client computing one
+small graph after another does not fetch and parse the same samples every time. Every
+append also increments ``H generation`` (last, after its lists are written). A load reads
+that counter first, in the same round trip as the series it does not hold yet: when it
+is the one the store last saw, what it holds is what Redis holds. Its own appends it
+applies to what it holds as Redis does (newest first, trimmed) when their increment is
+the next one, so its own appends keep the series fresh; an append from any other client
+shows as a gap in the counter, and the store reads everything again.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import redis
 
 from dask_serverless.protocol.keys import (
     capacity_history_key,
+    history_generation_key,
     out_of_memory_history_key,
     residual_history_key,
     startup_history_key,
@@ -71,6 +82,9 @@ class HistoryStore:
         self.client = client
         self.samples = int(samples)
         self.ttl_s = int(ttl_s)
+        # Parsed series by key (newest sample first), valid at ``_generation``.
+        self._held: dict[str, list[Any]] = {}
+        self._generation: int | None = None
 
     def load(
         self, functions: Iterable[str], memories: Iterable[int]
@@ -85,9 +99,10 @@ class HistoryStore:
         """Samples of ``functions`` at ``memories``, and transfer, start-up and capacity
         samples.
 
-        One pipelined round trip; returns ``(tasks, transfers, startups, out_of_memory,
-        residuals, capacity)`` keyed by ``(function, MB)``, ``MB`` and function (series
-        without samples are left out); ``capacity`` newest first.
+        One pipelined round trip (two when another client appended since the last one);
+        returns ``(tasks, transfers, startups, out_of_memory, residuals, capacity)`` keyed
+        by ``(function, MB)``, ``MB`` and function (series without samples are left out);
+        ``capacity`` newest first.
         """
         sizes = sorted({int(m) for m in memories})
         names = list(dict.fromkeys(functions))
@@ -99,17 +114,24 @@ class HistoryStore:
         series += [("transfer", m, transfer_history_key(m)) for m in sizes]
         series += [("startup", m, startup_history_key(m)) for m in sizes]
         series += [("capacity", "", capacity_history_key())]
-        with self.client.pipeline(transaction=False) as pipe:
-            for _kind, _name, key in series:
-                pipe.lrange(key, 0, self.samples - 1)
-            replies = pipe.execute()
+        keys = [key for _kind, _name, key in series]
+        missing = [key for key in keys if key not in self._held]
+        generation = self._read(missing)
+        if generation != self._generation:
+            # Another client appended since: what was held before may be stale. (Read
+            # after the counter, every series is at least as new as ``generation``.)
+            fresh = set(missing)
+            self._held = {key: value for key, value in self._held.items() if key in fresh}
+            stale = [key for key in keys if key not in fresh]
+            if stale:
+                self._read(stale)
+        self._generation = generation
         found: dict[str, dict[Any, Any]] = {
             kind: {} for kind in ("task", "transfer", "startup", "oom", "resid", "capacity")
         }
-        for (kind, name, _key), entries in zip(series, replies, strict=True):
-            if entries:
-                # One parse per series: a JSON array of its samples.
-                found[kind][name] = json.loads(b"[" + b",".join(entries) + b"]")
+        for kind, name, key in series:
+            if self._held[key]:
+                found[kind][name] = self._held[key]
         return (
             found["task"],
             found["transfer"],
@@ -118,6 +140,18 @@ class HistoryStore:
             found["resid"],
             found["capacity"].get("", []),
         )
+
+    def _read(self, keys: Sequence[str]) -> int | None:
+        """Read and hold ``keys``; one round trip. Returns the generation read first."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(history_generation_key())
+            for key in keys:
+                pipe.lrange(key, 0, self.samples - 1)
+            generation, *replies = pipe.execute()
+        for key, entries in zip(keys, replies, strict=True):
+            # One parse per series: a JSON array of its samples.
+            self._held[key] = json.loads(b"[" + b",".join(entries) + b"]") if entries else []
+        return None if generation is None else int(generation)
 
     def append(
         self,
@@ -141,12 +175,26 @@ class HistoryStore:
         writes += [(startup_history_key(m), s, self.samples) for m, s in startups.items()]
         if capacity is not None:
             writes.append((capacity_history_key(), [capacity], CAPACITIES))
+        pushed: list[tuple[str, list[str], int]] = []
         with self.client.pipeline(transaction=False) as pipe:
             for key, samples, bound in writes:
                 if not samples:
                     continue
-                recent = samples[-bound:]
-                pipe.lpush(key, *(json.dumps(s, separators=(",", ":")) for s in recent))
+                entries = [json.dumps(s, separators=(",", ":")) for s in samples[-bound:]]
+                pipe.lpush(key, *entries)
                 pipe.ltrim(key, 0, bound - 1)
                 pipe.expire(key, self.ttl_s)
-            pipe.execute()
+                pushed.append((key, entries, bound))
+            generation_key = history_generation_key()
+            pipe.incr(generation_key)
+            pipe.expire(generation_key, self.ttl_s)
+            generation = int(pipe.execute()[-2])
+        if self._generation is None or generation != self._generation + 1:
+            self._held.clear()
+            self._generation = None
+            return
+        self._generation = generation
+        for key, entries, bound in pushed:
+            if key in self._held:
+                newest = json.loads("[" + ",".join(reversed(entries)) + "]")
+                self._held[key] = (newest + self._held[key])[:bound]

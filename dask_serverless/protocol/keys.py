@@ -173,6 +173,12 @@ def residual_history_key(function: str) -> str:
     return f"{HISTORY_PREFIX}resid:{{{function_digest(function)}}}"
 
 
+def history_generation_key() -> str:
+    """How many appends the planner's samples have had: a client that counted every one
+    since it read a series still holds that series as Redis does."""
+    return f"{HISTORY_PREFIX}generation"
+
+
 # The run history (protocol.runs): the newest runs, their summaries and their reports.
 # One hash tag for all of them: adding a run is one transaction, also on a Redis Cluster
 # (the history is bounded, so one slot holds it).

@@ -47,6 +47,7 @@ from dask_serverless.constants import LARGE_ARGUMENT_BYTES, REDIS_SOCKET_TIMEOUT
 from dask_serverless.protocol import scripts
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import RunKeys
+from dask_serverless.storage.serialize import SignedParts
 
 
 class StoreRefusedError(RuntimeError):
@@ -97,21 +98,36 @@ def _payloads(invocations: Sequence[Invocation]) -> dict[str, str]:
 class CommandPacker:
     """hiredis packs small commands fastest, but copies a 2 MB output into its buffer;
     redis-py's own packer sends large arguments as they are. Each command takes the one
-    that suits it."""
+    that suits it. A blob still in parts (``SignedParts``) is sent part by part, as one
+    bulk string: the socket reads array data from where the array keeps it."""
 
     def __init__(self) -> None:
+        self._encode = redis.connection.Encoder("utf-8", "strict", False).encode
         self._small = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
-        self._large = PythonRespSerializer(
-            6000, redis.connection.Encoder("utf-8", "strict", False).encode
-        )
+        self._large = PythonRespSerializer(6000, self._encode)
 
     def pack(self, *args: Any) -> list[bytes | memoryview]:
+        if any(isinstance(arg, SignedParts) for arg in args):
+            return self._pack_parts(args)
         if self._small is None or any(
             isinstance(arg, (bytes, memoryview)) and len(arg) >= LARGE_ARGUMENT_BYTES
             for arg in args
         ):
             return cast("list[bytes | memoryview]", self._large.pack(*args))
         return cast("list[bytes | memoryview]", self._small.pack(*args))
+
+    def _pack_parts(self, args: tuple[Any, ...]) -> list[bytes | memoryview]:
+        """RESP for a command whose arguments include blobs in parts."""
+        chunks: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            if isinstance(arg, SignedParts):
+                chunks.append(b"$%d\r\n" % arg.nbytes)
+                chunks.extend(arg.parts)
+                chunks.append(b"\r\n")
+            else:
+                encoded = self._encode(arg)
+                chunks.append(b"$%d\r\n%s\r\n" % (len(encoded), encoded))
+        return chunks
 
 
 def is_cluster_url(url: str) -> bool:
@@ -162,6 +178,9 @@ def client_for(url: str, cluster: bool | str | None = None) -> Client:
     timeouts = {
         "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
         "socket_connect_timeout": REDIS_SOCKET_TIMEOUT_S,
+        # No CLIENT SETINFO on connect: two round trips, and a package-metadata lookup
+        # that costs a cold instance more than its first task.
+        "driver_info": None,
     }
     if cluster_mode(url, cluster):
         base, cap, attempts = _CLUSTER_RETRY
@@ -199,15 +218,49 @@ def connect(url: str, cluster: bool | str | None = None) -> Client:
     return client
 
 
+# How Redis words its refusal of a write for want of memory (maxmemory, no eviction).
+_OUT_OF_MEMORY = "OOM command not allowed"
+
+
+class ScriptCall:
+    """One registered script. Redis 6 reports a write refused inside a script for want of
+    memory as a script error; it is raised as the ``OutOfMemoryError`` a plain command
+    gets, so that every caller handles running out of memory in one way."""
+
+    def __init__(self, script: Script) -> None:
+        self._script = script
+
+    @property
+    def sha(self) -> str:
+        """The script's SHA1, for an ``EVALSHA`` queued in a pipeline."""
+        return str(self._script.sha)
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return self._script(keys=keys, args=args)
+        except redis.exceptions.ResponseError as error:
+            refusal = out_of_memory_as_such(error)
+            if refusal is error:
+                raise
+            raise refusal from error
+
+
+def out_of_memory_as_such(error: redis.exceptions.ResponseError) -> Exception:
+    """``error``, as ``OutOfMemoryError`` when it is Redis refusing a write for memory."""
+    if isinstance(error, redis.exceptions.OutOfMemoryError) or _OUT_OF_MEMORY not in str(error):
+        return error
+    return redis.exceptions.OutOfMemoryError(str(error))
+
+
 class Scripts:
     """The Lua scripts, registered once per Redis client (registering hashes the source)."""
 
     def __init__(self, client: Client) -> None:
-        self.by_name: dict[str, Script] = {
-            name: client.register_script(scripts.source(name)) for name in scripts.NAMES
+        self.by_name: dict[str, ScriptCall] = {
+            name: ScriptCall(client.register_script(scripts.source(name))) for name in scripts.NAMES
         }
 
-    def __getitem__(self, name: str) -> Script:
+    def __getitem__(self, name: str) -> ScriptCall:
         return self.by_name[name]
 
 
@@ -398,7 +451,7 @@ class RunStore:
     def complete(
         self,
         index: int,
-        output: bytes | None,
+        output: bytes | SignedParts | None,
         fan_in: Sequence[tuple[int, int]],
         events: bytes | None,
         invocation_id: str = "",
@@ -421,6 +474,9 @@ class RunStore:
             tail += [child, count]
         inboxes = [keys.inbox(child) for child, _ in fan_in]
         size = 0 if output is None else len(output)
+        # A blob in parts goes to redis-py as it is (``CommandPacker`` sends its parts); a
+        # cluster client's node connections pack commands their own way: it gets it joined.
+        value = bytes(output) if self.cluster and output is not None else cast("Any", output)
         with self.refusals(keys.output(index), size):
             if output is None:
                 reply = self._complete(
@@ -428,30 +484,52 @@ class RunStore:
                 )
             elif self.cluster:
                 # Two slots: the output first, acknowledged, then the counting (see above).
-                self.client.set(keys.output(index), output, ex=self.ttl_s)
+                self.client.set(keys.output(index), value, ex=self.ttl_s)
                 reply = self._complete(
                     keys=script_keys + inboxes, args=[self.ttl_s, "none", b"", *tail]
                 )
                 if reply is None:
                     self.client.unlink(keys.output(index))
             elif len(output) >= LARGE_ARGUMENT_BYTES:
-                # A plain SET, then the script, so Redis never copies a large value into Lua
-                # (not one MULTI: an error there makes redis-py format every argument); the
-                # script deletes the output again if the run is gone meanwhile.
-                self.client.set(keys.output(index), output, ex=self.ttl_s)
-                reply = self._complete(
-                    keys=[*script_keys, keys.output(index), *inboxes],
-                    args=[self.ttl_s, "preset", b"", *tail],
+                reply = self._set_then_complete(
+                    keys.output(index),
+                    value,
+                    [*script_keys, keys.output(index), *inboxes],
+                    [self.ttl_s, "preset", b"", *tail],
                 )
             else:
                 reply = self._complete(
                     keys=[*script_keys, keys.output(index), *inboxes],
-                    args=[self.ttl_s, "value", output, *tail],
+                    args=[self.ttl_s, "value", value, *tail],
                 )
         if reply is None:
             return None
         load, *won = reply
         return int(load), [fan_in[position - 1][0] for position in won]
+
+    def _set_then_complete(
+        self, key: str, output: Any, script_keys: list[str], args: list[Any]
+    ) -> Any:
+        """A plain SET of a large ``output``, then the ``complete`` script, in one round trip.
+
+        Redis never copies the value into Lua this way. A pipeline, not a MULTI: an error
+        inside a MULTI makes redis-py format every argument, 2 MB blobs included. The
+        script counts nothing unless the output is there (a refused SET fails the script
+        too), and deletes it again if the run is gone meanwhile.
+        """
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, output, ex=self.ttl_s)
+            pipe.evalsha(self._complete.sha, len(script_keys), *script_keys, *args)
+            stored, reply = pipe.execute(raise_on_error=False)
+        if isinstance(stored, Exception):
+            raise stored
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return self._complete(keys=script_keys, args=args)
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise out_of_memory_as_such(reply)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def append_events(self, events: bytes) -> bool:
         """Append a batch of events; False when the run is gone."""

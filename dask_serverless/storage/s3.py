@@ -5,7 +5,7 @@ resource of a large run (ElastiCache bills it by the hour; one value is capped a
 A *large output store* moves the big ones elsewhere: a worker that publishes a signed blob
 over ``threshold_bytes`` uploads it to ``s3://<bucket>/dsl/<run-id>/o/<index>`` and stores
 only ``POINTER | key`` under the output's Redis key; a worker that gathers it finds the
-pointer and downloads the blob. The object holds the very same signed blob, so its HMAC is
+pointer and downloads the blob. The object holds the very same signed blob, so its MAC is
 checked after the download like any other (I-5), and a pointer may only name an object of
 its own run, so a forged pointer cannot make a worker read another run's data.
 

@@ -1,8 +1,12 @@
 """Pickling, compression and signing of every blob that crosses Redis.
 
-A blob is ``MAGIC | flags | HMAC-SHA256(context | flags | payload) | payload``. The client
-and the workers share a secret; anything whose MAC does not check out is refused *before*
-it is unpickled, so a process that can write to Redis cannot make ours run its code (I-5).
+A blob is ``MAGIC | flags | MAC(context | flags | payload) | payload``. The client and the
+workers share a secret; anything whose MAC does not check out is refused *before* it is
+unpickled, so a process that can write to Redis cannot make ours run its code (I-5).
+The MAC is keyed BLAKE3 (its keyed mode is a MAC; the key is derived from the secret,
+which may have any length). It covers every byte, array data included: a large output
+is mostly raw buffer bytes, and BLAKE3 hashes them four times faster than HMAC-SHA256 on
+the same core (about a third of a millisecond for a 2 MB block).
 The *context* is not stored: it names where the blob belongs (run, kind, slot — see
 ``protocol.record.RunSigner``) and the reader supplies it, so a validly signed blob moved
 to another key, run or kind no longer checks out.
@@ -16,7 +20,6 @@ objects that must travel by value scans only the pickle stream, not the array da
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import pickle
@@ -27,14 +30,17 @@ import traceback
 import zlib
 from typing import Any
 
+import blake3
 import cloudpickle
 from tblib import pickling_support
 
-MAGIC = b"DSL1"
+MAGIC = b"DSL2"
 _COMPRESSED = 0x01
 _OUT_OF_BAND = 0x02
 _COUNTS = struct.Struct("<IQ")
-_MAC_SIZE = hashlib.sha256().digest_size
+_MAC_SIZE = blake3.blake3.digest_size
+# BLAKE3's key derivation context: the secret becomes the 32-byte MAC key.
+_KEY_CONTEXT = "dask-serverless 2026-12 blob MAC key"
 _HEADER_SIZE = len(MAGIC) + 1 + _MAC_SIZE
 
 
@@ -67,16 +73,36 @@ def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
+class SignedParts:
+    """A signed blob as the buffers it is made of, in order: header, pickle, array data.
+
+    A large output goes to Redis from its arrays' own memory (the store sends each part
+    as it is), never joined into one more copy of the whole; ``bytes()`` joins them.
+    """
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        self.parts = parts
+        self.nbytes = sum(memoryview(part).nbytes for part in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 class Signer:
     """Turns objects into signed blobs and back, under one secret."""
 
     def __init__(self, secret: bytes) -> None:
         if not secret:
             raise ValueError("the signing secret must not be empty")
-        self._secret = secret
+        self._key = blake3.blake3(secret, derive_key_context=_KEY_CONTEXT).digest()
 
     def _mac(self, context: bytes, flags: int, *parts: bytes | memoryview) -> bytes:
-        mac = hmac.new(self._secret, struct.pack("<I", len(context)), hashlib.sha256)
+        mac = blake3.blake3(struct.pack("<I", len(context)), key=self._key)
         mac.update(context)
         mac.update(bytes([flags]))
         for part in parts:
@@ -87,11 +113,15 @@ class Signer:
         """``obj`` signed for ``context`` (where it belongs; the reader must name it too)."""
         if compress:
             flags = _COMPRESSED
-            parts: list[bytes | memoryview] = [zlib.compress(pickle_in_band(obj), 1)]
-        else:
-            flags = _OUT_OF_BAND
-            parts = pickle_out_of_band(obj)
-        return b"".join((MAGIC, bytes([flags]), self._mac(context, flags, *parts), *parts))
+            payload = zlib.compress(pickle_in_band(obj), 1)
+            return b"".join((MAGIC, bytes([flags]), self._mac(context, flags, payload), payload))
+        return bytes(self.dumps_parts(obj, context))
+
+    def dumps_parts(self, obj: Any, context: bytes = b"") -> SignedParts:
+        """``obj`` signed for ``context``, as the parts of its blob (``dumps`` joins them)."""
+        parts = pickle_out_of_band(obj)
+        header = MAGIC + bytes([_OUT_OF_BAND]) + self._mac(context, _OUT_OF_BAND, *parts)
+        return SignedParts((header, *parts))
 
     def loads(self, blob: bytes, what: str = "blob", context: bytes = b"") -> Any:
         view = memoryview(blob)

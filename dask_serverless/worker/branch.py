@@ -17,13 +17,14 @@ from typing import Any, Protocol
 
 from dask.sizeof import sizeof
 
-from dask_serverless.constants import DEFAULT_LEASE_MS
+from dask_serverless.constants import DEFAULT_LEASE_MS, LARGE_ARGUMENT_BYTES
 from dask_serverless.graph import DAG
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import OUTPUT, RunRecord, RunSigner
 from dask_serverless.protocol.store import RunStore
 from dask_serverless.storage.s3 import LargeOutputStore
+from dask_serverless.storage.serialize import SignedParts
 from dask_serverless.worker.cache import OutputCache
 
 # Events are flushed at most this often: a chain of tiny tasks must not pay a Redis
@@ -37,6 +38,14 @@ class MemoryProbe(Protocol):
     def reset(self) -> None: ...
 
     def peak_mb(self) -> float: ...
+
+
+class DelayClock(Protocol):
+    """Seconds the branch's thread has waited, runnable, for a CPU (``worker.metrics``)."""
+
+    def seconds(self) -> float: ...
+
+    def close(self) -> None: ...
 
 
 class Invoker(Protocol):
@@ -81,6 +90,8 @@ class Branch:
     on_task: Callable[[Branch, int], None] | None = None
     # Measures each task's peak memory; the backend's probe, or none.
     memory_probe: MemoryProbe | None = None
+    # Reads the run delay of the thread that follows the branch (set by ``run_branch``).
+    run_delay: DelayClock | None = None
     cache: OutputCache | None = None
     values: dict[int, Any] = field(default_factory=dict)
     clustered: set[int] = field(default_factory=set)
@@ -203,12 +214,15 @@ class Branch:
 
     # -- platform limits: large outputs, the invocation's time limit -------------------
 
-    def output_blob(self, index: int, value: Any) -> bytes:
-        """The signed output to store in Redis, or a pointer to where the store put it."""
-        blob = self.signer.dumps(value, OUTPUT, index)
-        if self.large_outputs is None:
-            return blob
-        return self.large_outputs.offload(self.record.run_id, index, blob)
+    def output_blob(self, index: int, value: Any) -> bytes | SignedParts:
+        """The signed output to store in Redis, or a pointer to where the store put it.
+
+        A large one stays in parts: Redis receives its arrays straight from their memory.
+        """
+        parts = self.signer.dumps_parts(value, OUTPUT, index)
+        if self.large_outputs is not None:
+            return self.large_outputs.offload(self.record.run_id, index, bytes(parts))
+        return parts if len(parts) >= LARGE_ARGUMENT_BYTES else bytes(parts)
 
     def input_blob(self, blob: bytes) -> bytes:
         """The signed output a value read from Redis stands for."""

@@ -1,9 +1,10 @@
 """The worker's entry: ``handler(event, context)`` runs one invocation.
 
 A serverless instance is reused for many invocations, so what is costly to build — the
-Redis connection, the run records already loaded, the lease-renewing heartbeat thread —
-lives in a ``WorkerEnvironment`` that the instance keeps between invocations (a warm start
-pays neither an import nor a connection). A backend's entry point (the local instance's
+Redis connection, the run records already loaded, the lease keeper (a heartbeat thread,
+unless the backend renews leases from outside this interpreter) — lives in a
+``WorkerEnvironment`` that the instance keeps between invocations (a warm start pays
+neither an import nor a connection). A backend's entry point (the local instance's
 main, the Lambda handler in ``backends.aws_lambda.entry``, the inline backend) builds the
 environment once and calls ``serve`` (or ``handle`` with a JSON payload) for every
 invocation; this module knows no backend. The environment holds no run's data beyond a
@@ -32,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis
 
@@ -51,6 +52,8 @@ from dask_serverless.worker.metrics import ProcessPeak
 RECORD_CACHE_SIZE = 8
 # First pause before an invocation's first Redis call is tried again (doubling).
 _FIRST_RETRY_S = 0.1
+# How long a booting instance keeps trying to reach Redis (a restart takes seconds).
+_BOOT_RETRY_S = 10.0
 _T = TypeVar("_T")
 # How often an idle heartbeat thread looks for a lease to renew.
 _IDLE_WAKE_S = 1.0
@@ -252,17 +255,22 @@ class WorkerEnvironment:
         large_outputs: LargeOutputStore | None = None,
         handoff_margin_ms: int = 0,
         cache_bytes: int = CACHE_BYTES,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.secret = secret
-        self.redis = client_for(redis_url)
+        # A Redis restarting or paused while the instance boots is waited for, as its
+        # invocation's first call is: a platform that sees boots fail stops starting them.
+        self.redis = retry_within(_BOOT_RETRY_S, client_for, redis_url)
         self.scripts = Scripts(self.redis)
         self.signer = Signer(secret)
         self.invoker = invoker
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.logic = logic or WorkerLogic()
         self.records: OrderedDict[str, RunRecord] = OrderedDict()
-        self.heartbeat = Heartbeat()
+        # Who renews the running invocation's lease: a thread of this interpreter unless
+        # the backend keeps it from outside (``backends.aws_lambda.leases`` on Lambda).
+        self.heartbeat: LeaseKeeper = leases or Heartbeat()
         self.invocations = 0
         self.large_outputs = large_outputs
         self.handoff_margin_ms = int(handoff_margin_ms)
@@ -286,6 +294,19 @@ class WorkerEnvironment:
         self.records[record.run_id] = record
         while len(self.records) > RECORD_CACHE_SIZE:
             self.records.popitem(last=False)
+
+
+class LeaseKeeper(Protocol):
+    """Keeps the lease of the invocation an instance runs, and notices its run gone."""
+
+    def hold(self, store: RunStore, invocation_id: str, lease_ms: int) -> None:
+        """Start renewing ``invocation_id``'s lease (the invocation has begun)."""
+
+    def drop(self) -> None:
+        """Stop renewing (the invocation has ended)."""
+
+    def run_gone(self, run_id: str) -> bool:
+        """Whether a renewal found ``run_id`` gone (finished, failed, cancelled)."""
 
 
 class Heartbeat:

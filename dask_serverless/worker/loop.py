@@ -61,7 +61,7 @@ from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.placement import output_leaves_worker
 from dask_serverless.protocol.record import LITERAL, OUTPUT, RESULT
 from dask_serverless.worker.branch import Branch, MissingOutputError, OutputTooLargeError, RunGone
-from dask_serverless.worker.metrics import TaskMeter
+from dask_serverless.worker.metrics import RunDelayClock, TaskMeter
 
 # How often a worker with queued work re-reads the run's load (see ``WorkerLogic.share``).
 LOAD_CHECK_S = 0.02
@@ -74,11 +74,15 @@ def run_branch(branch: Branch, starts: Sequence[int], logic: WorkerLogic) -> Non
 
     Warnings are recorded for the whole invocation (whatever the instance's filters: the
     client applies its own when it re-emits them); ``execute_with_retries`` takes those a
-    task raised.
+    task raised. The run-delay clock is opened here, by the thread that runs the tasks.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        follow_branch(branch, starts, logic, caught)
+    clock = branch.run_delay = RunDelayClock()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            follow_branch(branch, starts, logic, caught)
+    finally:
+        clock.close()
 
 
 def follow_branch(

@@ -11,10 +11,16 @@ throttling and other processes' contention — neither is the task's own waiting
 peak memory the task reached (``MemoryProbe``). The metrics
 ride in the task's ``done`` event; the upload's duration, known only once the publish
 script returned, follows in an ``up`` event of a later batch. Nothing here talks to Redis.
+
+Every measurement is a system call, never a file opened per task: opening a ``/proc`` or
+cgroup file costs some 30 µs, more than a small task itself, so the run delay is read
+through a descriptor the branch keeps open (``RunDelayClock``), and a cgroup's peak
+through one its instance keeps open (``backends.local.resources.GroupPeak``).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -42,13 +48,37 @@ class ProcessPeak:
 _SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
-def run_delay_s() -> float:
-    """Seconds this thread has waited, runnable, for a CPU (0.0 where not measured)."""
-    try:
-        with open(_SCHEDSTAT) as file:
-            return int(file.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
+class RunDelayClock:
+    """Seconds the thread that made it has waited, runnable, for a CPU (the kernel's
+    ``schedstat``); 0.0 where the kernel does not tell.
+
+    The file is opened once, by the thread that runs the branch (``/proc/thread-self``
+    names the opening thread), and re-read from its start for every reading: procfs
+    regenerates it on each read, so a reading costs one ``pread``.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open(_SCHEDSTAT, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    def seconds(self) -> float:
+        if self._fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _delay_s(branch: Branch) -> float:
+    return 0.0 if branch.run_delay is None else branch.run_delay.seconds()
 
 
 class TaskMeter:
@@ -70,14 +100,14 @@ class TaskMeter:
         if self.branch.memory_probe is not None:
             self.branch.memory_probe.reset()
         self.cpu_from = time.process_time()
-        self.delay_from = run_delay_s()
+        self.delay_from = _delay_s(self.branch)
         self.gathered_at = time.time()
 
     def done(self, inputs: dict[int, Any], value: Any) -> events.Event:
         """The task's ``done`` event, with its metrics."""
         branch, now = self.branch, time.time()
         cpu_s = time.process_time() - self.cpu_from
-        delay_s = run_delay_s() - self.delay_from
+        delay_s = _delay_s(branch) - self.delay_from
         probe = branch.memory_probe
         peak_mb = probe.peak_mb() if probe is not None else 0.0
         sizes = {p: branch.size_of(p, v) for p, v in inputs.items()}

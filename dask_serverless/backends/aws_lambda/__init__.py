@@ -1,5 +1,6 @@
 """AWS Lambda: ``invoke`` (the backend the client and workers use to start workers),
-``entry`` (the function's handler, which sets up the worker in an instance), ``deploy``
+``entry`` (the function's handler, which sets up the worker in an instance), ``leases``
+(each invocation's lease renewed from a forked watcher), ``deploy``
 (``dask-serverless lambda deploy``) and ``endpoint`` (a local stand-in for Lambda's API)."""
 
 from dask_serverless.backends.aws_lambda.entry import handler, install, worker_environment

@@ -5,10 +5,12 @@
 invocations, so the first call builds the instance's ``WorkerEnvironment`` with
 ``worker_environment(os.environ)`` — the Redis URL and the HMAC secret from environment
 variables or Secrets Manager (never from the payload, I-5), a ``LambdaBackend`` as the
-invoker for fan-out, an S3 store for large outputs when a bucket is configured, and the
-margin before the time limit at which a worker hands its branch to a fresh invocation —
-and keeps it in this module for the instance's later invocations; it also makes the
-package's loggers write one JSON object per line (``dask_serverless.logs``).
+invoker for fan-out, an S3 store for large outputs when a bucket is configured, the
+margin before the time limit at which a worker hands its branch to a fresh invocation, and
+a lease watcher forked for every invocation (``leases``: a task that holds the GIL cannot
+stop its lease's renewal) — and keeps it in this module for the instance's later
+invocations; it also makes the package's loggers write one JSON object per line
+(``dask_serverless.logs``).
 ``dask-serverless lambda deploy`` sets exactly these variables, and the local endpoint
 passes the same mapping to its instances (``install``).
 """
@@ -36,6 +38,7 @@ from dask_serverless.backends.aws_lambda.invoke import (
     LambdaSettings,
     lambda_client,
 )
+from dask_serverless.backends.aws_lambda.leases import ForkedLeases
 from dask_serverless.storage.s3 import S3OutputStore
 from dask_serverless.worker.handler import WorkerEnvironment, handle
 
@@ -111,4 +114,5 @@ def worker_environment(variables: Mapping[str, str]) -> WorkerEnvironment:
         worker_id=worker_id,
         large_outputs=large_outputs,
         handoff_margin_ms=int(variables.get(ENV_HANDOFF_MARGIN) or 0),
+        leases=ForkedLeases(redis_url),
     )

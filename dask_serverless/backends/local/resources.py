@@ -136,24 +136,31 @@ class InstanceGroup:
         return 0
 
 
-@dataclass(frozen=True)
 class GroupPeak:
     """Peak memory of an instance's cgroup since the last reset (``worker.metrics``).
 
     The instance is the group's only process, so between two resets its peak is the
-    task's own, interpreter included: what the configuration must hold.
+    task's own, interpreter included: what the configuration must hold. The file is
+    opened once per instance and rewound for every reset and reading (one ``pwrite``,
+    one ``pread``): opening it for each task cost more than a small task.
     """
 
-    path: str
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        return self._fd
 
     def reset(self) -> None:
         with contextlib.suppress(OSError):
-            _write(self.path, "0")
+            os.pwrite(self._descriptor(), b"0", 0)
 
     def peak_mb(self) -> float:
         try:
-            with open(self.path) as file:
-                return int(file.read()) / 2**20
+            return int(os.pread(self._descriptor(), 32, 0)) / 2**20
         except (OSError, ValueError):
             return 0.0
 

@@ -11,8 +11,8 @@
 --   output_mode: 'none' (no output key: nothing to store, or — on a Redis Cluster,
 --     where the output has a hash slot of its own — the caller stored it just before),
 --     'value' (store ARGV[3] in KEYS[6]) or 'preset' (the caller SET KEYS[6] just before,
---     in the same MULTI, so that Redis never copies a large value into Lua; it is deleted
---     again if the run is gone);
+--     in the same pipeline, so that Redis never copies a large value into Lua; nothing is
+--     counted if that SET was refused, and the output is deleted again if the run is gone);
 --   events: a batch to append, or '' for none;
 --   after: what the caller does if it wins nothing — 'release' (its lease), 'keep'
 --     (it still has work; won children join the old restart point) or 'replace' (it
@@ -28,6 +28,9 @@ if mode ~= 'none' then first_inbox = 7 end
 if not alive(KEYS[1]) then
   if mode == 'preset' then redis.call('DEL', KEYS[6]) end
   return false
+end
+if mode == 'preset' and redis.call('EXISTS', KEYS[6]) == 0 then
+  return redis.error_reply('output ' .. KEYS[6] .. ' was not stored')
 end
 if mode == 'value' then redis.call('SET', KEYS[6], ARGV[3], 'EX', ttl) end
 if ARGV[5] ~= '' then append_events(KEYS[2], ARGV[5], ttl) end
