@@ -140,7 +140,11 @@ def test_a_gemm_runs_output_bytes_spread_over_every_master(redis_cluster):
     sampler = threading.Thread(target=sample_output_bytes, args=(masters, stop, samples))
     sampler.start()
     try:
-        with Scheduler(redis=redis_cluster.url, concurrency=4, timeout=120) as sched:
+        # The blocks are data this process holds: they are kept on the workers, whose
+        # outputs are what spreads (placed beside the data, the work would stay here).
+        with Scheduler(
+            redis=redis_cluster.url, concurrency=4, timeout=120, client_tasks=False
+        ) as sched:
             (value,) = dask.compute(product, scheduler=sched)
     finally:
         stop.set()
