@@ -6,7 +6,7 @@ Lambda backend can be tried without an AWS account. The commands only parse opti
 call ``backends.aws_lambda.deploy`` and ``backends.aws_lambda.endpoint``; boto3 (the ``aws`` extra)
 is imported only when a lambda command runs.
 
-Secrets stay off the command line (I-5): the HMAC secret comes from an environment
+Secrets stay off the command line (I-5): the signing secret comes from an environment
 variable or a Secrets Manager ARN, and the Redis URL may too.
 """
 
@@ -119,7 +119,7 @@ def lambda_() -> None:
 @click.option("--redis-secret-arn", help="Secrets Manager ARN holding the Redis URL instead.")
 @click.option(
     "--secret-arn",
-    help="Secrets Manager ARN of the HMAC secret; else $DASK_SERVERLESS_SECRET is used.",
+    help="Secrets Manager ARN of the signing secret; else $DASK_SERVERLESS_SECRET is used.",
 )
 @click.option("--role-arn", help="Execution role to use; default: make <name>-role.")
 @click.option(
@@ -242,7 +242,7 @@ def deploy(
         }
     }
     click.echo(
-        "\nUse it with the same HMAC secret in the client (DASK_SERVERLESS_SECRET):\n"
+        "\nUse it with the same signing secret in the client (DASK_SERVERLESS_SECRET):\n"
         f'  Scheduler(backend="lambda", lambda_function="{spec.name}", redis="…")\n'
         "or put this in ~/.config/dask/serverless.yaml:\n"
         f"  {json.dumps(snippet)}"
@@ -343,7 +343,7 @@ def policy(
     "--secret-env",
     default=config.SECRET_ENV,
     show_default=True,
-    help="Environment variable holding the HMAC secret the clients use.",
+    help="Environment variable holding the signing secret the clients use.",
 )
 @memory_option
 @more_memory_argument
@@ -397,7 +397,7 @@ def serve_local(
 
     secret = os.environ.get(secret_env)
     if not secret:
-        raise click.UsageError(f"set the HMAC secret in ${secret_env} (the clients use it too)")
+        raise click.UsageError(f"set the signing secret in ${secret_env} (the clients use it too)")
     variables = {
         aws_lambda.ENV_REDIS_URL: redis_url,
         aws_lambda.ENV_SECRET: secret,

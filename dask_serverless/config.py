@@ -38,6 +38,6 @@ def setting(name: str, value: Any = None) -> Any:
 
 
 def secret_from_environment() -> bytes | None:
-    """The shared HMAC secret from config or the environment, if any is set."""
+    """The shared signing secret from config or the environment, if any is set."""
     value = dask.config.get("serverless.secret", None) or os.environ.get(SECRET_ENV)
     return value.encode() if isinstance(value, str) else value

@@ -1,13 +1,13 @@
 """The run record — everything a worker needs to know about a run — and how blobs of a
 run are signed.
 
-The client builds one ``RunRecord`` per run, seals it (cloudpickle, zlib, HMAC) and stores
-it under the run's ``record`` key; a worker opens it once per process and run. Every other
-blob of the run (outputs, the first error, the result) is signed the same way through a
-``RunSigner``. Each MAC is bound to the blob's place — run id, *kind* and *slot* (the node
-index, for outputs; see ``blob_context``) — which the reader names again, so a validly
-signed blob copied to another key, run or kind is refused with ``UntrustedBlobError``
-naming the key it was found under.
+The client builds one ``RunRecord`` per run, seals it (cloudpickle, zlib, a keyed-BLAKE3
+MAC) and stores it under the run's ``record`` key; a worker opens it once per process and
+run. Every other blob of the run (outputs, the first error, the result) is signed the
+same way through a ``RunSigner``. Each MAC is bound to the blob's place — run id, *kind*
+and *slot* (the node index, for outputs; see ``blob_context``) — which the reader names
+again, so a validly signed blob copied to another key, run or kind is refused with
+``UntrustedBlobError`` naming the key it was found under.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ same code — a zip package built here (this package plus its worker requirement
 wheels for the Lambda runtime's Python and architecture) or a container image the user
 built. It creates what is missing and updates what exists, so running it again is how a
 deployment is upgraded. The functions get the environment ``aws_lambda.worker_environment``
-reads: the Redis URL and the HMAC secret as plain variables (encrypted at rest by Lambda)
+reads: the Redis URL and the signing secret as plain variables (encrypted at rest by Lambda)
 or as Secrets Manager ARNs — never in an invocation payload (I-5).
 
 Without ``--role-arn`` it makes an execution role ``<name>-role`` that may write logs,
@@ -111,7 +111,7 @@ class DeploySpec:
             )
         if bool(self.secret) == bool(self.secret_arn):
             raise DeployError(
-                "give the workers the client's HMAC secret either through the "
+                "give the workers the client's signing secret either through the "
                 "DASK_SERVERLESS_SECRET environment variable or as --secret-arn ARN "
                 "(a secret never goes on the command line)"
             )

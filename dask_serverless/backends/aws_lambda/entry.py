@@ -3,7 +3,7 @@
 ``handler(event, context)`` is what a deployed function runs
 (``dask_serverless.backends.aws_lambda.entry.handler``). A Lambda instance serves many
 invocations, so the first call builds the instance's ``WorkerEnvironment`` with
-``worker_environment(os.environ)`` — the Redis URL and the HMAC secret from environment
+``worker_environment(os.environ)`` — the Redis URL and the signing secret from environment
 variables or Secrets Manager (never from the payload, I-5), a ``LambdaBackend`` as the
 invoker for fan-out, an S3 store for large outputs when a bucket is configured, the
 margin before the time limit at which a worker hands its branch to a fresh invocation, and

@@ -22,7 +22,7 @@ functions are updated independently and show their own metrics, logs and concurr
 **Starting a worker** (``entry``). The function's handler,
 ``dask_serverless.backends.aws_lambda.entry.handler``, builds the instance's
 ``WorkerEnvironment`` on its first call with ``worker_environment(os.environ)``: the
-Redis URL and the HMAC secret from environment variables or Secrets Manager (never from
+Redis URL and the signing secret from environment variables or Secrets Manager (never from
 the payload, I-5), a ``LambdaBackend`` as the invoker for fan-out, an S3 store for large
 outputs when a bucket is configured, and the margin before the time limit at which a
 worker hands its branch to a fresh invocation.
