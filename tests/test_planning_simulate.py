@@ -326,3 +326,22 @@ def test_a_cold_invocations_setup_before_its_first_task_is_waited_for_not_shared
         [""], [], [invocation], first_starts=first_task_starts([first])
     )
     assert samples == {1769: [[1, COLD, pytest.approx(0.3)]]}
+
+
+def test_setup_is_work_an_instance_does_at_its_own_speed():
+    # Setup measured at 1769 MB (one full vCPU): 0.3 s cold, 0.02 s warm. A 512 MB
+    # instance gets 512/1769 of a vCPU, so it sets up in 0.3 * 1769/512 s; the boot itself
+    # is the same at every size.
+    startups = {1769: [[1, COLD, 0.3]] * 3 + [[0, WARM, 0.02]] * 3}
+    predictor = Predictor(History(startups=startups), SLA.parse("average"), CpuModel())
+    at_1769, at_512, at_3008 = (predictor.startup(m) for m in (1769, 512, 3008))
+    assert at_1769.cold_s == pytest.approx(COLD + 0.3)
+    assert at_1769.warm_s == pytest.approx(WARM + 0.02)
+    assert at_512.cold_s == pytest.approx(COLD + 0.3 * 1769 / 512)
+    assert at_512.warm_s == pytest.approx(WARM + 0.02 * 1769 / 512)
+    assert at_3008 == at_1769
+    assert at_512.boot_s == at_1769.boot_s == COLD
+    # Samples from a small size count as the same work, so sizes agree whichever was seen.
+    from_512 = {512: [[1, COLD, 0.3 * 1769 / 512]] * 3 + [[0, WARM, 0.02 * 1769 / 512]] * 3}
+    other = Predictor(History(startups=from_512), SLA.parse("average"), CpuModel())
+    assert other.startup(1769).cold_s == pytest.approx(at_1769.cold_s)

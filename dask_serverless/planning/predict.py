@@ -50,7 +50,7 @@ holds no global state.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import median
 
@@ -260,11 +260,12 @@ class Predictor:
             if pooled_transfers
             else Line(DEFAULT_LATENCY_S, 1 / DEFAULT_BANDWIDTH_BPS)
         )
-        # One start-up for every size: an instance boots the same code whatever its size
-        # (measured boots do not depend on it), and per-size figures would let noise
-        # pick sizes.
-        everything = [s for ss in history.startups.values() for s in ss]
-        self._startup = _startup_of(everything)
+        # One boot for every size: an instance boots the same code whatever its size
+        # (measured boots do not depend on it), and per-size figures would let noise pick
+        # sizes. Its setup is one thread's CPU work under the instance's quota: measured
+        # at the sizes it ran at, it is scaled to the others by their speed.
+        self._boot, self._setup_work = _startup_of(history.startups, self.cpu)
+        self._startups: dict[int, Startup] = {}
 
     # -- execution -----------------------------------------------------------------------
 
@@ -349,23 +350,45 @@ class Predictor:
     # -- start-up ------------------------------------------------------------------------
 
     def startup(self, memory_mb: int) -> Startup:
-        """Cold and warm start-up at ``memory_mb`` (measured at every size together)."""
-        return self._startup
+        """Cold and warm start-up at ``memory_mb``: the boot measured at every size
+        together, the setup's work at the speed of one thread at ``memory_mb``."""
+        startup = self._startups.get(memory_mb)
+        if startup is None:
+            speed = self.cpu.speed(memory_mb, threads=1.0)
+            cold_work, warm_work = self._setup_work
+            startup = Startup(
+                self._boot.cold_s + cold_work / speed,
+                self._boot.warm_s + warm_work / speed,
+                self._boot.boot_s,
+            )
+            self._startups[memory_mb] = startup
+        return startup
 
 
-def _startup_of(samples: Sequence[Sequence[float]]) -> Startup:
-    """Start-ups from ``[cold, seconds, setup_s]`` samples (``setup_s``, from the handler's
-    start to its first task — loading the run record, a fresh instance's first imports —
-    may be missing in older ones). Cold and warm start-ups run until the first task: the
-    boot or hand-over plus the setup; ``boot_s`` is the boot's own work alone."""
-    cold = [s[1] for s in samples if s[0]]
-    warm = [s[1] for s in samples if not s[0]]
-    cold_setup = [s[2] for s in samples if s[0] and len(s) > 2]
-    warm_setup = [s[2] for s in samples if not s[0] and len(s) > 2]
+def _startup_of(
+    samples: Mapping[int, Sequence[Sequence[float]]], cpu: CpuModel
+) -> tuple[Startup, tuple[float, float]]:
+    """The boot, and the setup's cold and warm work (seconds at one full vCPU), from
+    ``[cold, seconds, setup_s]`` samples per size (``setup_s``, from the handler's start to
+    its first task — loading the run record, a fresh instance's first imports — may be
+    missing in older ones). A start-up runs until the first task: the boot or hand-over
+    (``cold_s``, ``warm_s``) plus the setup; ``boot_s`` is the boot's own work alone."""
+    everything = [s for ss in samples.values() for s in ss]
+    cold = [s[1] for s in everything if s[0]]
+    warm = [s[1] for s in everything if not s[0]]
     cold_s = mean(cold) if cold else DEFAULT_COLD_START_S
     warm_s = mean(warm) if warm else DEFAULT_WARM_START_S
     boot_s = min(cold) if cold else cold_s
+    cold_work: list[float] = []
+    warm_work: list[float] = []
+    for memory_mb, sized in samples.items():
+        speed = cpu.speed(memory_mb, threads=1.0)
+        for sample in sized:
+            if len(sample) > 2:
+                (cold_work if sample[0] else warm_work).append(sample[2] * speed)
     # The median: a fresh platform's first instances import what later ones find loaded.
-    cold_s += median(cold_setup) if cold_setup else 0.0
-    warm_s += median(warm_setup) if warm_setup else 0.0
-    return Startup(cold_s, warm_s, boot_s)
+    setup_work = (
+        median(cold_work) if cold_work else 0.0,
+        median(warm_work) if warm_work else 0.0,
+    )
+    return Startup(cold_s, warm_s, boot_s), setup_work
