@@ -8,7 +8,6 @@ at once and again a few seconds later (the autouse fixture checks the session se
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import os
 import queue
@@ -441,19 +440,10 @@ def test_a_killed_clients_keys_are_gone_and_its_workers_stop(client_lanes, clien
     and nothing recreates one. The tally says how many keys each kill left behind and
     how long until none was left."""
 
-    def run(trial: int) -> tuple[Trial, list[str]]:
-        server = client_lanes.get()
-        try:
-            return client_trial(server.url, trial)
-        finally:
-            client_lanes.put(server)
-
-    with concurrent.futures.ThreadPoolExecutor(CLIENT_LANES) as pool:
-        results = list(pool.map(run, range(CLIENT_TRIALS)))
-    for row, _ in results:
-        client_tally.add(row)
-    print(f"\n{client_tally.table()}")
-    assert not [problem for _, found in results for problem in found]
+    problems = client_tally.run(
+        client_lanes, lambda server, seed: client_trial(server.url, seed), CLIENT_TRIALS
+    )
+    assert not problems
     assert client_tally.outcomes()["keys gone"] == CLIENT_TRIALS
     assert client_tally.total("keys at the kill") > 0
 

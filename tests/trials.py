@@ -8,9 +8,13 @@ checks the counts, and the session's terminal summary prints every table again
 
 from __future__ import annotations
 
+import concurrent.futures
+import queue
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 RIGHT = "right answer"
 
@@ -38,6 +42,30 @@ class TrialTally:
 
     def add(self, trial: Trial) -> None:
         self.trials.append(trial)
+
+    def run(
+        self,
+        lanes: queue.Queue,
+        trial: Callable[[Any, int], tuple[Trial, list[str]]],
+        seeds: int,
+    ) -> list[str]:
+        """Run the trials of seeds ``0 … seeds-1``, as many at once as ``lanes`` holds
+        (each takes a lane — its own servers — and gives it back), add them, print the
+        table; return the problems the trials found."""
+
+        def in_a_lane(seed: int) -> tuple[Trial, list[str]]:
+            lane = lanes.get()
+            try:
+                return trial(lane, seed)
+            finally:
+                lanes.put(lane)
+
+        with concurrent.futures.ThreadPoolExecutor(lanes.qsize()) as pool:
+            results = list(pool.map(in_a_lane, range(seeds)))
+        for row, _ in results:
+            self.add(row)
+        print(f"\n{self.table()}")
+        return [problem for _, found in results for problem in found]
 
     def outcomes(self) -> Counter[str]:
         return Counter(trial.outcome for trial in self.trials)
