@@ -48,6 +48,7 @@ shows as a gap in the counter, and the store reads everything again.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -82,9 +83,11 @@ class HistoryStore:
         self.client = client
         self.samples = int(samples)
         self.ttl_s = int(ttl_s)
-        # Parsed series by key (newest sample first), valid at ``_generation``.
+        # Parsed series by key (newest sample first), valid at ``_generation``. Computes
+        # running at once on one Scheduler share the store: one load or append at a time.
         self._held: dict[str, list[Any]] = {}
         self._generation: int | None = None
+        self._lock = threading.Lock()
 
     def load(
         self, functions: Iterable[str], memories: Iterable[int]
@@ -104,8 +107,19 @@ class HistoryStore:
         by ``(function, MB)``, ``MB`` and function (series without samples are left out);
         ``capacity`` newest first.
         """
-        sizes = sorted({int(m) for m in memories})
-        names = list(dict.fromkeys(functions))
+        with self._lock:
+            return self._load(list(dict.fromkeys(functions)), sorted({int(m) for m in memories}))
+
+    def _load(
+        self, names: list[str], sizes: list[int]
+    ) -> tuple[
+        dict[tuple[str, int], list[Sample]],
+        dict[int, list[Sample]],
+        dict[int, list[Sample]],
+        dict[str, list[int]],
+        dict[str, list[float]],
+        list[Sample],
+    ]:
         series: list[tuple[str, Any, str]] = [
             ("task", (f, m), task_history_key(f, m)) for f in names for m in sizes
         ]
@@ -163,6 +177,18 @@ class HistoryStore:
         capacity: Sample | None = None,
     ) -> None:
         """Add samples (newest last), trimming every series to its bound; one round trip."""
+        with self._lock:
+            self._append(tasks, transfers, startups, out_of_memory, residuals, capacity)
+
+    def _append(
+        self,
+        tasks: Mapping[tuple[str, int], Sequence[Sample]],
+        transfers: Mapping[int, Sequence[Sample]],
+        startups: Mapping[int, Sequence[Sample]],
+        out_of_memory: Mapping[str, Sequence[int]] | None,
+        residuals: Mapping[str, Sequence[float]] | None,
+        capacity: Sample | None,
+    ) -> None:
         writes: list[tuple[str, Sequence[Any], int]] = [
             (task_history_key(f, m), s, self.samples) for (f, m), s in tasks.items()
         ]
