@@ -70,6 +70,16 @@ RESIDUALS = 32
 CAPACITIES = 16
 
 Sample = list[float]
+# What ``HistoryStore.load`` returns: tasks, transfers, start-ups, out-of-memory sizes,
+# residuals, capacity.
+Loaded = tuple[
+    dict[tuple[str, int], list[Sample]],
+    dict[int, list[Sample]],
+    dict[int, list[Sample]],
+    dict[str, list[int]],
+    dict[str, list[float]],
+    list[Sample],
+]
 
 
 class HistoryStore:
@@ -89,16 +99,7 @@ class HistoryStore:
         self._generation: int | None = None
         self._lock = threading.Lock()
 
-    def load(
-        self, functions: Iterable[str], memories: Iterable[int]
-    ) -> tuple[
-        dict[tuple[str, int], list[Sample]],
-        dict[int, list[Sample]],
-        dict[int, list[Sample]],
-        dict[str, list[int]],
-        dict[str, list[float]],
-        list[Sample],
-    ]:
+    def load(self, functions: Iterable[str], memories: Iterable[int]) -> Loaded:
         """Samples of ``functions`` at ``memories``, and transfer, start-up and capacity
         samples.
 
@@ -110,16 +111,7 @@ class HistoryStore:
         with self._lock:
             return self._load(list(dict.fromkeys(functions)), sorted({int(m) for m in memories}))
 
-    def _load(
-        self, names: list[str], sizes: list[int]
-    ) -> tuple[
-        dict[tuple[str, int], list[Sample]],
-        dict[int, list[Sample]],
-        dict[int, list[Sample]],
-        dict[str, list[int]],
-        dict[str, list[float]],
-        list[Sample],
-    ]:
+    def _load(self, names: list[str], sizes: list[int]) -> Loaded:
         series: list[tuple[str, Any, str]] = [
             ("task", (f, m), task_history_key(f, m)) for f in names for m in sizes
         ]
