@@ -25,12 +25,14 @@ class OutputCache:
         self._entries: OrderedDict[tuple[str, int], tuple[Any, int]] = OrderedDict()
         self._bytes = 0
 
-    def get(self, run_id: str, index: int) -> tuple[bool, Any]:
+    def get(self, run_id: str, index: int) -> tuple[bool, Any, int]:
+        """``(found, value, size)``: the size is the one ``put`` was given, so a task that
+        reads a cached value does not size it again."""
         entry = self._entries.get((run_id, index))
         if entry is None:
-            return False, None
+            return False, None, 0
         self._entries.move_to_end((run_id, index))
-        return True, entry[0]
+        return True, *entry
 
     def put(self, run_id: str, index: int, value: Any, size: int | None = None) -> None:
         """Keep ``value``; ``size`` is its ``dask.sizeof`` when the caller knows it."""

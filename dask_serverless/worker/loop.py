@@ -59,7 +59,7 @@ from dask.utils import shorten_traceback
 from dask_serverless.protocol import events
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.placement import output_leaves_worker
-from dask_serverless.protocol.record import LITERAL, OUTPUT, RESULT
+from dask_serverless.protocol.record import LITERAL, RESULT
 from dask_serverless.worker.branch import Branch, MissingOutputError, OutputTooLargeError, RunGone
 from dask_serverless.worker.metrics import RunDelayClock, TaskMeter
 
@@ -326,12 +326,7 @@ class WorkerLogic:
                 raise MissingOutputError(
                     f"output of {branch.dag.keys[parent]!r} is missing from Redis"
                 )
-            inputs[parent] = branch.signer.loads(
-                branch.input_blob(blob),
-                OUTPUT,
-                parent,
-                f"output of {branch.dag.keys[parent]!r} (key {branch.store.keys.output(parent)})",
-            )
+            inputs[parent] = branch.open_output(parent, blob)
             branch.remember(parent, inputs[parent])
         return inputs
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from operator import add
 
+import pandas as pd
 import redis
+from dask.sizeof import sizeof
 
 from dask_serverless.graph import DAG, translate
 from dask_serverless.protocol.invocation import Invocation
@@ -19,6 +21,7 @@ from dask_serverless.protocol.record import RunRecord, RunSigner
 from dask_serverless.protocol.store import RunStore
 from dask_serverless.storage.serialize import Signer, new_secret
 from dask_serverless.worker.branch import Branch
+from dask_serverless.worker.cache import OutputCache
 from dask_serverless.worker.loop import WorkerLogic
 from tests.tasks import inc, total
 
@@ -40,13 +43,13 @@ def fan_out(children: int) -> DAG:
     return translate(dsk, "total")
 
 
-def branch_of(dag: DAG, **record: object) -> Branch:
-    run_id = new_run_id()
+def branch_of(dag: DAG, signer: RunSigner | None = None, **record: object) -> Branch:
+    run_id = new_run_id() if signer is None else signer.run_id
     nowhere = redis.Redis(unix_socket_path="/nonexistent/dask-serverless-test.sock")
     return Branch(
         record=RunRecord(run_id, dag, **record),  # type: ignore[arg-type]
         store=RunStore(nowhere, run_id, ttl_s=60),
-        signer=RunSigner(Signer(new_secret()), run_id),
+        signer=signer or RunSigner(Signer(new_secret()), run_id),
         invoker=Sent(),
         worker_id="test",
     )
@@ -165,3 +168,23 @@ def test_held_values_are_released_after_their_last_use():
     assert root in branch.values
     assert branch.take_held(root) == "value"
     assert root not in branch.values
+
+
+def test_an_output_read_elsewhere_keeps_the_size_its_producer_measured():
+    """The reader of a stored output (another worker) and a cache hit take the producer's
+    ``dask.sizeof`` with the value: a frame is sized once per run, and every task's input
+    bytes add up its producers' output bytes."""
+    dag = fan_out(2)
+    producer = branch_of(dag)
+    reader = branch_of(dag, producer.signer)
+    reader.cache = OutputCache(2**30)
+    root = dag.index["root"]
+    frame = pd.DataFrame({"user": range(1_000), "amount": [0.5] * 1_000})
+    blob = bytes(producer.output_blob(root, frame))
+    opened = reader.open_output(root, blob)
+    pd.testing.assert_frame_equal(opened, frame)
+    assert reader.sizes[root] == producer.size_of(root, frame) == sizeof(frame)
+    reader.remember(root, opened)
+    later = branch_of(dag, producer.signer)
+    later.cache = reader.cache
+    assert later.cached(root)[0] and later.sizes[root] == producer.sizes[root]
