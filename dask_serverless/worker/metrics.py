@@ -3,7 +3,8 @@
 ``TaskMeter`` times one task through the branch loop's stages — gather (download),
 execute, publish (upload) — and sizes its inputs and output with ``dask.sizeof`` (the
 same measure whether an input came from Redis or from this worker's memory), each value
-once (``Branch.size_of``). Beside the wall time of the execution it measures the CPU time
+once per run: its producer sizes it and a stored output carries that size to its readers
+(``Branch.size_of``). Beside the wall time of the execution it measures the CPU time
 the process spent in it (``time.process_time``: all threads, so a BLAS call counts in
 full), which tells the planner how much of the task scales with the CPU share, the time
 the task was ready to run but waited for a CPU (the kernel's run delay: a CPU quota's
