@@ -13,6 +13,7 @@ import pytest
 from dask_serverless import Scheduler
 from dask_serverless.backends.local import LocalBackend
 from dask_serverless.backends.local.forkserver import shared_fork_server
+from dask_serverless.backends.local.resources import Cgroups
 from dask_serverless.storage.serialize import new_secret
 from tests.tasks import big_bytes, main_module_file, pid_with, sleep_then
 
@@ -124,3 +125,21 @@ def test_the_fork_server_reports_how_an_instance_ended():
     ours.close()
     for process in (stopped, killed):
         process.close()
+
+
+def test_the_pool_weighs_on_a_busy_machine_like_one_process_per_core():
+    """The instances' base group has the CPU weight of one busy process per core: beside
+    other busy processes, the pool together gets what a program with that many busy
+    threads gets, not one process's share."""
+    cgroups, reason = Cgroups.detect(cores=3)
+    if cgroups is None:
+        pytest.skip(reason)
+    try:
+        if cgroups.version == 2:
+            path, default = os.path.join(cgroups.bases[""], "cpu.weight"), 100
+        else:
+            path, default = os.path.join(cgroups.bases["cpu"], "cpu.shares"), 1024
+        with open(path) as file:
+            assert int(file.read()) == 3 * default
+    finally:
+        cgroups.close()

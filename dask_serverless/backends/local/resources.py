@@ -8,6 +8,9 @@ every instance gets a cgroup of its own, with
   over ``cpu.cfs_period_us`` on cgroup v1, ``cpu.max`` on v2;
 * a memory limit of *m* MB (``memory.limit_in_bytes`` / ``memory.max``, no swap).
 
+The instances' common base group has the CPU weight of one process per core, so the pool
+competes for a busy machine like the processes it stands in for (``Cgroups._weigh_base``).
+
 The backend creates ``dask-serverless-<pid>-<token>/`` under its own cgroup (in the
 ``cpu`` and ``memory`` hierarchies on v1, in the unified one on v2), one child per
 instance; the instance moves itself into its child before it serves anything, and the
@@ -42,6 +45,10 @@ from dask_serverless.constants import MB_PER_VCPU
 # where the task falls in the period.
 CFS_PERIOD_US = 20_000
 _SLOT_BYTES = 512
+# A process's default CPU weight: ``cpu.shares`` on cgroup v1, ``cpu.weight`` on v2.
+_V1_SHARES = 1024
+_V2_WEIGHT = 100
+_V2_MAX_WEIGHT = 10_000
 
 
 def cpu_share(memory_mb: float, cores: float) -> float:
@@ -207,6 +214,26 @@ class Cgroups:
         self.bases = bases  # controller ("cpu", "memory"; "" on v2) → base directory
         self.cores = cores
         self._count = 0
+        self._weigh_base()
+
+    def _weigh_base(self) -> None:
+        """Give the base group the CPU weight of as many processes as the machine has cores.
+
+        The kernel shares a busy machine's CPUs among the groups and processes beside the
+        base group, each with the default weight: left at it, all instances together
+        would get one process's share, so another program's two busy threads would get
+        twice what a two-instance pool gets. On Lambda an instance's vCPUs are its own;
+        here the pool competes like the processes it stands in for (one per core, at most
+        one per vCPU it can run). Where the weight cannot be written, the default stays.
+        """
+        cores = max(1, round(self.cores))
+        if self.version == 2:
+            path = os.path.join(self.bases[""], "cpu.weight")
+            weight = min(_V2_MAX_WEIGHT, _V2_WEIGHT * cores)
+        else:
+            path, weight = os.path.join(self.bases["cpu"], "cpu.shares"), _V1_SHARES * cores
+        with contextlib.suppress(OSError):
+            _write(path, str(weight))
 
     @classmethod
     def detect(cls, cores: float | None = None) -> tuple[Cgroups | None, str]:
