@@ -28,7 +28,8 @@ run record, the run's store, its progress — and walks the run through its stat
    that unfinished tasks still read, the inboxes of tasks some parent reported to) their
    TTL (``serverless.run-ttl``, a minute) again every quarter of it: the keys of a client
    that was killed are gone a minute later, and its workers stop once the record is;
-3. ``take_result`` reads and deletes the result — or, when the run failed, timed out or
+3. the client reads the last events and the result and deletes them, in one round trip
+   when the ``finished`` signal woke it — or, when the run failed, timed out or
    was interrupted, the backend stops the run's running tasks (``Backend.cancel``) and
    ``purge`` deletes every key the run may have written (the record first, which stops
    every worker from writing again). A clean-up Redis refuses is retried in the
@@ -313,11 +314,14 @@ class Run:
                     )
                 wait_s = min(wait_s, deadline - now)
             wait_s = min(wait_s, _POLL_MS / 1000)
+            result: bytes | None = None
             if follow:
                 block_ms = int(wait_s * 1000) + 1
                 cursor, batches = self.with_retries(store.read_events, cursor, block_ms)
+            elif self.with_retries(store.wait_signal, wait_s) == "finished":
+                take = store.take_events_and_result
+                cursor, batches, result = self.with_retries(take, cursor)
             else:
-                self.with_retries(store.wait_signal, wait_s)
                 cursor, batches = self.with_retries(store.read_events, cursor, None)
             if batches:
                 self.last_progress = time.monotonic()
@@ -330,7 +334,7 @@ class Run:
             if progress.failed_index is not None:
                 raise self.remote_error()
             if progress.finished:
-                blob = self.with_retries(store.take_result)
+                blob = result if result is not None else self.with_retries(store.take_result)
                 if blob is None:
                     raise RuntimeError(f"run {self.run_id} finished but its result is gone")
                 return self.open_result(blob)

@@ -294,13 +294,11 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
             f"the result ({names}) is {len(blob)} bytes, over the limit of {limit} bytes "
             "(serverless.max-output-bytes)"
         )
-    if not store.seal(blob):
-        return
-    store.delete_intermediates(len(dag), branch.record.literals)
     branch.pending_events.append(events.finished())
     batch = branch.take_events()
     assert batch is not None
-    store.announce(batch)
+    if not store.finish(blob, batch, len(dag), branch.record.literals):
+        return
     if branch.large_outputs is not None:
         branch.large_outputs.delete_run(branch.record.run_id)
 
