@@ -175,12 +175,16 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
     CPU-bound. CPU time does not depend on the share, and neither does the time the task
     itself waited (I/O, sleep), so every size's samples are pooled.
     """
-    parallel = [s[3] / s[2] for m, s in samples if len(s) > 3 and s[2] > 0 and cpu.share(m) > 1]
+    # Samples come from a few sizes: each size's share and speed is worked out once.
+    sizes = {m for m, _ in samples}
+    multicore = {m for m in sizes if cpu.share(m) > 1}
+    parallel = [s[3] / s[2] for m, s in samples if m in multicore and len(s) > 3 and s[2] > 0]
     threads = max(cpu.task_threads, max(parallel, default=0.0))
+    speeds = {m: cpu.speed(m, threads) for m in sizes}
     xs, work, io = [], [], []
     rates: dict[float, list[float]] = {}
     for memory, sample in samples:
-        speed = cpu.speed(memory, threads)
+        speed = speeds[memory]
         wall = float(sample[2])
         used = float(sample[3]) if len(sample) > 3 else wall * speed
         xs.append(float(sample[0]))
@@ -198,12 +202,14 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
     # The least contended sample at each share tells its efficiency best.
     efficiency = tuple(sorted((speed, max(values)) for speed, values in rates.items()))
     model = ExecModel(robust_line(xs, io), robust_line(xs, work), threads, (), efficiency)
+    effective = {m: max(model.effective(speed), 1e-9) for m, speed in speeds.items()}
+    io_line, cpu_line = model.io, model.cpu
     ratios = []
-    for memory, sample in samples:
-        predicted = model.time(float(sample[0]), cpu.speed(memory, threads))
+    for (memory, sample), x in zip(samples, xs, strict=True):
+        predicted = io_line.at(x) + cpu_line.at(x) / effective[memory]
         if predicted > 0:
             ratios.append(float(sample[2]) / predicted)
-    return ExecModel(model.io, model.cpu, threads, tuple(ratios), efficiency)
+    return ExecModel(io_line, cpu_line, threads, tuple(ratios), efficiency)
 
 
 @dataclass(frozen=True)
