@@ -202,14 +202,16 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
     # The least contended sample at each share tells its efficiency best.
     efficiency = tuple(sorted((speed, max(values)) for speed, values in rates.items()))
     model = ExecModel(robust_line(xs, io), robust_line(xs, work), threads, (), efficiency)
-    effective = {m: max(model.effective(speed), 1e-9) for m, speed in speeds.items()}
-    io_line, cpu_line = model.io, model.cpu
+    # A function's tasks mostly see a few input sizes: one prediction per size and input.
+    predictions: dict[tuple[int, float], float] = {}
     ratios = []
     for (memory, sample), x in zip(samples, xs, strict=True):
-        predicted = io_line.at(x) + cpu_line.at(x) / effective[memory]
+        predicted = predictions.get((memory, x))
+        if predicted is None:
+            predicted = predictions[memory, x] = model.time(x, speeds[memory])
         if predicted > 0:
             ratios.append(float(sample[2]) / predicted)
-    return ExecModel(io_line, cpu_line, threads, tuple(ratios), efficiency)
+    return ExecModel(model.io, model.cpu, threads, tuple(ratios), efficiency)
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,8 @@ class Predictor:
             if peaks:
                 line = fit_line([x for x, _ in peaks], [p for _, p in peaks])
                 # Upper envelope: the line raised to the highest peak it fell short of.
-                worst = max(p - line.at(x) for x, p in peaks)
+                at = {x: line.at(x) for x in {x for x, _ in peaks}}
+                worst = max(p - at[x] for x, p in peaks)
                 self._peaks[function] = Line(line.intercept + max(0.0, worst), line.slope)
         self._bias = {
             function: min(max(median(values), BIAS_RANGE[0]), BIAS_RANGE[1])
