@@ -17,9 +17,9 @@ configuration only: given the plan's ``memory``, roots are grouped by it first, 
 root planned at 512 MB never runs at 1769 MB because it was bundled with a larger one.
 
 A graph whose whole predicted work is worth less than a second invocation is one bundle
-that holds every node, fan-outs included (``whole_dag``): one invocation runs the graph
-with no Redis traffic between its tasks — any task a second worker took would finish
-later than here, after its invocation, its start and an output stored and read.
+(``bundles=1``): all its roots start in one invocation. Its fan-outs stay free: a task's
+time may depend on more than history sees (its arguments), and a worker still hands
+ready children to new workers while the platform has room.
 """
 
 from __future__ import annotations
@@ -71,9 +71,3 @@ def bundle_roots(dag: DAG, bundles: int, memory: Sequence[int | None] | None = N
         bundle_of[index] = number
         internal.add(index)
     return Bundling(starts, frozenset(internal))
-
-
-def whole_dag(dag: DAG) -> Bundling:
-    """One invocation starting every root, every other node internal to it."""
-    roots = dag.roots
-    return Bundling([list(roots)], frozenset(range(len(dag))) - frozenset(roots))

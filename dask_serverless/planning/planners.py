@@ -49,7 +49,7 @@ from statistics import NormalDist, pvariance
 from typing import Any, Protocol
 
 from dask_serverless.graph import DAG
-from dask_serverless.planning.bundling import Bundling, bundle_roots, whole_dag
+from dask_serverless.planning.bundling import Bundling, bundle_roots
 from dask_serverless.planning.locality import ClientPlacement
 from dask_serverless.planning.predict import Predictor
 from dask_serverless.planning.simulate import (
@@ -156,10 +156,10 @@ class PlanInputs:
 
     def worth_one_invocation(self, memory: Sequence[int]) -> bool:
         """Is the whole DAG's work less than a second invocation costs (its invoke latency,
-        a warm start, an output stored and read)? Then it runs whole in one.
+        a warm start, an output stored and read)? Then all its roots start in one.
 
         Splitting work ``W`` over two invocations saves at most ``W / 2``: below twice that
-        cost, one invocation running every task finishes first. Only a small-work plan
+        cost, one invocation starting every root finishes first. Only a small-work plan
         with one configuration for every task qualifies.
         """
         if not self.small_work:
@@ -236,11 +236,9 @@ class PlanInputs:
         """The root bundles the client will invoke for ``memory`` (one size per bundle),
         the longest remaining path first: a platform with fewer slots than bundles starts
         them in that order, and the critical path should not wait behind side branches.
-        A DAG worth less than a second invocation runs whole in one
-        (``worth_one_invocation``)."""
-        if self.worth_one_invocation(memory):
-            return whole_dag(self.dag)
-        bundling = bundle_roots(self.dag, self.platform.bundles, memory)
+        A DAG worth less than a second invocation starts in one (``worth_one_invocation``)."""
+        bundles = 1 if self.worth_one_invocation(memory) else self.platform.bundles
+        bundling = bundle_roots(self.dag, bundles, memory)
         if not self.per_node or len(bundling.starts) < 2:
             return bundling
         remaining = self.remaining_work(memory)
