@@ -432,6 +432,7 @@ class Scheduler:
             memory=plan.worker_memory(),
             concurrency=self.backend.concurrency,
             literals=frozenset(literals),
+            keep_local_s=plan.inputs.one_invocation_s(plan.memory_mb),
         )
         sealed = seal_record(self._signer, record)
         signer = RunSigner(self._signer, run_id)
