@@ -15,6 +15,7 @@ from dask._task_spec import Task, TaskRef
 from dask_serverless import Scheduler, TaskOutOfMemoryError
 from dask_serverless.planning.history import function_identity
 from dask_serverless.protocol.keys import task_history_key
+from tests.tasks import inc, total
 
 TASK_S = 0.2
 # Above this load per core even a 1024 MB instance gets less CPU than its quota.
@@ -172,3 +173,20 @@ def test_history_can_be_turned_off(redis_url, redis_client):
         assert sched.last_run is not None
         assert sched.last_run.planner.startswith("critical-path (no history)")
     assert not redis_client.exists(task_history_key(function, 1769))
+
+
+def test_a_small_fan_out_and_fan_in_runs_in_one_invocation(redis_url):
+    """Once history knows its functions are quick, a small graph with a fan-out runs in one
+    invocation: a second one would cost more than all its work (a slow machine may push a
+    run past its time and hand work on, so the best of three computes counts)."""
+    roots = [dask.delayed(inc)(i) for i in range(3)]
+    joined = dask.delayed(total)(roots)
+    spread = [dask.delayed(inc)(joined) for _ in range(3)]
+    graph = dask.delayed(total)(spread)
+    with Scheduler(redis_url, concurrency=4) as sched:
+        dask.compute(graph, scheduler=sched)
+        invocations = []
+        for _ in range(3):
+            assert dask.compute(graph, scheduler=sched) == (21,)
+            invocations.append(sched.last_run.invocations)
+    assert min(invocations) == 1

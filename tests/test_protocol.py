@@ -350,3 +350,14 @@ def test_a_script_refused_for_want_of_memory_raises_out_of_memory():
         with pytest.raises(redis.exceptions.OutOfMemoryError, match="OOM"):
             store.fail(b"error", b"events")
         client.close()
+
+
+def test_computes_longer_than_the_run_ttl_keep_their_keys_alive(redis_url):
+    # A one-second TTL: the Scheduler's keep-alive thread refreshes every quarter second,
+    # for the runs in progress at once and for the ones after them.
+    with Scheduler(redis_url, run_ttl=1) as sched:
+        steps = [dask.delayed(slow_inc)(i, 1.5) for i in range(2)]
+        assert dask.compute(steps, scheduler=sched) == ([1, 2],)
+        with ThreadPoolExecutor(2) as pool:
+            both = [pool.submit(dask.compute, step, scheduler=sched) for step in steps]
+            assert [f.result() for f in both] == [(1,), (2,)]

@@ -30,7 +30,7 @@ from dask_serverless import (
     WorkerCrashedError,
 )
 from dask_serverless.client import RedisUnavailableError
-from dask_serverless.protocol.store import StoreRefusedError
+from dask_serverless.protocol.store import RunStore, StoreRefusedError
 from dask_serverless.storage.embedded import EmbeddedRedis
 from dask_serverless.worker.branch import OutputTooLargeError
 from dask_serverless.worker.handler import WorkerEnvironment
@@ -146,28 +146,33 @@ def test_a_run_whose_inbox_is_lost_is_stuck_and_says_which_task(quick, redis_cli
 # -- integrity ---------------------------------------------------------------------------
 
 
-def test_a_result_signed_for_another_run_is_refused(redis_url, redis_client):
+def test_a_result_signed_for_another_run_is_refused(redis_url, redis_client, monkeypatch):
     """A result blob copied into another run's result key fails that run."""
+    blobs: list[bytes] = []
+
+    def first_then_replayed(blob: bytes | None) -> bytes | None:
+        if blob is not None:
+            if blobs:
+                return blobs[0]
+            blobs.append(blob)
+        return blob
+
+    take_with_events, take = RunStore.take_events_and_result, RunStore.take_result
+
+    def replay_with_events(store: RunStore, cursor: bytes) -> tuple:
+        cursor, batches, blob = take_with_events(store, cursor)
+        return cursor, batches, first_then_replayed(blob)
+
     with Scheduler(redis=redis_url, timeout=60) as sched:
         dask.compute(dask.delayed(inc)(1), scheduler=sched)
-        blobs = []
-        original = sched._redis.get
-
-        def first_result_then_replay(name, *args, **kwargs):
-            value = original(name, *args, **kwargs)
-            if isinstance(name, str) and name.endswith(":result") and value is not None:
-                if blobs:
-                    return blobs[0]
-                blobs.append(value)
-            return value
-
-        sched._redis.get = first_result_then_replay  # a man in the middle on the client
-        try:
-            assert dask.compute(dask.delayed(inc)(41), scheduler=sched) == (42,)
-            with pytest.raises(UntrustedBlobError, match="run result"):
-                dask.compute(dask.delayed(inc)(41), scheduler=sched)
-        finally:
-            del sched._redis.get
+        # A man in the middle on the client: from the next result on, every result the
+        # client reads is that one.
+        monkeypatch.setattr(RunStore, "take_events_and_result", replay_with_events)
+        monkeypatch.setattr(RunStore, "take_result", lambda store: first_then_replayed(take(store)))
+        assert dask.compute(dask.delayed(inc)(41), scheduler=sched) == (42,)
+        with pytest.raises(UntrustedBlobError, match="run result"):
+            dask.compute(dask.delayed(inc)(41), scheduler=sched)
+        monkeypatch.undo()
     assert_clean(redis_client)
 
 

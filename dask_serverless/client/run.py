@@ -24,11 +24,13 @@ run record, the run's store, its progress — and walks the run through its stat
      Redis Cluster failover is ridden out like a short outage, and a run that a failover
      left stuck (a master acknowledged writes it never replicated, such as a parent's mark
      in a fan-in inbox) fails with ``StuckRunError`` saying so;
-   Meanwhile a keep-alive thread gives the run's live keys (the fixed ones, the outputs
+   Meanwhile the Scheduler's keep-alive thread (``RunKeeper``, one for all its runs: a
+   compute starts no thread) gives the run's live keys (the fixed ones, the outputs
    that unfinished tasks still read, the inboxes of tasks some parent reported to) their
    TTL (``serverless.run-ttl``, a minute) again every quarter of it: the keys of a client
    that was killed are gone a minute later, and its workers stop once the record is;
-3. ``take_result`` reads and deletes the result — or, when the run failed, timed out or
+3. the client reads the last events and the result and deletes them, in one round trip
+   when the ``finished`` signal woke it — or, when the run failed, timed out or
    was interrupted, the backend stops the run's running tasks (``Backend.cancel``) and
    ``purge`` deletes every key the run may have written (the record first, which stops
    every worker from writing again). A clean-up Redis refuses is retried in the
@@ -37,6 +39,7 @@ run record, the run's store, its progress — and walks the run through its stat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -115,6 +118,58 @@ class RedisTimeoutError(TimeoutError):
     """The deadline passed while Redis did not answer."""
 
 
+class RunKeeper:
+    """One thread that refreshes the live keys of every run in progress every quarter of
+    its TTL (``Run.keep_alive``), started with the first run and kept until ``close``."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, tuple[Run, float]] = {}  # run id → (run, last refresh)
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def add(self, run: Run) -> None:
+        with self._changed:
+            self._runs[run.run_id] = (run, time.monotonic())
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._keep, name="dask-serverless-keep-alive", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+
+    def discard(self, run: Run) -> None:
+        with self._changed:
+            self._runs.pop(run.run_id, None)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
+    def _keep(self) -> None:
+        """Refresh each run whose quarter TTL passed; sleep until the next one is due."""
+        while True:
+            with self._changed:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = []
+                next_due: float | None = None
+                for run_id, (run, last) in self._runs.items():
+                    at = last + run.store.ttl_s / KEEP_ALIVES_PER_TTL
+                    if at <= now:
+                        due.append(run)
+                        self._runs[run_id] = (run, now)
+                        at = now + run.store.ttl_s / KEEP_ALIVES_PER_TTL
+                    next_due = at if next_due is None else min(next_due, at)
+                if not due:
+                    self._changed.wait(None if next_due is None else next_due - now)
+                    continue
+            for run in due:
+                run.keep_alive()
+
+
 @dataclass
 class Run:
     """One compute; see the module docstring."""
@@ -135,6 +190,8 @@ class Run:
     memory_mb: dict[int, int] = field(default_factory=dict)
     # For a nested run: whether the run of the task that started it is gone.
     parent_gone: Callable[[], bool] | None = None
+    # What refreshes the TTL of the run's live keys while it runs (the Scheduler's).
+    keeper: RunKeeper | None = None
 
     def __post_init__(self) -> None:
         # Crashes per restart point, and re-sends per never-begun invocation.
@@ -144,7 +201,6 @@ class Run:
         self.deadline: float | None = None
         # Held while events are folded into ``progress``, which the keep-alive reads.
         self.lock = threading.Lock()
-        self.ended = threading.Event()
 
     @property
     def run_id(self) -> str:
@@ -177,10 +233,8 @@ class Run:
                 f"cannot reach Redis to start run {self.run_id}: {error}"
             ) from None
         self.primaries = self.store.primaries()
-        keeper = threading.Thread(
-            target=self.keep_alive, name=f"dask-serverless-keep-alive-{self.run_id}", daemon=True
-        )
-        keeper.start()
+        keeper = self.keeper or RunKeeper()  # a run without a Scheduler's: its own
+        keeper.add(self)
         try:
             logger.debug("run %s: invoking %d workers", self.run_id, len(invocations))
             if invocations:
@@ -190,23 +244,22 @@ class Run:
                 serve_here(invocation)
             return self.wait(deadline, timeout)
         except BaseException as error:
-            self.ended.set()
+            keeper.discard(self)
             redis_trouble = isinstance(error, (RedisUnavailableError, RedisTimeoutError))
             self.clean_up(redis_trouble)
             raise
         finally:
-            self.ended.set()
+            keeper.discard(self)
+            if keeper is not self.keeper:
+                keeper.close()
 
     def keep_alive(self) -> None:
-        """Refresh the TTL of the run's live keys every quarter TTL until the run ends."""
-        every = self.store.ttl_s / KEEP_ALIVES_PER_TTL
-        while not self.ended.wait(every):
-            with self.lock:
-                keys = self.live_keys()
-            try:
-                self.store.keep_alive(keys)
-            except _OUTAGES_AND_REFUSALS:
-                continue
+        """Refresh the TTL of the run's live keys (a Redis that refuses is ridden out:
+        the next refresh comes a quarter TTL later)."""
+        with self.lock:
+            keys = self.live_keys()
+        with contextlib.suppress(*_OUTAGES_AND_REFUSALS):
+            self.store.keep_alive(keys)
 
     def live_keys(self) -> list[str]:
         """The keys the run may still need: the fixed ones, its large literals, outputs an
@@ -313,11 +366,14 @@ class Run:
                     )
                 wait_s = min(wait_s, deadline - now)
             wait_s = min(wait_s, _POLL_MS / 1000)
+            result: bytes | None = None
             if follow:
                 block_ms = int(wait_s * 1000) + 1
                 cursor, batches = self.with_retries(store.read_events, cursor, block_ms)
+            elif self.with_retries(store.wait_signal, wait_s) == "finished":
+                take = store.take_events_and_result
+                cursor, batches, result = self.with_retries(take, cursor)
             else:
-                self.with_retries(store.wait_signal, wait_s)
                 cursor, batches = self.with_retries(store.read_events, cursor, None)
             if batches:
                 self.last_progress = time.monotonic()
@@ -330,7 +386,7 @@ class Run:
             if progress.failed_index is not None:
                 raise self.remote_error()
             if progress.finished:
-                blob = self.with_retries(store.take_result)
+                blob = result if result is not None else self.with_retries(store.take_result)
                 if blob is None:
                     raise RuntimeError(f"run {self.run_id} finished but its result is gone")
                 return self.open_result(blob)

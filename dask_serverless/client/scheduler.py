@@ -63,6 +63,7 @@ from dask_serverless.client.progress import RunProgress
 from dask_serverless.client.run import (
     RedisUnavailableError,
     Run,
+    RunKeeper,
     StuckRunError,
     WorkerCrashedError,
 )
@@ -157,6 +158,7 @@ class Scheduler:
         self._last_report: Callable[[], RunReport | None] | None = None
         self.recovered_invocations = 0
         self.last_retries: dict[Any, int] = {}
+        self._keeper = RunKeeper()
         # What it was given; the rest is read from dask.config at every compute.
         self._arguments: dict[str, Any] = {
             "redis": redis,
@@ -430,6 +432,7 @@ class Scheduler:
             memory=plan.worker_memory(),
             concurrency=self.backend.concurrency,
             literals=frozenset(literals),
+            keep_local_s=plan.inputs.one_invocation_s(plan.memory_mb),
         )
         sealed = seal_record(self._signer, record)
         signer = RunSigner(self._signer, run_id)
@@ -452,6 +455,7 @@ class Scheduler:
                 lease_ms=self.lease_ms,
                 max_reinvocations=self.max_reinvocations,
                 parent_gone=parent_gone,
+                keeper=self._keeper,
             )
             succeeded = False
             logger.info(
@@ -558,6 +562,7 @@ class Scheduler:
             if self._closed:
                 return
             self._closed = True
+            self._keeper.close()
             self._stop(closing=True)
 
     def __enter__(self) -> Scheduler:

@@ -18,8 +18,9 @@ root planned at 512 MB never runs at 1769 MB because it was bundled with a large
 
 A graph whose whole predicted work is worth less than a second invocation is one bundle
 (``bundles=1``): all its roots start in one invocation. Its fan-outs stay free: a task's
-time may depend on more than history sees (its arguments), and a worker still hands
-ready children to new workers while the platform has room.
+time may depend on more than history sees (its arguments). Its worker runs every ready
+child itself while the run stays within the time its plan allows one invocation
+(``RunRecord.keep_local_s``), and hands what is left on to new workers past it.
 """
 
 from __future__ import annotations

@@ -162,11 +162,17 @@ class PlanInputs:
         cost, one invocation starting every root finishes first. Only a small-work plan
         with one configuration for every task qualifies.
         """
+        return self.one_invocation_s(memory) is not None
+
+    def one_invocation_s(self, memory: Sequence[int]) -> float | None:
+        """Twice what a second invocation costs, when the whole DAG's work is below it
+        (``worth_one_invocation``): the task seconds one invocation may spend before
+        handing work on pays (``RunRecord.keep_local_s``). None otherwise."""
         if not self.small_work:
-            return False
+            return None
         sizes = {memory[i] for i in range(self.dag.sink)}
         if len(sizes) != 1:
-            return False
+            return None
         (size,) = sizes
         work = self.work_bound_s(size)
         predictor = self.predictor
@@ -175,7 +181,7 @@ class PlanInputs:
             + predictor.startup(size).warm_s
             + 2 * predictor.transfer_time(0, size)
         )
-        return work is not None and work <= 2 * second
+        return 2 * second if work is not None and work <= 2 * second else None
 
     @cached_property
     def per_node(self) -> bool:

@@ -175,12 +175,16 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
     CPU-bound. CPU time does not depend on the share, and neither does the time the task
     itself waited (I/O, sleep), so every size's samples are pooled.
     """
-    parallel = [s[3] / s[2] for m, s in samples if len(s) > 3 and s[2] > 0 and cpu.share(m) > 1]
+    # Samples come from a few sizes: each size's share and speed is worked out once.
+    sizes = {m for m, _ in samples}
+    multicore = {m for m in sizes if cpu.share(m) > 1}
+    parallel = [s[3] / s[2] for m, s in samples if m in multicore and len(s) > 3 and s[2] > 0]
     threads = max(cpu.task_threads, max(parallel, default=0.0))
+    speeds = {m: cpu.speed(m, threads) for m in sizes}
     xs, work, io = [], [], []
     rates: dict[float, list[float]] = {}
     for memory, sample in samples:
-        speed = cpu.speed(memory, threads)
+        speed = speeds[memory]
         wall = float(sample[2])
         used = float(sample[3]) if len(sample) > 3 else wall * speed
         xs.append(float(sample[0]))
@@ -198,9 +202,13 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
     # The least contended sample at each share tells its efficiency best.
     efficiency = tuple(sorted((speed, max(values)) for speed, values in rates.items()))
     model = ExecModel(robust_line(xs, io), robust_line(xs, work), threads, (), efficiency)
+    # A function's tasks mostly see a few input sizes: one prediction per size and input.
+    predictions: dict[tuple[int, float], float] = {}
     ratios = []
-    for memory, sample in samples:
-        predicted = model.time(float(sample[0]), cpu.speed(memory, threads))
+    for (memory, sample), x in zip(samples, xs, strict=True):
+        predicted = predictions.get((memory, x))
+        if predicted is None:
+            predicted = predictions[memory, x] = model.time(x, speeds[memory])
         if predicted > 0:
             ratios.append(float(sample[2]) / predicted)
     return ExecModel(model.io, model.cpu, threads, tuple(ratios), efficiency)
@@ -239,7 +247,8 @@ class Predictor:
             if peaks:
                 line = fit_line([x for x, _ in peaks], [p for _, p in peaks])
                 # Upper envelope: the line raised to the highest peak it fell short of.
-                worst = max(p - line.at(x) for x, p in peaks)
+                at = {x: line.at(x) for x in {x for x, _ in peaks}}
+                worst = max(p - at[x] for x, p in peaks)
                 self._peaks[function] = Line(line.intercept + max(0.0, worst), line.slope)
         self._bias = {
             function: min(max(median(values), BIAS_RANGE[0]), BIAS_RANGE[1])

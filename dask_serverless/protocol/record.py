@@ -62,6 +62,11 @@ class RunRecord:
     # under its own key and read only by the worker that runs it
     # (see ``split_large_literals``).
     literals: frozenset[int] = frozenset()
+    # A run whose whole predicted work is worth less than a second invocation: the task
+    # seconds that prediction allows an invocation. While its tasks stay within them, a
+    # worker runs every ready child itself; past them (a task's time may depend on more
+    # than history saw) it hands what is left on to new workers.
+    keep_local_s: float | None = None
 
     def memory_of(self, index: int) -> int | None:
         return None if self.memory is None else self.memory[index]

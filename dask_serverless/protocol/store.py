@@ -95,6 +95,16 @@ def _payloads(invocations: Sequence[Invocation]) -> dict[str, str]:
     return {i.invocation_id: json.dumps(i.to_payload()) for i in invocations}
 
 
+def _batches(reply: Any, cursor: bytes) -> tuple[bytes, list[bytes]]:
+    """The event batches of an XREAD ``reply``, and the cursor after the last of them."""
+    batches: list[bytes] = []
+    for _stream, entries in reply or ():
+        for entry_id, fields in entries:
+            cursor = entry_id
+            batches.append(fields[b"e"])
+    return cursor, batches
+
+
 class CommandPacker:
     """hiredis packs small commands fastest, but copies a 2 MB output into its buffer;
     redis-py's own packer sends large arguments as they are. Each command takes the one
@@ -349,16 +359,29 @@ class RunStore:
         """Event batches after ``cursor``, waiting up to ``block_ms`` (None: not) for one."""
         block = None if block_ms is None else max(block_ms, 1)
         reply: Any = self.client.xread({self.keys.events: cursor}, block=block)
-        batches: list[bytes] = []
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                cursor = entry_id
-                batches.append(fields[b"e"])
-        return cursor, batches
+        return _batches(reply, cursor)
 
-    def wait_signal(self, timeout_s: float) -> bool:
-        """Sleep until a decisive event (first error, finished) or ``timeout_s``."""
-        return self.client.blpop([self.keys.signal], timeout=max(timeout_s, 0.001)) is not None
+    def wait_signal(self, timeout_s: float) -> str | None:
+        """Sleep until a decisive event or ``timeout_s``: ``"finished"`` (the sink's worker
+        announced the result), ``"error"`` (the first error), or None."""
+        popped = self.client.blpop([self.keys.signal], timeout=max(timeout_s, 0.001))
+        if popped is None:
+            return None
+        what = popped[1]
+        return what.decode() if isinstance(what, bytes) else str(what)
+
+    def take_events_and_result(self, cursor: bytes) -> tuple[bytes, list[bytes], bytes | None]:
+        """After ``finished``: the event batches after ``cursor`` and the result, and
+        delete what the sink's worker left (result, events, signal), in one round trip."""
+        keys = self.keys
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.xread({keys.events: cursor})
+            pipe.get(keys.result)
+            for key in (keys.result, keys.events, keys.signal):
+                pipe.unlink(key)  # one key per command: a cluster pipeline takes no more
+            reply, blob, *_ = pipe.execute()
+        cursor, batches = _batches(reply, cursor)
+        return cursor, batches, blob
 
     def get_result(self) -> bytes | None:
         return cast("bytes | None", self.client.get(self.keys.result))
@@ -589,6 +612,49 @@ class RunStore:
             return bool(self.client.ping())
         except redis.RedisError:
             return False
+
+    def finish(
+        self, result: bytes, events: bytes, node_count: int, literals: Iterable[int] = ()
+    ) -> bool:
+        """``seal``, ``delete_intermediates`` and ``announce`` in one round trip: the sink's
+        worker ends the run. False when the run was gone before the seal.
+
+        One pipeline, in order on one connection: a write that finds the record gone does
+        nothing, so nothing can come back between the seal and the deletes. A cluster, or
+        a Redis that lost the scripts (restarted), gets the three steps one by one.
+        """
+        keys = self.keys
+        if self.cluster:
+            return self._finish_in_steps(result, events, node_count, literals)
+        intermediates = keys.intermediates(node_count, literals)
+        with (
+            self.refusals(keys.result, len(result)),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            pipe.evalsha(self._seal.sha, 2, keys.record, keys.result, self.ttl_s, result)
+            for start in range(0, len(intermediates), _DELETE_CHUNK):
+                pipe.unlink(*intermediates[start : start + _DELETE_CHUNK])
+            pipe.evalsha(
+                self._announce.sha, 3, keys.result, keys.events, keys.signal, self.ttl_s, events
+            )
+            sealed, *_ = replies = pipe.execute(raise_on_error=False)
+        if isinstance(sealed, redis.exceptions.NoScriptError):
+            return self._finish_in_steps(result, events, node_count, literals)
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise out_of_memory_as_such(reply)
+            if isinstance(reply, Exception):
+                raise reply
+        return sealed == 1
+
+    def _finish_in_steps(
+        self, result: bytes, events: bytes, node_count: int, literals: Iterable[int]
+    ) -> bool:
+        if not self.seal(result):
+            return False
+        self.delete_intermediates(node_count, literals)
+        self.announce(events)
+        return True
 
     def delete_intermediates(self, node_count: int, literals: Iterable[int] = ()) -> None:
         """After ``seal``: every key but the result and the events the client still reads."""

@@ -105,6 +105,8 @@ class Branch:
     # The run's load as Redis last reported it, plus the invocations made since.
     load: int | None = None
     load_checked: float = field(default_factory=time.monotonic)
+    # When the invocation began its branch (``WorkerLogic.keeps_local``).
+    began: float = field(default_factory=time.monotonic)
 
     @property
     def dag(self) -> DAG:

@@ -10,7 +10,9 @@ An invocation names a run and the node(s) it starts with. The worker follows a *
    this node once in the inbox of every fan-in child, claiming those it completes (I-3).
    Children with this node as their only dependency are ready without asking Redis;
 4. **split** the ready children: continue with one here, keeping the output in memory, and
-   invoke new workers for the others in one concurrent batch.
+   invoke new workers for the others in one concurrent batch — unless the run was planned
+   as worth one invocation and is still within its time (``WorkerLogic.keeps_local``):
+   then every child runs here.
 
 The loop ends when no ready child is left, when a task fails (its exception is recorded and
 the client told), when the run is gone (finished, failed or cancelled — every script reports
@@ -294,13 +296,11 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
             f"the result ({names}) is {len(blob)} bytes, over the limit of {limit} bytes "
             "(serverless.max-output-bytes)"
         )
-    if not store.seal(blob):
-        return
-    store.delete_intermediates(len(dag), branch.record.literals)
     branch.pending_events.append(events.finished())
     batch = branch.take_events()
     assert batch is not None
-    store.announce(batch)
+    if not store.finish(blob, batch, len(dag), branch.record.literals):
+        return
     if branch.large_outputs is not None:
         branch.large_outputs.delete_run(branch.record.run_id)
 
@@ -357,7 +357,9 @@ class WorkerLogic:
         external_single = sum(1 for c in ready if c not in internal)
         spare = branch.spare_capacity()
         clustered = external_single > 1 and (
-            (spare is not None and spare <= 0) or self.keep_together(branch, index, value)
+            (spare is not None and spare <= 0)
+            or self.keep_together(branch, index, value)
+            or self.keeps_local(branch)
         )
         if clustered:
             branch.clustered.add(index)
@@ -421,8 +423,13 @@ class WorkerLogic:
         ``LOAD_CHECK_S`` while it has work queued). Bundle members stay: their internal
         children are counted in this invocation's memory.
         """
-        if len(stack) < 2 or branch.record.concurrency is None:
+        if len(stack) < 2 or self.keeps_local(branch):
             return []
+        if branch.record.concurrency is None:
+            # Unknown concurrency: only a small run's children, kept while it was within
+            # its budget, are handed on (all of them) once it is not.
+            kept = branch.record.keep_local_s is not None
+            return self.movable(branch, stack, len(stack)) if kept else []
         if time.monotonic() - branch.load_checked > LOAD_CHECK_S:
             branch.note_load(branch.store.load())
         return self.movable(branch, stack, branch.spare_capacity() or 0)
@@ -451,6 +458,13 @@ class WorkerLogic:
             and branch.size_of(p, branch.values[p]) >= branch.record.cluster_output_bytes
             for p in branch.dag.dependencies[index]
         )
+
+    def keeps_local(self, branch: Branch) -> bool:
+        """Whether to run every ready child here: the run was planned as worth one
+        invocation (``RunRecord.keep_local_s``) and this one is still within the task
+        seconds that allows. A slower run than predicted hands on what is left (``share``)."""
+        budget = branch.record.keep_local_s
+        return budget is not None and time.monotonic() - branch.began <= budget
 
     def keep_together(self, branch: Branch, index: int, value: Any) -> bool:
         """Whether to run all of ``index``'s single-dependency children here.

@@ -215,6 +215,10 @@ class LocalBackend:
             raise RuntimeError("the local backend is closed")
         with self._lock:
             self._enqueue(invocations)
+            # An idle instance gets its invocation now, from this thread: a warm start
+            # does not wait for the dispatcher thread to wake. Instances to start are the
+            # dispatcher's.
+            self._assign(cold_starts=False)
         self._wake_writer.send_bytes(b"!")
 
     def take_crashes(self, run_id: str) -> dict[str, str]:
@@ -379,12 +383,13 @@ class LocalBackend:
             instance.process.join(timeout=1)
             self._release(instance)
 
-    def _assign(self) -> None:
+    def _assign(self, cold_starts: bool = True) -> None:
         """Start queued invocations in the order they arrived, as Lambda does across its
         functions: each on an idle instance of its configuration (warm), on a new instance
         while fewer than ``concurrency`` live (cold), or on a new one that replaces an idle
         instance of another configuration; an instance already booting for its
-        configuration takes the next one. The rest wait."""
+        configuration takes the next one. The rest wait. Without ``cold_starts``, the
+        first invocation that no idle instance takes ends the pass."""
         if self.failure is not None:
             return
         idle: dict[int, list[Instance]] = {}
@@ -401,6 +406,8 @@ class LocalBackend:
             memory_mb = self._queue.memory_of(queued)
             if idle.get(memory_mb):
                 self._hand_over(idle[memory_mb].pop(), number, queued)
+            elif not cold_starts:
+                return
             elif booting.get(memory_mb):
                 booting[memory_mb] -= 1
             elif self._counted() < self.concurrency or self._evict_idle(idle):
