@@ -10,7 +10,10 @@ with the client's worker id (``CLIENT_WORKER``) as their instance.
 
 Two things differ from a serverless worker (``ClientLogic``): the children that are not
 placed in the client always go to new invocations on the platform, so the rest of the
-DAG runs on the workers; and nothing is handed on, since the data is here. The client's
+DAG runs on the workers; and nothing is handed on, since the data is here. When the sink
+is placed too (all its inputs are), the client reaches it like the sink's worker and
+finishes the run the same way (``worker.loop.finish_run``): it stores the result,
+deletes the run's keys and announces the end, and no worker is invoked. The client's
 copy of the run record still holds the literal data (the stored one does not), and is
 forgotten when the invocation ends.
 
