@@ -23,8 +23,9 @@ the client plus a read by the worker). Placed are, in topological order:
 - a plain-data root only when some task reading it is placed;
 - the sink, when all its inputs are placed (the rule again: it does no work, and its
   inputs would have to move to a worker). Every other node leads to the sink, so then
-  the whole run is in the client and needs no worker at all: the client stores the
-  result, deletes the run's keys and announces the end, as the sink's worker does.
+  the whole run is in the client and needs no worker at all: the client ends the run,
+  deletes its keys and announces the end, as the sink's worker does, and keeps the
+  result (``client.placed``).
 
 A task with a dependency the workers compute stays on the workers (the client would have
 to wait for it, and no client action may be needed after the roots are invoked: I-2), and
