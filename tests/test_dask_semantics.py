@@ -256,8 +256,8 @@ def test_a_reduction_of_persisted_data_runs_wholly_in_the_client(scheduler):
     total = x.sum().compute(scheduler=scheduler)
     assert np.isclose(total, x.sum().compute(scheduler="sync"))
     report = scheduler.last_run
-    # Every task read only what the client holds: it also stored the result and deleted
-    # the run's keys (the autouse fixture checks none is left); no worker was invoked.
+    # Every task read only what the client holds: it also ended the run and deleted its
+    # keys (the autouse fixture checks none is left); no worker was invoked.
     assert set().union(*where_tasks_ran(report).values()) == {"client"}
     assert report.client_tasks == len(report.tasks)
     assert report.invocations == 0 and report.cost_gb_s == 0

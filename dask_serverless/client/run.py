@@ -6,9 +6,9 @@ run record, the run's store, its progress — and walks the run through its stat
 1. ``submit``: store the signed record (the run is alive from now on) together with the
    count of the invocations about to start, then invoke one worker per bundle or root;
 2. ``wait``: only listen (I-2). Progress drives the dask callbacks, an error event raises
-   the task's own exception, ``finished`` means the sink's worker (the client itself,
-   when every task was placed there) stored the result and deleted every intermediate
-   key. While it waits it also *watches*:
+   the task's own exception, ``finished`` means the sink's worker stored the result and
+   deleted every intermediate key (when every task was placed in the client, the client
+   did, storing only the places of the values it kept). While it waits it also *watches*:
 
    * an invocation whose lease lapsed (its worker died), or whose instance the platform
      reports dead, is re-invoked from its restart point — at most
