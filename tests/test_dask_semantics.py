@@ -251,6 +251,25 @@ def test_persisted_arrays_reduce_from_literals_outside_the_record(scheduler):
     assert set().union(*where_tasks_ran(scheduler.last_run).values()) == {"local"}
 
 
+def test_a_reduction_of_persisted_data_runs_wholly_in_the_client(scheduler):
+    x = da.random.random((1000, 1000), chunks=250).persist(scheduler="threads")
+    total = x.sum().compute(scheduler=scheduler)
+    assert np.isclose(total, x.sum().compute(scheduler="sync"))
+    report = scheduler.last_run
+    # Every task read only what the client holds: it also ended the run and deleted its
+    # keys (the autouse fixture checks none is left); no worker was invoked.
+    assert set().union(*where_tasks_ran(report).values()) == {"client"}
+    assert report.client_tasks == len(report.tasks)
+    assert report.invocations == 0 and report.cost_gb_s == 0
+    assert any("no worker is needed" in note for note in report.notes)
+    # The array itself (8 MB) stays in the client that assembled it, as with threads: it
+    # never goes through Redis, so it is not held to max-output-bytes either.
+    with dask.config.set({"serverless.max-output-bytes": 2**20}):
+        whole = x.compute(scheduler=scheduler)
+    np.testing.assert_array_equal(whole, x.compute(scheduler="sync"))
+    assert scheduler.last_run.invocations == 0
+
+
 def test_persisted_chunks_are_reduced_beside_them_in_the_client(scheduler):
     x = da.random.random((1000, 1000), chunks=250).persist(scheduler="threads")
     y = da.ones((1000, 1000), chunks=250)  # computed by the workers

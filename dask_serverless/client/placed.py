@@ -8,9 +8,14 @@ children are counted and claimed in Redis, events reach the run's stream — so 
 warnings, errors, retries, metrics and the run report treat these tasks like any other,
 with the client's worker id (``CLIENT_WORKER``) as their instance.
 
-Two things differ from a serverless worker (``ClientLogic``): the children that are not
+Three things differ from a serverless worker (``ClientLogic``): the children that are not
 placed in the client always go to new invocations on the platform, so the rest of the
-DAG runs on the workers; and nothing is handed on, since the data is here. The client's
+DAG runs on the workers; nothing is handed on, since the data is here; and when the sink
+is placed too (all its inputs are), the client, which reaches it like the sink's worker
+and finishes the run the same way (``worker.loop.finish_run``: seal, delete the run's
+keys, announce the end; no worker is invoked), is also the result's reader: it keeps the
+values and stores only their places (``None`` each), so a persisted array computed
+whole never makes a round trip through Redis (nor meets ``max-output-bytes``). The client's
 copy of the run record still holds the literal data (the stored one does not), and is
 forgotten when the invocation ends.
 
@@ -24,6 +29,7 @@ import os
 import socket
 import threading
 from dataclasses import replace
+from typing import Any
 
 from dask_serverless.backends.base import Backend
 from dask_serverless.constants import CLIENT_WORKER, DEFAULT_MEMORY_MB
@@ -32,7 +38,7 @@ from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.record import RunRecord
 from dask_serverless.worker.branch import Branch
 from dask_serverless.worker.handler import WorkerEnvironment, serve
-from dask_serverless.worker.loop import WorkerLogic
+from dask_serverless.worker.loop import WorkerLogic, finish_run
 
 
 class ClientContext:
@@ -51,6 +57,8 @@ class ClientLogic(WorkerLogic):
 
     def __init__(self, placed: frozenset[int]) -> None:
         self.placed = placed
+        # The requested values, once this invocation reached the sink.
+        self.result: tuple[Any, ...] | None = None
 
     def split(self, branch: Branch, index: int, ready: list[int]) -> tuple[list[int], list[int]]:
         """Placed children continue here; every other child goes to the platform."""
@@ -63,6 +71,12 @@ class ClientLogic(WorkerLogic):
     def hand_off_due(self, branch: Branch) -> bool:
         """Never: the client has no platform time limit."""
         return False
+
+    def finish(self, branch: Branch, inputs: dict[int, Any]) -> None:
+        """End the run as the sink's worker does, keeping the values here: the stored
+        result holds ``None`` in their places."""
+        self.result = tuple(inputs[i] for i in branch.dag.requested)
+        finish_run(branch, dict.fromkeys(inputs))
 
 
 class ClientWorkers:
@@ -78,14 +92,20 @@ class ClientWorkers:
 
     def serve(
         self, record: RunRecord, dag: DAG, invocation: Invocation, placed: frozenset[int]
-    ) -> None:
+    ) -> tuple[Any, ...] | None:
         """Run ``invocation`` of ``record``'s run here: the ``placed`` tasks. ``dag`` is
-        the run's DAG with its literal data (the stored record's placed nodes are empty)."""
+        the run's DAG with its literal data (the stored record's placed nodes are empty).
+
+        Returns the requested values when the invocation finished the run (the sink was
+        placed), else None.
+        """
         environment = self._take()
+        logic = ClientLogic(placed)
         try:
-            environment.logic = ClientLogic(placed)
+            environment.logic = logic
             environment.remember(replace(record, dag=dag))
             serve(environment, invocation, _ONE_VCPU)
+            return logic.result
         finally:
             environment.records.pop(record.run_id, None)
             with self._lock:

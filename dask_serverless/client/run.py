@@ -7,7 +7,8 @@ run record, the run's store, its progress — and walks the run through its stat
    count of the invocations about to start, then invoke one worker per bundle or root;
 2. ``wait``: only listen (I-2). Progress drives the dask callbacks, an error event raises
    the task's own exception, ``finished`` means the sink's worker stored the result and
-   deleted every intermediate key. While it waits it also *watches*:
+   deleted every intermediate key (when every task was placed in the client, the client
+   did, storing only the places of the values it kept). While it waits it also *watches*:
 
    * an invocation whose lease lapsed (its worker died), or whose instance the platform
      reports dead, is re-invoked from its restart point — at most
@@ -212,13 +213,15 @@ class Run:
         timeout: float | None,
         literals: dict[int, bytes] | None = None,
         here: Sequence[int] = (),
-        serve_here: Callable[[Invocation], None] | None = None,
+        serve_here: Callable[[Invocation], Sequence[Any] | None] | None = None,
     ) -> Sequence[Any]:
         """Submit the run and wait for its values; whatever goes wrong, purge its keys.
 
         ``literals`` are the signed values of the record's large literals, by node.
         ``here`` are the start tasks of the invocation the client runs itself, through
-        ``serve_here``, right after invoking the others (``client.placed``).
+        ``serve_here``, right after invoking the others (``client.placed``); when that
+        invocation finished the run, it returns the values, which the stored result only
+        holds the places of.
         """
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         self.deadline = deadline
@@ -239,10 +242,12 @@ class Run:
             logger.debug("run %s: invoking %d workers", self.run_id, len(invocations))
             if invocations:
                 self.backend.invoke(invocations)
+            held = None
             for invocation in local:
                 assert serve_here is not None
-                serve_here(invocation)
-            return self.wait(deadline, timeout)
+                held = serve_here(invocation)
+            values = self.wait(deadline, timeout)
+            return values if held is None else held
         except BaseException as error:
             keeper.discard(self)
             redis_trouble = isinstance(error, (RedisUnavailableError, RedisTimeoutError))

@@ -439,8 +439,8 @@ class Scheduler:
         literal_blobs = {i: signer.dumps(v, LITERAL, i) for i, v in literals.items()}
         limit = self.timeout if timeout is None else timeout
 
-        def serve_here(invocation: Invocation) -> None:
-            self.client_workers.serve(record, dag, invocation, placement.nodes)
+        def serve_here(invocation: Invocation) -> tuple[Any, ...] | None:
+            return self.client_workers.serve(record, dag, invocation, placement.nodes)
 
         with local_callbacks(callbacks) as active:
             run = Run(

@@ -20,13 +20,18 @@ the client plus a read by the worker). Placed are, in topological order:
   inputs being the literal data or the outputs the placed tasks leave (as the predictor
   expects them: nothing known counts as small) — a reduction's cheap tree stays beside
   its data, an expensive task goes to the workers with the outputs it reads;
-- a plain-data root only when some task reading it is placed.
+- a plain-data root only when some task reading it is placed;
+- the sink, when all its inputs are placed (the rule again: it does no work, and its
+  inputs would have to move to a worker). Every other node leads to the sink, so then
+  the whole run is in the client and needs no worker at all: the client ends the run,
+  deletes its keys and announces the end, as the sink's worker does, and keeps the
+  result (``client.placed``).
 
 A task with a dependency the workers compute stays on the workers (the client would have
 to wait for it, and no client action may be needed after the roots are invoked: I-2), and
-so does the sink: a worker stores the result and deletes the run's keys, as always. The
-client runs all placed tasks in one invocation of its own, in which the placed non-roots
-are counted in memory like a bundle's internal nodes (``planning.bundling``);
+so does the sink then: a worker stores the result and deletes the run's keys, as always.
+The client runs all placed tasks in one invocation of its own, in which the placed
+non-roots are counted in memory like a bundle's internal nodes (``planning.bundling``);
 ``ClientPlacement.bundling`` takes them out of the workers' bundles.
 
 The client runs its share right after invoking the workers' roots, one task after the
@@ -59,11 +64,13 @@ MOVES_PER_LITERAL = 2
 @dataclass(frozen=True)
 class ClientPlacement:
     """The tasks the client runs itself: ``roots`` start its invocation, ``consumers``
-    are counted in its memory; ``literal_bytes`` is the data they no longer move."""
+    are counted in its memory (the sink among them when ``whole_run``: no worker is
+    needed); ``literal_bytes`` is the data they no longer move."""
 
     roots: tuple[int, ...] = ()
     consumers: frozenset[int] = frozenset()
     literal_bytes: int = 0
+    whole_run: bool = False
 
     @property
     def nodes(self) -> frozenset[int]:
@@ -101,10 +108,12 @@ class ClientPlacement:
         return Bundling(starts, frozenset(internal))
 
     def note(self) -> str:
+        tasks = len(self.nodes) - self.whole_run  # the sink is no task
+        whole = ", and so does the rest of the run: no worker is needed" if self.whole_run else ""
         return (
-            f"{len(self.nodes)} tasks run in the client, beside their "
+            f"{tasks} tasks run in the client, beside their "
             f"{self.literal_bytes / 2**20:.1f} MiB of literal data (moving it to workers "
-            "would cost more than the tasks; serverless.planning.client-tasks)"
+            f"would cost more than the tasks; serverless.planning.client-tasks){whole}"
         )
 
 
@@ -136,7 +145,7 @@ def place_in_client(
     # Bytes each node placed so far leaves in the client (a predicted output: 0 unknown).
     held: dict[int, float] = dict(literal_roots)
     consumers = set()
-    for index in range(dag.sink):  # index order is topological
+    for index in range(len(dag)):  # index order is topological; the sink comes last
         parents = dag.dependencies[index]
         if not parents or not all(p in held for p in parents):
             continue
@@ -150,4 +159,9 @@ def place_in_client(
         if not isinstance(dag.nodes[root], DataNode)
         or any(child in consumers for child in dag.dependents[root])
     )
-    return ClientPlacement(tuple(roots), frozenset(consumers), sum(literal_roots[r] for r in roots))
+    return ClientPlacement(
+        tuple(roots),
+        frozenset(consumers),
+        sum(literal_roots[r] for r in roots),
+        whole_run=dag.sink in consumers,
+    )

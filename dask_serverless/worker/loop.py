@@ -20,8 +20,9 @@ that), or at the sink: the worker that reaches it stores the result, deletes eve
 intermediate key of the run and announces ``finished``.
 
 A chain therefore runs in one worker with no Redis round trip per task; events are flushed
-at most every ``EVENT_FLUSH_S`` seconds. ``WorkerLogic`` holds the four stages as methods so
-a planner's optimisation can override one stage without forking the loop.
+at most every ``EVENT_FLUSH_S`` seconds. ``WorkerLogic`` holds the four stages, and the end at
+the sink, as methods so a planner's optimisation (or the client, running its own share of
+a run: ``client.placed``) can override one without forking the loop.
 
 Faults:
 
@@ -103,7 +104,7 @@ def follow_branch(
                 inputs = logic.gather(branch, index)
                 meter.gathered()
                 if index == dag.sink:
-                    finish_run(branch, inputs)
+                    logic.finish(branch, inputs)
                     return
                 value = execute_with_retries(branch, logic, index, inputs, caught)
                 branch.pending_events.append(meter.done(inputs, value))
@@ -306,7 +307,8 @@ def finish_run(branch: Branch, inputs: dict[int, Any]) -> None:
 
 
 class WorkerLogic:
-    """The four stages of the branch loop. Subclass and override a stage to optimise it."""
+    """The four stages of the branch loop, and the end of the run at the sink. Subclass and
+    override a stage to optimise it."""
 
     def gather(self, branch: Branch, index: int) -> dict[int, Any]:
         """Inputs of ``index`` by parent index: held values first, then one MGET."""
@@ -473,6 +475,11 @@ class WorkerLogic:
         running its consumers where it already is.
         """
         return branch.size_of(index, value) >= branch.record.cluster_output_bytes
+
+    def finish(self, branch: Branch, inputs: dict[int, Any]) -> None:
+        """At the sink, with the requested values as ``inputs``: end the run
+        (``finish_run``), the result stored for the client to read."""
+        finish_run(branch, inputs)
 
     def hand_off_due(self, branch: Branch) -> bool:
         """Whether to hand the rest of the branch to a fresh invocation now.

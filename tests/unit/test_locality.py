@@ -36,17 +36,22 @@ def persisted_sum():
     return optimized_dag(x.sum())
 
 
-def test_chunks_and_their_cheap_reduction_go_to_the_client_the_sink_to_a_worker():
+def test_chunks_their_cheap_reduction_and_the_sink_go_to_the_client():
     dag = persisted_sum()
     sizes = literal_sizes(dag)
     predictor = Predictor(History(), SLA.parse("p95"))
     placement = place_in_client(dag, sizes, predictor, function_identities(dag))
     # Each chunk is fused into the task that sums it: those are the roots.
     assert set(placement.roots) == set(sizes) and len(sizes) == 4
-    # The tree above them reads only what the client holds, and costs next to nothing.
-    assert placement.nodes == set(range(dag.sink))
+    # The tree above them reads only what the client holds, and costs next to nothing;
+    # so the sink's inputs are all there: the whole run is the client's, no worker needed.
+    assert placement.nodes == set(range(len(dag)))
+    assert placement.whole_run
+    assert placement.bundling(dag, bundle_roots(dag, 64)).starts == []
     assert placement.literal_bytes == sum(sizes.values()) >= 8 * 2**20
-    assert "8.0 MiB of literal data" in placement.note()
+    note = placement.note()
+    assert f"{dag.sink} tasks run in the client" in note and "8.0 MiB of literal data" in note
+    assert "no worker is needed" in note
 
 
 def double(x):
@@ -71,6 +76,8 @@ def test_a_costly_task_downstream_and_what_follows_it_go_to_the_workers():
     placed = {dag.keys[i] for i in placement.nodes}
     assert placed == {*chunks, "part-0", "part-1", "part-2", "total"}
     assert {dag.keys[i] for i in placement.roots} == set(chunks)
+    # The sink reads what the workers compute: it stays on the workers.
+    assert not placement.whole_run and "no worker" not in placement.note()
 
 
 def test_a_task_costlier_than_moving_its_chunk_stays_on_the_workers():
