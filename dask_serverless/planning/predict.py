@@ -210,11 +210,17 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
 class Startup:
     """Mean cold and warm start-up until an invocation's first task begins, and
     ``boot_s``: the quickest boot seen — the boot's own work, which instances booting at
-    once on one machine share."""
+    once on one machine share. ``setup_cpu_s`` of ``cold_s`` (``warm_setup_cpu_s`` of
+    ``warm_s``) is the setup's CPU work at one full vCPU, done at ``setup_speed``: on a
+    machine whose other load leaves fewer CPUs than that, the platform model stretches it
+    (``Platform.loaded``)."""
 
     cold_s: float
     warm_s: float
     boot_s: float = 0.0
+    setup_cpu_s: float = 0.0
+    warm_setup_cpu_s: float = 0.0
+    setup_speed: float = 1.0
 
 
 class Predictor:
@@ -360,6 +366,9 @@ class Predictor:
                 self._boot.cold_s + cold_work / speed,
                 self._boot.warm_s + warm_work / speed,
                 self._boot.boot_s,
+                cold_work,
+                warm_work,
+                speed,
             )
             self._startups[memory_mb] = startup
         return startup
@@ -369,10 +378,16 @@ def _startup_of(
     samples: Mapping[int, Sequence[Sequence[float]]], cpu: CpuModel
 ) -> tuple[Startup, tuple[float, float]]:
     """The boot, and the setup's cold and warm work (seconds at one full vCPU), from
-    ``[cold, seconds, setup_s]`` samples per size (``setup_s``, from the handler's start to
-    its first task — loading the run record, a fresh instance's first imports — may be
-    missing in older ones). A start-up runs until the first task: the boot or hand-over
-    (``cold_s``, ``warm_s``) plus the setup; ``boot_s`` is the boot's own work alone."""
+    ``[cold, seconds, setup_s, cpus]`` samples per size (``setup_s``, from the handler's
+    start to its first task — loading the run record, a fresh instance's first imports —
+    may be missing in older ones; ``cpus``, the CPUs the sample's run got on a busy
+    machine, where measured). A start-up runs until the first task: the boot or hand-over
+    (``cold_s``, ``warm_s``) plus the setup; ``boot_s`` is the boot's own work alone.
+
+    The setup ran at its size's speed, or slower where the machine's other load left the
+    run fewer CPUs than that: a setup measured at 1769 MB on a third of a free CPU did a
+    third of its time in work, and a 512 MB instance on that machine sets up hardly
+    slower (both are held by the machine, not by their quotas)."""
     everything = [s for ss in samples.values() for s in ss]
     cold = [s[1] for s in everything if s[0]]
     warm = [s[1] for s in everything if not s[0]]
@@ -385,7 +400,8 @@ def _startup_of(
         speed = cpu.speed(memory_mb, threads=1.0)
         for sample in sized:
             if len(sample) > 2:
-                (cold_work if sample[0] else warm_work).append(sample[2] * speed)
+                rate = min(speed, sample[3]) if len(sample) > 3 else speed
+                (cold_work if sample[0] else warm_work).append(sample[2] * rate)
     # The median: a fresh platform's first instances import what later ones find loaded.
     setup_work = (
         median(cold_work) if cold_work else 0.0,
