@@ -372,3 +372,18 @@ def test_a_setup_measured_on_a_busy_machine_is_work_at_the_cpus_it_got():
         [""], [], [invocation], first_starts=first_task_starts([first]), capacity=0.5
     )
     assert samples == {1769: [[1, COLD, pytest.approx(0.4), 0.5]]}
+
+
+def test_only_functions_seen_at_several_input_sizes_are_calibrated():
+    # Three tasks of 1 CPU-s at one input size, whose residuals say 1.3: the samples are
+    # those tasks, so the prediction is their 1 s, not 1.3 s. Seen at two input sizes
+    # (1 s at 0 bytes, 2 s at 1 000), the fitted line's misfit is what the bias scales.
+    residuals = {"f": [1.3] * 3}
+    one = {("f", 1769): [[0, 0, 1.0, 1.0, 0, 0.0]] * 3}
+    predictor = Predictor(History(tasks=one, residuals=residuals), SLA.parse("average"))
+    assert predictor.bias("f") == 1.0
+    assert predictor.exec_time("f", 0, 1769) == pytest.approx(1.0)
+    two = {("f", 1769): [[0, 0, 1.0, 1.0, 0, 0.0], [1000, 0, 2.0, 2.0, 0, 0.0]] * 2}
+    varied = Predictor(History(tasks=two, residuals=residuals), SLA.parse("average"))
+    assert varied.bias("f") == pytest.approx(1.3)
+    assert varied.exec_time("f", 0, 1769) == pytest.approx(1.3)

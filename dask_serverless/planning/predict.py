@@ -20,10 +20,12 @@ The model (see docs: "The planner's model"):
   the prediction never increases with memory. The intercept keeps a constant-time task
   constant whatever its input (the origin system, which stored time per input byte,
   predicted a fixed 500 ms task at 7 754, 15 007 … ms down a chain).
-* **Calibration**: after every run each task's measured busy time is compared with what
-  the plan's platform model predicted for it; the median of a function's recent ratios
-  (its *bias*: what the model does not see, such as other processes contending for the
-  local machine's cores) scales its predictions.
+* **Calibration**: after every run each task's measured work is compared with what the
+  plan's model predicted for it; the median of a function's recent ratios (its *bias*:
+  what the fitted lines do not follow) scales its predictions — for a function seen with
+  more than one input size. One seen with a single input size is predicted by the medians
+  of its newest samples, which already are those tasks: a bias would count their drift
+  twice.
 * **Error margins are relative**: each sample's ratio of measured to predicted time is
   kept per function, and the SLA's percentile is applied to the makespan by drawing those
   ratios, centred on 1 (``planning.simulate.makespan_quantile``), never by adding
@@ -247,10 +249,15 @@ class Predictor:
                 # Upper envelope: the line raised to the highest peak it fell short of.
                 worst = max(p - line.at(x) for x, p in peaks)
                 self._peaks[function] = Line(line.intercept + max(0.0, worst), line.slope)
+        # A function seen with one input size is predicted by the medians of its newest
+        # samples, which are the tasks its residuals measured: scaling by them as well
+        # would count the drift from one run to the next twice (a run whose tasks took
+        # 30 % more CPU moves the medians there, and its residuals by 30 % more again).
+        varied = {f for f, pairs in by_function.items() if len({s[0] for _m, s in pairs}) > 1}
         self._bias = {
             function: min(max(median(values), BIAS_RANGE[0]), BIAS_RANGE[1])
             for function, values in history.residuals.items()
-            if len(values) >= CALIBRATION_SAMPLES
+            if len(values) >= CALIBRATION_SAMPLES and function in varied
         }
         self._too_small = {
             function: max(sizes) for function, sizes in history.out_of_memory.items() if sizes
