@@ -407,35 +407,29 @@ def summarise(results: Results, plan_s: float, order_s: float) -> list[list[str]
     # Diagnostics, not targets: the same errors had the plan known the CPUs the machine's
     # other load left the run (measured during it) instead of forecasting them from the
     # last runs. On a quiet machine they equal the errors above; on a busy one the gap is
-    # the load's drift between runs, the rest is the model's.
-    for label, values in (
-        ("makespan", [ratio_error(r.hindsight_s, r.actual_s) for r in runs]),
-        ("cost", [ratio_error(r.hindsight_gb_s, r.actual_gb_s) for r in runs]),
-    ):
-        if values:
-            rows.append(
-                [
-                    f"{label} error given the CPUs each run got (all)",
-                    f"{statistics.median(values):.1%}",
-                    f"{max(values):.1%}",
-                    "diagnostic",
-                    "",
-                ]
+    # the load's drift between runs, the rest is the model's. Then which part of the run
+    # the makespan error comes from (error_parts), as a fraction of the actual makespan.
+    diagnostics = [
+        (
+            "makespan error given the CPUs each run got",
+            [ratio_error(r.hindsight_s, r.actual_s) for r in runs],
+        ),
+        (
+            "cost error given the CPUs each run got",
+            [ratio_error(r.hindsight_gb_s, r.actual_gb_s) for r in runs],
+        ),
+    ]
+    for position, part in enumerate(("start-up", "critical-path tasks", "the rest")):
+        diagnostics.append(
+            (
+                f"makespan error from {part}",
+                [abs(r.parts[position]) / r.actual_s for r in runs if r.actual_s > 0],
             )
-    # Diagnostics: which part of the run the makespan error comes from (error_parts), as
-    # a fraction of the actual makespan.
-    for position, label in enumerate(("start-up", "critical-path tasks", "the rest")):
-        values = [abs(r.parts[position]) / r.actual_s for r in runs if r.actual_s > 0]
+        )
+    for label, values in diagnostics:
         if values:
-            rows.append(
-                [
-                    f"makespan error from {label} (all)",
-                    f"{statistics.median(values):.1%}",
-                    f"{max(values):.1%}",
-                    "diagnostic",
-                    "",
-                ]
-            )
+            median, worst = statistics.median(values), max(values)
+            rows.append([f"{label} (all)", f"{median:.1%}", f"{worst:.1%}", "diagnostic", ""])
     for baseline, workflows, cost_target in (
         ("uniform 3008 MB", None, 0.30),
         ("uniform 1769 MB", ("mixed",), 0.15),
