@@ -57,6 +57,7 @@ from dask_serverless.planning import (
     Predictor,
 )
 from dask_serverless.planning.history import function_identities
+from dask_serverless.report import RunReport
 
 SLA_NAME = "p95"
 DEADLINE = "fastest+5%"
@@ -165,6 +166,7 @@ class Measured:
     got: float | None = None
     hindsight_s: float = 0.0
     hindsight_gb_s: float = 0.0
+    parts: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -208,7 +210,22 @@ def measure(name: str, concurrency: int, sched: Scheduler, graph: dict, key: str
         load,
         plan.inputs.platform.capacity,
         *hindsight(sched, plan, started),
+        error_parts(run),
     )
+
+
+def error_parts(run: RunReport) -> tuple[float, float, float]:
+    """Where predicted and actual makespan part, in seconds (predicted − actual): before
+    the run's first task began (boot, setup), in the tasks of the planned critical path,
+    and the rest (waiting for a slot behind other tasks, hand-overs, waiting for other
+    inputs, the tail)."""
+    ran = [t for t in run.tasks if t.actual_start_s is not None and t.actual_s is not None]
+    if not ran:
+        return 0.0, 0.0, run.predicted_makespan_s - run.actual_makespan_s
+    start = min(t.predicted_start_s for t in ran) - min(t.actual_start_s or 0.0 for t in ran)
+    tasks = sum(t.predicted_s - (t.actual_s or 0.0) for t in ran if t.on_critical_path)
+    rest = run.predicted_makespan_s - run.actual_makespan_s - start - tasks
+    return start, tasks, rest
 
 
 def hindsight(sched: Scheduler, plan: Plan, started: float) -> tuple[float | None, float, float]:
@@ -267,7 +284,10 @@ def repetition(
                             f"cost {measured.predicted_gb_s:7.3f}/{measured.actual_gb_s:7.3f} GB-s"
                             f" io<={measured.io_max_mb} load {measured.load:4.1f}"
                             f" CPUs {cpus(measured.capacity)}/{cpus(measured.got)}"
-                            f" (hindsight {measured.hindsight_s:6.3f} s)",
+                            f" (hindsight {measured.hindsight_s:6.3f} s; predicted − actual:"
+                            " start {:+.2f}, critical tasks {:+.2f}, rest {:+.2f} s)".format(
+                                *measured.parts
+                            ),
                             flush=True,
                         )
                 finally:
@@ -387,21 +407,29 @@ def summarise(results: Results, plan_s: float, order_s: float) -> list[list[str]
     # Diagnostics, not targets: the same errors had the plan known the CPUs the machine's
     # other load left the run (measured during it) instead of forecasting them from the
     # last runs. On a quiet machine they equal the errors above; on a busy one the gap is
-    # the load's drift between runs, the rest is the model's.
-    for label, values in (
-        ("makespan", [ratio_error(r.hindsight_s, r.actual_s) for r in runs]),
-        ("cost", [ratio_error(r.hindsight_gb_s, r.actual_gb_s) for r in runs]),
-    ):
-        if values:
-            rows.append(
-                [
-                    f"{label} error given the CPUs each run got (all)",
-                    f"{statistics.median(values):.1%}",
-                    f"{max(values):.1%}",
-                    "diagnostic",
-                    "",
-                ]
+    # the load's drift between runs, the rest is the model's. Then which part of the run
+    # the makespan error comes from (error_parts), as a fraction of the actual makespan.
+    diagnostics = [
+        (
+            "makespan error given the CPUs each run got",
+            [ratio_error(r.hindsight_s, r.actual_s) for r in runs],
+        ),
+        (
+            "cost error given the CPUs each run got",
+            [ratio_error(r.hindsight_gb_s, r.actual_gb_s) for r in runs],
+        ),
+    ]
+    for position, part in enumerate(("start-up", "critical-path tasks", "the rest")):
+        diagnostics.append(
+            (
+                f"makespan error from {part}",
+                [abs(r.parts[position]) / r.actual_s for r in runs if r.actual_s > 0],
             )
+        )
+    for label, values in diagnostics:
+        if values:
+            median, worst = statistics.median(values), max(values)
+            rows.append([f"{label} (all)", f"{median:.1%}", f"{worst:.1%}", "diagnostic", ""])
     for baseline, workflows, cost_target in (
         ("uniform 3008 MB", None, 0.30),
         ("uniform 1769 MB", ("mixed",), 0.15),

@@ -345,3 +345,45 @@ def test_setup_is_work_an_instance_does_at_its_own_speed():
     from_512 = {512: [[1, COLD, 0.3 * 1769 / 512]] * 3 + [[0, WARM, 0.02 * 1769 / 512]] * 3}
     other = Predictor(History(startups=from_512), SLA.parse("average"), CpuModel())
     assert other.startup(1769).cold_s == pytest.approx(at_1769.cold_s)
+
+
+def test_a_setup_measured_on_a_busy_machine_is_work_at_the_cpus_it_got():
+    # A 0.4 s setup at 1769 MB in a run that got half a CPU is 0.2 s of work: on the
+    # machine to itself, 0.2 s at 1769 MB and 0.2 * 1769/512 s at 512 MB. On a machine
+    # that leaves a quarter of a CPU, both sizes get the quarter (512 MB's quota, 0.29 of
+    # a CPU, is not what holds it): 0.8 s, then the 1 s sleep.
+    startups = {1769: [[1, COLD, 0.4, 0.5]] * 3 + [[0, WARM, 0.0, 0.5]] * 3}
+    platform = Platform(slots=1, cores=2.0, capacity=0.25, invoke_latency_s=0)
+    inputs = inputs_for(fan_in(1), platform, TIMES)
+    predictor = Predictor(
+        replace(inputs.predictor.history, startups=startups), SLA.parse("average"), CpuModel()
+    )
+    inputs = replace(inputs, predictor=predictor)
+    assert predictor.startup(1769).cold_s == pytest.approx(COLD + 0.2)
+    assert predictor.startup(512).cold_s == pytest.approx(COLD + 0.2 * 1769 / 512)
+    for size in (512, 1769):
+        memory = [size] * len(inputs.dag)
+        assert inputs.schedule(memory).makespan == pytest.approx(COLD + 0.2 * 1769 / size + 1)
+        assert inputs.schedule(memory, loaded=True).makespan == pytest.approx(COLD + 0.8 + 1)
+    # A start-up sample keeps the CPUs its run got beside its setup.
+    first = replace(measured(100.5, 1.0, 0.0, 0.0), invocation_id="a")
+    invocation = InvocationMetrics("w", 1769, True, COLD, "a", start=100.1)
+    _tasks, _transfers, samples = run_samples(
+        [""], [], [invocation], first_starts=first_task_starts([first]), capacity=0.5
+    )
+    assert samples == {1769: [[1, COLD, pytest.approx(0.4), 0.5]]}
+
+
+def test_only_functions_seen_at_several_input_sizes_are_calibrated():
+    # Three tasks of 1 CPU-s at one input size, whose residuals say 1.3: the samples are
+    # those tasks, so the prediction is their 1 s, not 1.3 s. Seen at two input sizes
+    # (1 s at 0 bytes, 2 s at 1 000), the fitted line's misfit is what the bias scales.
+    residuals = {"f": [1.3] * 3}
+    one = {("f", 1769): [[0, 0, 1.0, 1.0, 0, 0.0]] * 3}
+    predictor = Predictor(History(tasks=one, residuals=residuals), SLA.parse("average"))
+    assert predictor.bias("f") == 1.0
+    assert predictor.exec_time("f", 0, 1769) == pytest.approx(1.0)
+    two = {("f", 1769): [[0, 0, 1.0, 1.0, 0, 0.0], [1000, 0, 2.0, 2.0, 0, 0.0]] * 2}
+    varied = Predictor(History(tasks=two, residuals=residuals), SLA.parse("average"))
+    assert varied.bias("f") == pytest.approx(1.3)
+    assert varied.exec_time("f", 0, 1769) == pytest.approx(1.3)

@@ -246,6 +246,7 @@ class Planning:
         # the CPU the whole run got.
         measured = measured_tasks(progress.task_events, uploads).values()
         capacity = None
+        cpus = None
         cores = plan.inputs.platform.cores
         if cores is not None:
             cpus = cpu_capacity(measured, cores, self.cpu)
@@ -253,7 +254,7 @@ class Planning:
                 capacity = [round(time.time(), 3), round(cpus, 4)]
         first_starts = first_task_starts(measured)
         self.store.append(
-            *run_samples(functions, sampled, invocations, plan.inputs.literals, first_starts),
+            *run_samples(functions, sampled, invocations, plan.inputs.literals, first_starts, cpus),
             ooms,
             residuals(plan, functions, sampled),
             capacity,

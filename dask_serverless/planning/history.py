@@ -182,7 +182,8 @@ class History:
 
     ``tasks[(function, MB)]`` holds ``[input_bytes, output_bytes, exec_s, cpu_s,
     peak_mb, wait_s]`` samples (``wait_s``: waiting for a CPU), ``transfers[MB]``
-    ``[bytes, seconds]``, ``startups[MB]`` ``[cold, seconds]`` and
+    ``[bytes, seconds]``, ``startups[MB]`` ``[cold, seconds, setup_s, CPUs the run got]``
+    (the last two where measured) and
     ``out_of_memory[function]`` the sizes it ran out of memory at, ``residuals[function]``
     its recent tasks' measured / planned busy time (before calibration), ``capacity``
     ``[unix time, CPUs]`` of recent runs on a shared machine, newest first
@@ -206,11 +207,14 @@ def run_samples(
     invocations: Iterable[InvocationMetrics],
     literals: Sequence[int] | None = None,
     first_starts: Mapping[str, float] | None = None,
+    capacity: float | None = None,
 ) -> tuple[dict[tuple[str, int], list[Sample]], dict[int, list[Sample]], dict[int, list[Sample]]]:
     """A finished run's metrics as history samples: ``(tasks, transfers, startups)``.
 
     ``first_starts`` (``first_task_starts``) gives a start-up sample its setup: from the
-    handler's start to the invocation's first task.
+    handler's start to the invocation's first task; ``capacity`` (``cpu_capacity``), the
+    CPUs the run got on a shared machine, goes with it: the setup is CPU work, and its
+    time says how much only together with the CPU it could get.
     """
     by_function: dict[tuple[str, int], list[Sample]] = {}
     transfers: dict[int, list[Sample]] = {}
@@ -246,6 +250,8 @@ def run_samples(
         first = (first_starts or {}).get(invocation.invocation_id)
         if first is not None and invocation.start > 0:
             sample.append(round(max(0.0, first - invocation.start), 6))
+            if capacity is not None:
+                sample.append(round(capacity, 4))
         startups.setdefault(invocation.memory_mb, []).append(sample)
     return by_function, transfers, startups
 

@@ -20,10 +20,12 @@ The model (see docs: "The planner's model"):
   the prediction never increases with memory. The intercept keeps a constant-time task
   constant whatever its input (the origin system, which stored time per input byte,
   predicted a fixed 500 ms task at 7 754, 15 007 … ms down a chain).
-* **Calibration**: after every run each task's measured busy time is compared with what
-  the plan's platform model predicted for it; the median of a function's recent ratios
-  (its *bias*: what the model does not see, such as other processes contending for the
-  local machine's cores) scales its predictions.
+* **Calibration**: after every run each task's measured work is compared with what the
+  plan's model predicted for it; the median of a function's recent ratios (its *bias*:
+  what the fitted lines do not follow) scales its predictions — for a function seen with
+  more than one input size. One seen with a single input size is predicted by the medians
+  of its newest samples, which already are those tasks: a bias would count their drift
+  twice.
 * **Error margins are relative**: each sample's ratio of measured to predicted time is
   kept per function, and the SLA's percentile is applied to the makespan by drawing those
   ratios, centred on 1 (``planning.simulate.makespan_quantile``), never by adding
@@ -218,11 +220,17 @@ def exec_model(samples: Sequence[tuple[int, Sequence[float]]], cpu: CpuModel) ->
 class Startup:
     """Mean cold and warm start-up until an invocation's first task begins, and
     ``boot_s``: the quickest boot seen — the boot's own work, which instances booting at
-    once on one machine share."""
+    once on one machine share. ``setup_cpu_s`` of ``cold_s`` (``warm_setup_cpu_s`` of
+    ``warm_s``) is the setup's CPU work at one full vCPU, done at ``setup_speed``: on a
+    machine whose other load leaves fewer CPUs than that, the platform model stretches it
+    (``Platform.loaded``)."""
 
     cold_s: float
     warm_s: float
     boot_s: float = 0.0
+    setup_cpu_s: float = 0.0
+    warm_setup_cpu_s: float = 0.0
+    setup_speed: float = 1.0
 
 
 class Predictor:
@@ -250,10 +258,15 @@ class Predictor:
                 at = {x: line.at(x) for x in {x for x, _ in peaks}}
                 worst = max(p - at[x] for x, p in peaks)
                 self._peaks[function] = Line(line.intercept + max(0.0, worst), line.slope)
+        # A function seen with one input size is predicted by the medians of its newest
+        # samples, which are the tasks its residuals measured: scaling by them as well
+        # would count the drift from one run to the next twice (a run whose tasks took
+        # 30 % more CPU moves the medians there, and its residuals by 30 % more again).
+        varied = {f for f, pairs in by_function.items() if len({s[0] for _m, s in pairs}) > 1}
         self._bias = {
             function: min(max(median(values), BIAS_RANGE[0]), BIAS_RANGE[1])
             for function, values in history.residuals.items()
-            if len(values) >= CALIBRATION_SAMPLES
+            if len(values) >= CALIBRATION_SAMPLES and function in varied
         }
         self._too_small = {
             function: max(sizes) for function, sizes in history.out_of_memory.items() if sizes
@@ -369,6 +382,9 @@ class Predictor:
                 self._boot.cold_s + cold_work / speed,
                 self._boot.warm_s + warm_work / speed,
                 self._boot.boot_s,
+                cold_work,
+                warm_work,
+                speed,
             )
             self._startups[memory_mb] = startup
         return startup
@@ -378,10 +394,16 @@ def _startup_of(
     samples: Mapping[int, Sequence[Sequence[float]]], cpu: CpuModel
 ) -> tuple[Startup, tuple[float, float]]:
     """The boot, and the setup's cold and warm work (seconds at one full vCPU), from
-    ``[cold, seconds, setup_s]`` samples per size (``setup_s``, from the handler's start to
-    its first task — loading the run record, a fresh instance's first imports — may be
-    missing in older ones). A start-up runs until the first task: the boot or hand-over
-    (``cold_s``, ``warm_s``) plus the setup; ``boot_s`` is the boot's own work alone."""
+    ``[cold, seconds, setup_s, cpus]`` samples per size (``setup_s``, from the handler's
+    start to its first task — loading the run record, a fresh instance's first imports —
+    may be missing in older ones; ``cpus``, the CPUs the sample's run got on a busy
+    machine, where measured). A start-up runs until the first task: the boot or hand-over
+    (``cold_s``, ``warm_s``) plus the setup; ``boot_s`` is the boot's own work alone.
+
+    The setup ran at its size's speed, or slower where the machine's other load left the
+    run fewer CPUs than that: a setup measured at 1769 MB on a third of a free CPU did a
+    third of its time in work, and a 512 MB instance on that machine sets up hardly
+    slower (both are held by the machine, not by their quotas)."""
     everything = [s for ss in samples.values() for s in ss]
     cold = [s[1] for s in everything if s[0]]
     warm = [s[1] for s in everything if not s[0]]
@@ -394,7 +416,8 @@ def _startup_of(
         speed = cpu.speed(memory_mb, threads=1.0)
         for sample in sized:
             if len(sample) > 2:
-                (cold_work if sample[0] else warm_work).append(sample[2] * speed)
+                rate = min(speed, sample[3]) if len(sample) > 3 else speed
+                (cold_work if sample[0] else warm_work).append(sample[2] * rate)
     # The median: a fresh platform's first instances import what later ones find loaded.
     setup_work = (
         median(cold_work) if cold_work else 0.0,

@@ -20,21 +20,23 @@ order with a heap, no recursion). Its rules follow the worker protocol:
 ``simulate_platform`` — the run as the platform will run it (``Platform``): an event
 simulation of the worker protocol itself. The client invokes the root *bundles* (roots
 grouped by configuration, ``bundling.bundle_roots``); each invocation queues at the
-platform, which starts it on an idle instance of its configuration (a warm start), or
-boots a new one (a cold start) while fewer than ``slots`` instances live — evicting an
-idle instance of another configuration at the limit — and otherwise keeps it queued.
-Instances idle longer than ``keep_alive_s`` are gone. An invocation runs its tasks one
-after another: download, the part of the execution that waits (I/O, sleep), the CPU part
-at the configuration's speed, and the upload when the output leaves the worker. Where
-instances share a machine (``cores``, the local backend), CPU parts running at once share
-its cores: each gets at most its speed, and the cores are divided fairly among them
-(water-filling). Then the worker publishes, counts fan-in children (the last parent wins
-the child), and splits the ready children exactly as ``WorkerLogic.split`` and ``share``
-do: one continues here, others get new invocations while the platform has room (reaching
-the platform after ``invoke_latency_s``), the rest stay on this worker's stack. The
-result (``Schedule``) has every node's start and finish, every invocation with its
-configuration, cold or warm start-up, begin and end, the makespan and the bill
-(``report.Pricing``: duration rounded up to 1 ms, times GB, plus the request fee).
+platform, which starts it on an idle instance of its configuration (a warm start), or boots
+a new one (a cold start) while fewer than ``slots`` instances live — evicting an idle
+instance of another configuration at the limit — and otherwise keeps it queued. Instances
+idle longer than ``keep_alive_s`` are gone. An invocation runs its tasks one after another:
+download, the part of the execution that waits (I/O, sleep), the CPU part at the
+configuration's speed, and the upload when the output leaves the worker. Where instances
+share a machine (``cores``, the local backend), CPU parts running at once share its cores:
+each gets at most its speed, and the cores are divided fairly among them (water-filling);
+an instance's setup (before its first task) runs at its speed, or at the cores when those
+are fewer (a busy machine, ``Platform.loaded``). Then the worker publishes, counts fan-in
+children (the last parent wins the child), and splits the ready children exactly as
+``WorkerLogic.split`` and ``share`` do: one continues here, others get new invocations
+while the platform has room (reaching the platform after ``invoke_latency_s``), the rest
+stay on this worker's stack. The result (``Schedule``) has every node's start and finish,
+every invocation with its configuration, cold or warm start-up, begin and end, the makespan
+and the bill (``report.Pricing``: duration rounded up to 1 ms, times GB, plus the request
+fee).
 
 ``makespan_quantile`` judges a pNN SLA on the distribution of the makespan: it repeats
 ``simulate_platform`` with every task's time multiplied by a ratio drawn from its
@@ -67,7 +69,8 @@ class NodeCosts:
     ``speed[i][c]`` make up ``exec_s``. ``output_bytes[i]`` and ``need_mb[i]`` do not
     depend on the configuration. ``cold_s`` and ``warm_s`` are start-ups per configuration,
     ``startup_s`` the warm one the search assumes (the platform model decides which
-    invocations actually start cold).
+    invocations actually start cold); ``setups`` their setups' cold and warm CPU work and
+    the speed it runs at, per configuration (``startups_on``).
     """
 
     configs: tuple[int, ...]
@@ -86,6 +89,7 @@ class NodeCosts:
     warm_s: tuple[float, ...] = ()
     boot_s: tuple[float, ...] = ()
     ratios: tuple[tuple[float, ...], ...] = ()
+    setups: tuple[tuple[float, float, float], ...] = ()
 
     @classmethod
     def predict(
@@ -157,7 +161,20 @@ class NodeCosts:
             warm_s=tuple(s.warm_s for s in startups),
             boot_s=tuple(s.boot_s for s in startups),
             ratios=tuple(ratios.get(f, ()) for f in functions),
+            setups=tuple((s.setup_cpu_s, s.warm_setup_cpu_s, s.setup_speed) for s in startups),
         )
+
+    def startups_on(self, cores: float | None) -> tuple[list[float], list[float]]:
+        """Cold and warm start-ups per configuration where instances get at most
+        ``cores`` CPUs: the setup's CPU work at its speed, or slower on fewer CPUs."""
+        cold, warm = list(self.cold_s), list(self.warm_s)
+        if cores is None:
+            return cold, warm
+        for column, (cold_work, warm_work, speed) in enumerate(self.setups):
+            stretch = 1 / min(speed, cores) - 1 / speed
+            cold[column] += cold_work * stretch
+            warm[column] += warm_work * stretch
+        return cold, warm
 
     def upload_s_at(self, i: int, column: int) -> float:
         """Seconds to store node ``i``'s output (whether or not the plan expects it to)."""
@@ -473,6 +490,7 @@ class _PlatformRun:
         self.internal = internal
         self.scale = scale
         self.column = {m: c for c, m in enumerate(costs.configs)}
+        self.cold_s, self.warm_s = costs.startups_on(platform.cores)
         self.memory = list(memory)
         self.memory[dag.sink] = ANY_MEMORY
         n = len(dag)
@@ -510,7 +528,7 @@ class _PlatformRun:
                 if platform.slots is not None and self.live >= platform.slots:
                     break
                 self.live += 1
-                self.prewarmed.setdefault(memory_mb, []).append(costs.cold_s[column])
+                self.prewarmed.setdefault(memory_mb, []).append(self.cold_s[column])
         self.load = 0
         self.invocations: list[Invocation] = []
         # CPU parts running now: invocation number → [remaining CPU s, cap]; those of
@@ -555,13 +573,13 @@ class _PlatformRun:
             if idle:
                 idle.pop()
                 invocation.cold = False
-                invocation.startup_s = self.costs.warm_s[column]
+                invocation.startup_s = self.warm_s[column]
             elif prewarmed:
                 # Billed its initialisation, started once the instance is ready.
                 ready = prewarmed.pop(0)
                 invocation.cold = True
-                invocation.startup_s = self.costs.cold_s[column]
-                start = max(self.now, ready) + self.costs.warm_s[column]
+                invocation.startup_s = self.cold_s[column]
+                start = max(self.now, ready) + self.warm_s[column]
                 self.push(start, _STARTED, invocation.number)
                 continue
             elif platform.slots is None or self.live < platform.slots:
@@ -586,7 +604,7 @@ class _PlatformRun:
         """A cold start. On a shared machine the boot is CPU work contending with
         everything else running; the hand-over follows."""
         invocation.cold = True
-        invocation.startup_s = self.costs.cold_s[column]
+        invocation.startup_s = self.cold_s[column]
         if self.platform.cores is None:
             self.push(self.now + invocation.startup_s, _STARTED, invocation.number)
             return
@@ -599,7 +617,7 @@ class _PlatformRun:
     def booted(self, invocation: Invocation) -> None:
         self.booting.discard(invocation.number)
         column = self.column.get(invocation.memory_mb, len(self.costs.configs) // 2)
-        handover = max(0.0, self.costs.cold_s[column] - self.costs.boot_s[column])
+        handover = max(0.0, self.cold_s[column] - self.costs.boot_s[column])
         invocation.startup_s = self.now - invocation.arrived + handover
         self.push(self.now + handover, _STARTED, invocation.number)
 
