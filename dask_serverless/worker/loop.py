@@ -234,6 +234,26 @@ def in_bundle(branch: Branch, index: int) -> bool:
     return index in internal or any(c in internal for c in branch.dag.dependents[index])
 
 
+def fixed_bottom(branch: Branch, stack: Sequence[int]) -> int:
+    """How many entries at the bottom of the branch's queue ``stack`` can never be handed
+    on: bundle members and tasks of another configuration, up to the first that could.
+
+    Remembered in the branch, so a bundle queueing thousands of roots does not re-check
+    them all after every task (quadratic in the bundle's size). While the remembered top
+    entry is still in its place, nothing below it was taken (a node is queued once, and
+    only entries above it are handed on), so only the entries above it are checked.
+    """
+    count, top = branch.fixed_bottom
+    if not (0 < count <= len(stack) and stack[count - 1] == top):
+        count = 0
+    while count < len(stack) - 1 and (
+        in_bundle(branch, stack[count]) or not branch.fits(stack[count])
+    ):
+        count += 1
+    branch.fixed_bottom = (count, stack[count - 1] if count else -1)
+    return count
+
+
 def hand_on(branch: Branch, tasks: Sequence[int]) -> None:
     """Give queued ``tasks`` to new workers: store the held inputs they need, invoke."""
     for task in tasks:
@@ -428,6 +448,8 @@ class WorkerLogic:
         """
         if len(stack) < 2 or branch.record.concurrency is None:
             return []
+        if fixed_bottom(branch, stack) >= len(stack) - 1:
+            return []  # nothing queued could move: the load need not be read
         if time.monotonic() - branch.load_checked > LOAD_CHECK_S:
             branch.note_load(branch.store.load())
         return self.movable(branch, stack, branch.spare_capacity() or 0)
@@ -442,7 +464,7 @@ class WorkerLogic:
             return []
         movable = (
             i
-            for i in stack[:-1]
+            for i in itertools.islice(stack, fixed_bottom(branch, stack), len(stack) - 1)
             if not in_bundle(branch, i) and branch.fits(i) and not self._needs_large_held(branch, i)
         )
         return list(itertools.islice(movable, spare))
