@@ -105,9 +105,9 @@ class Branch:
     # The run's load as Redis last reported it, plus the invocations made since.
     load: int | None = None
     load_checked: float = field(default_factory=time.monotonic)
-    # The bottom of the branch's queue that can never be handed on (``worker.loop``'s
-    # ``fixed_bottom``): how many entries, and the node at the top of them.
-    fixed_bottom: tuple[int, int] = (0, -1)
+    # The bottom of the branch's queue that can never be handed on, as last seen
+    # (``worker.loop``'s ``fixed_bottom``).
+    fixed_bottom: list[int] = field(default_factory=list)
 
     @property
     def dag(self) -> DAG:

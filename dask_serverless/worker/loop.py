@@ -239,18 +239,22 @@ def fixed_bottom(branch: Branch, stack: Sequence[int]) -> int:
     on: bundle members and tasks of another configuration, up to the first that could.
 
     Remembered in the branch, so a bundle queueing thousands of roots does not re-check
-    them all after every task (quadratic in the bundle's size). While the remembered top
-    entry is still in its place, nothing below it was taken (a node is queued once, and
-    only entries above it are handed on), so only the entries above it are checked.
+    them all after every task (quadratic in the bundle's size). The queue only loses
+    entries at its top (a task taken to run) or above the fixed bottom (tasks handed on),
+    and a node is queued once: where a remembered entry is still in its place, it and
+    everything below it are unchanged. So the remembered bottom is cut back to the
+    highest entry still in place, then extended upwards.
     """
-    count, top = branch.fixed_bottom
-    if not (0 < count <= len(stack) and stack[count - 1] == top):
-        count = 0
+    fixed = branch.fixed_bottom
+    count = min(len(fixed), len(stack))
+    while count and stack[count - 1] != fixed[count - 1]:
+        count -= 1
+    del fixed[count:]
     while count < len(stack) - 1 and (
         in_bundle(branch, stack[count]) or not branch.fits(stack[count])
     ):
+        fixed.append(stack[count])
         count += 1
-    branch.fixed_bottom = (count, stack[count - 1] if count else -1)
     return count
 
 
