@@ -45,6 +45,7 @@ makespans — never a sum of per-task percentiles.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -378,6 +379,8 @@ class Invocation:
     clustered: set[int] = field(default_factory=set)
     unstored: set[int] = field(default_factory=set)
     previous: int = -1
+    # The bottom of the stack that can never be handed on, as last seen (``fixed_bottom``).
+    fixed: list[int] = field(default_factory=list)
 
     @property
     def billed_s(self) -> float:
@@ -734,18 +737,37 @@ class _PlatformRun:
         else:
             self.next_task(invocation)
 
+    def bundled(self, index: int) -> bool:
+        internal = self.internal
+        return index in internal or any(c in internal for c in self.dag.dependents[index])
+
+    def fixed_bottom(self, invocation: Invocation) -> int:
+        """How many entries at the bottom of the stack can never be handed on, remembered
+        as the worker's ``worker.loop.fixed_bottom`` remembers them (a bundle's thousands of
+        queued roots are otherwise re-checked after every task: quadratic)."""
+        stack, fixed = invocation.stack, invocation.fixed
+        count = min(len(fixed), len(stack))
+        while count and stack[count - 1] != fixed[count - 1]:
+            count -= 1
+        del fixed[count:]
+        while count < len(stack) - 1 and (
+            self.bundled(stack[count]) or not self.fits(invocation, stack[count])
+        ):
+            fixed.append(stack[count])
+            count += 1
+        return count
+
     def share(self, invocation: Invocation) -> None:
         """Hand tasks from the bottom of the stack to new workers while there is room."""
         spare = self.spare()
         if spare is None or spare <= 0 or len(invocation.stack) < 2:
             return
-        internal = self.internal
+        stack = invocation.stack
         moved: list[int] = []
-        for index in invocation.stack[:-1]:
+        for index in itertools.islice(stack, self.fixed_bottom(invocation), len(stack) - 1):
             if len(moved) >= spare:
                 break
-            bundled = index in internal or any(c in internal for c in self.dag.dependents[index])
-            if not bundled and self.fits(invocation, index):
+            if not self.bundled(index) and self.fits(invocation, index):
                 moved.append(index)
         if moved:
             taken = set(moved)
