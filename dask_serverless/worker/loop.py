@@ -96,6 +96,9 @@ def follow_branch(
             if branch.cancelled():
                 raise RunGone()
             index = stack.pop()
+            # Rebuilt before the task is timed: unpickling its part of the record (and
+            # importing what its function needs) is the invocation's setup, not the task.
+            dag.nodes[index]
             meter = TaskMeter(branch, index)
             try:
                 inputs = logic.gather(branch, index)
