@@ -55,6 +55,7 @@ from dask_serverless.planning.predict import Line, Predictor
 from dask_serverless.planning.sla import quantile
 from dask_serverless.protocol.placement import output_leaves_worker
 from dask_serverless.report import Pricing
+from dask_serverless.worker.loop import fixed_bottom
 
 ANY_MEMORY = 0
 
@@ -379,7 +380,8 @@ class Invocation:
     clustered: set[int] = field(default_factory=set)
     unstored: set[int] = field(default_factory=set)
     previous: int = -1
-    # The bottom of the stack that can never be handed on, as last seen (``fixed_bottom``).
+    # The bottom of the stack that can never be handed on, as last seen
+    # (``worker.loop.fixed_bottom``).
     fixed: list[int] = field(default_factory=list)
 
     @property
@@ -741,22 +743,6 @@ class _PlatformRun:
         internal = self.internal
         return index in internal or any(c in internal for c in self.dag.dependents[index])
 
-    def fixed_bottom(self, invocation: Invocation) -> int:
-        """How many entries at the bottom of the stack can never be handed on, remembered
-        as the worker's ``worker.loop.fixed_bottom`` remembers them (a bundle's thousands of
-        queued roots are otherwise re-checked after every task: quadratic)."""
-        stack, fixed = invocation.stack, invocation.fixed
-        count = min(len(fixed), len(stack))
-        while count and stack[count - 1] != fixed[count - 1]:
-            count -= 1
-        del fixed[count:]
-        while count < len(stack) - 1 and (
-            self.bundled(stack[count]) or not self.fits(invocation, stack[count])
-        ):
-            fixed.append(stack[count])
-            count += 1
-        return count
-
     def share(self, invocation: Invocation) -> None:
         """Hand tasks from the bottom of the stack to new workers while there is room."""
         spare = self.spare()
@@ -764,7 +750,12 @@ class _PlatformRun:
             return
         stack = invocation.stack
         moved: list[int] = []
-        for index in itertools.islice(stack, self.fixed_bottom(invocation), len(stack) - 1):
+        fixed = fixed_bottom(
+            stack,
+            invocation.fixed,
+            lambda i: self.bundled(i) or not self.fits(invocation, i),
+        )
+        for index in itertools.islice(stack, fixed, len(stack) - 1):
             if len(moved) >= spare:
                 break
             if not self.bundled(index) and self.fits(invocation, index):

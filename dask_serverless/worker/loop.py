@@ -43,12 +43,13 @@ Faults:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -237,28 +238,32 @@ def in_bundle(branch: Branch, index: int) -> bool:
     return index in internal or any(c in internal for c in branch.dag.dependents[index])
 
 
-def fixed_bottom(branch: Branch, stack: Sequence[int]) -> int:
-    """How many entries at the bottom of the branch's queue ``stack`` can never be handed
-    on: bundle members and tasks of another configuration, up to the first that could.
+def fixed_bottom(stack: Sequence[int], fixed: list[int], stays: Callable[[int], bool]) -> int:
+    """How many entries at the bottom of a branch's queue ``stack`` can never be handed
+    on (``stays``: bundle members, tasks of another configuration), up to the first
+    that could; ``fixed`` is that bottom as last seen, updated here.
 
-    Remembered in the branch, so a bundle queueing thousands of roots does not re-check
-    them all after every task (quadratic in the bundle's size). The queue only loses
-    entries at its top (a task taken to run) or above the fixed bottom (tasks handed on),
-    and a node is queued once: where a remembered entry is still in its place, it and
-    everything below it are unchanged. So the remembered bottom is cut back to the
-    highest entry still in place, then extended upwards.
+    Remembered, so a bundle queueing thousands of roots does not re-check them all after
+    every task (quadratic in the bundle's size). The queue only loses entries at its top
+    (a task taken to run) or above the fixed bottom (tasks handed on), and a node is
+    queued once: where a remembered entry is still in its place, it and everything below
+    it are unchanged. So the remembered bottom is cut back to the highest entry still in
+    place, then extended upwards. The platform model (``planning.simulate``) shares it.
     """
-    fixed = branch.fixed_bottom
     count = min(len(fixed), len(stack))
     while count and stack[count - 1] != fixed[count - 1]:
         count -= 1
     del fixed[count:]
-    while count < len(stack) - 1 and (
-        in_bundle(branch, stack[count]) or not branch.fits(stack[count])
-    ):
+    while count < len(stack) - 1 and stays(stack[count]):
         fixed.append(stack[count])
         count += 1
     return count
+
+
+def stays_here(branch: Branch, index: int) -> bool:
+    """Whether a queued ``index`` can never be handed on: a bundle member, or a task
+    planned for another configuration."""
+    return in_bundle(branch, index) or not branch.fits(index)
 
 
 def hand_on(branch: Branch, tasks: Sequence[int]) -> None:
@@ -455,7 +460,7 @@ class WorkerLogic:
         """
         if len(stack) < 2 or branch.record.concurrency is None:
             return []
-        if fixed_bottom(branch, stack) >= len(stack) - 1:
+        if self.fixed_bottom(branch, stack) >= len(stack) - 1:
             return []  # nothing queued could move: the load need not be read
         if time.monotonic() - branch.load_checked > LOAD_CHECK_S:
             branch.note_load(branch.store.load())
@@ -471,10 +476,15 @@ class WorkerLogic:
             return []
         movable = (
             i
-            for i in itertools.islice(stack, fixed_bottom(branch, stack), len(stack) - 1)
+            for i in itertools.islice(stack, self.fixed_bottom(branch, stack), len(stack) - 1)
             if not in_bundle(branch, i) and branch.fits(i) and not self._needs_large_held(branch, i)
         )
         return list(itertools.islice(movable, spare))
+
+    @staticmethod
+    def fixed_bottom(branch: Branch, stack: Sequence[int]) -> int:
+        """Entries at the bottom of ``stack`` that can never be handed on."""
+        return fixed_bottom(stack, branch.fixed_bottom, functools.partial(stays_here, branch))
 
     @staticmethod
     def _needs_large_held(branch: Branch, index: int) -> bool:
