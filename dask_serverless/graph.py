@@ -139,7 +139,7 @@ def needed_subgraph(graph: Mapping[Key, GraphNode], wanted: Iterable[Key]) -> di
         if node is None:
             raise KeyError(key)
         needed[key] = node
-        stack.extend(dep for dep in node.dependencies if dep not in needed)
+        stack.extend(node.dependencies)
     return needed
 
 
@@ -200,7 +200,8 @@ def translate(
     order = topological_order(needed)
     index = {key: i for i, key in enumerate(order)}
     sink_key = (SINK_NAME, run_token)
-    dependencies = [tuple(index[dep] for dep in needed[key].dependencies) for key in order]
+    position = index.__getitem__
+    dependencies = [tuple(map(position, needed[key].dependencies)) for key in order]
     dependencies.append(tuple(index[key] for key in wanted))
     dependents: list[list[int]] = [[] for _ in dependencies]
     for child, deps in enumerate(dependencies):

@@ -19,6 +19,7 @@ from dask_serverless.protocol.history import HistoryStore
 from dask_serverless.protocol.invocation import Invocation
 from dask_serverless.protocol.keys import new_run_id, task_history_key
 from dask_serverless.protocol.record import (
+    NODES_PER_PART,
     OUTPUT,
     RECORD,
     RESULT,
@@ -332,6 +333,17 @@ def test_a_sealed_record_rebuilds_its_tasks_as_they_are_used():
     a, b, c = (nodes[dag.index[key]] for key in ("a", "b", "c"))
     assert a({}) == 2 and b({"a": 2}) == 3 and c({}) == 5
     assert nodes[-1] is None and nodes[dag.index["a"]] is a
+
+
+def test_a_large_sealed_record_rebuilds_tasks_from_every_part():
+    signer = Signer(new_secret())
+    count = 2 * NODES_PER_PART + 5
+    graph = {f"x-{i}": Task(f"x-{i}", inc, i) for i in range(count)}
+    dag = translate(graph, list(graph))
+    nodes = open_record(signer, seal_record(signer, RunRecord("run", dag)), "run").dag.nodes
+    for key in ("x-0", f"x-{NODES_PER_PART}", f"x-{count - 1}"):
+        assert nodes[dag.index[key]]({}) == int(key.split("-")[1]) + 1
+    assert nodes[-1] is None and len(nodes[:]) == len(dag)
 
 
 def test_a_script_refused_for_want_of_memory_raises_out_of_memory():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from statistics import median
 from typing import Any, Protocol
 
@@ -283,18 +284,23 @@ def cpu_capacity(tasks: Iterable[TaskMetrics], cores: float, cpu: CpuShare) -> f
     """
     changes: list[tuple[float, float]] = []
     received = 0.0
+    shares: dict[int | None, float] = {}
     for task in tasks:
         if task.cpu_s is None or task.exec_s <= 0 or task.cpu_s <= 0:
             continue
         runnable = (task.cpu_s + task.wait_s) / task.exec_s
-        share = cores if task.memory_mb is None else cpu.share(task.memory_mb)
-        if share < 1.0:
-            # A quota below one CPU gives a little less than its share on an idle machine.
-            share *= QUOTA_EFFICIENCY
+        share = shares.get(task.memory_mb)
+        if share is None:
+            share = cores if task.memory_mb is None else cpu.share(task.memory_mb)
+            if share < 1.0:
+                # A quota below one CPU gives a little less than its share on an idle machine.
+                share *= QUOTA_EFFICIENCY
+            shares[task.memory_mb] = share
         demand = min(share, max(1.0, runnable)) * min(1.0, runnable)
         received += task.cpu_s
         begin = task.start + task.download_s
-        changes += [(begin, demand), (begin + task.exec_s, -demand)]
+        changes.append((begin, demand))
+        changes.append((begin + task.exec_s, -demand))
     if received < MIN_CAPACITY_CPU_S:
         return None
     changes.sort()
@@ -305,19 +311,19 @@ def cpu_capacity(tasks: Iterable[TaskMetrics], cores: float, cpu: CpuShare) -> f
             spans.append((at - last, level))
         level, last = level + delta, at
 
-    def given(capacity: float) -> float:
-        return sum(length * min(capacity, demand) for length, demand in spans)
-
-    if given(cores) <= received:
+    # The CPU time a capacity ``c`` gives, sum(length * min(c, demand)), is piecewise
+    # linear in ``c``: solved exactly over the spans sorted by demand (linear after the
+    # sort; a bisection re-summing every span costs 40 passes over a 200 000-task run).
+    if sum(length * min(cores, demand) for length, demand in spans) <= received:
         return cores
-    low, high = 0.0, cores
-    for _ in range(40):
-        middle = (low + high) / 2
-        if given(middle) < received:
-            low = middle
-        else:
-            high = middle
-    return high
+    spans.sort(key=itemgetter(1))
+    below, above = 0.0, sum(length for length, _demand in spans)
+    for length, demand in spans:
+        if below + demand * above >= received:
+            return (received - below) / above
+        below += length * demand
+        above -= length
+    return cores
 
 
 def recent_capacity(samples: Sequence[Sample], now: float) -> float | None:

@@ -47,6 +47,7 @@ makespans — never a sum of per-task percentiles.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,7 @@ from dask_serverless.planning.predict import Line, Predictor
 from dask_serverless.planning.sla import quantile
 from dask_serverless.protocol.placement import output_leaves_worker
 from dask_serverless.report import Pricing
+from dask_serverless.worker.loop import fixed_bottom
 
 ANY_MEMORY = 0
 
@@ -395,6 +397,9 @@ class Invocation:
     clustered: set[int] = field(default_factory=set)
     unstored: set[int] = field(default_factory=set)
     previous: int = -1
+    # The bottom of the stack that can never be handed on, as last seen
+    # (``worker.loop.fixed_bottom``).
+    fixed: list[int] = field(default_factory=list)
 
     @property
     def billed_s(self) -> float:
@@ -752,18 +757,26 @@ class _PlatformRun:
         else:
             self.next_task(invocation)
 
+    def bundled(self, index: int) -> bool:
+        internal = self.internal
+        return index in internal or any(c in internal for c in self.dag.dependents[index])
+
     def share(self, invocation: Invocation) -> None:
         """Hand tasks from the bottom of the stack to new workers while there is room."""
         spare = self.spare()
         if spare is None or spare <= 0 or len(invocation.stack) < 2:
             return
-        internal = self.internal
+        stack = invocation.stack
         moved: list[int] = []
-        for index in invocation.stack[:-1]:
+        fixed = fixed_bottom(
+            stack,
+            invocation.fixed,
+            lambda i: self.bundled(i) or not self.fits(invocation, i),
+        )
+        for index in itertools.islice(stack, fixed, len(stack) - 1):
             if len(moved) >= spare:
                 break
-            bundled = index in internal or any(c in internal for c in self.dag.dependents[index])
-            if not bundled and self.fits(invocation, index):
+            if not self.bundled(index) and self.fits(invocation, index):
                 moved.append(index)
         if moved:
             taken = set(moved)

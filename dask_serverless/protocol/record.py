@@ -20,7 +20,7 @@ from dask._task_spec import DataNode, GraphNode, Task
 from dask.sizeof import sizeof
 
 from dask_serverless.graph import DAG
-from dask_serverless.storage.serialize import SignedParts, Signer, UntrustedBlobError
+from dask_serverless.storage.serialize import Nested, SignedParts, Signer, UntrustedBlobError
 
 # Kinds of signed blob in a run.
 RECORD = "run record"
@@ -29,6 +29,9 @@ ERROR = "task error"
 RESULT = "run result"
 LITERAL = "graph literal"
 
+# Consecutive nodes pickled together in a sealed record (``PackedNodes``): a worker
+# unpickles a part at the first use of one of its nodes.
+NODES_PER_PART = 1024
 # Containers longer than this are sized as a whole (dask.sizeof samples them), not walked.
 _WALKED_ITEMS = 64
 
@@ -79,29 +82,38 @@ class RunRecord:
 
 
 class PackedNodes(Sequence[GraphNode | None]):
-    """A sealed record's task nodes, kept as pickled state and rebuilt one by one when a
+    """A sealed record's task nodes, kept as pickled parts and rebuilt one by one when a
     worker runs them.
 
     Unpickling a dask ``Task`` calls its ``__setstate__`` in Python, some 10 µs a node;
     every instance that serves a run opens the whole record, but runs a few of its nodes.
     A ``Task`` is packed as ``(class, state)`` and rebuilt as pickle rebuilds it; any
-    other node (``DataNode``, ``Alias``) stays as it is. The packed state is part of the
-    signed record, so nothing unverified is ever rebuilt (I-5).
+    other node (``DataNode``, ``Alias``) stays as it is. The packed nodes travel in parts
+    of ``NODES_PER_PART`` consecutive nodes, each a pickle of its own unpickled at its
+    first use: an instance running one bundle of a 200 000-task run unpickles the parts
+    holding that bundle's nodes, not all of them. The parts are inside the signed record,
+    so nothing unverified is ever rebuilt (I-5, ``storage.serialize.Nested``).
     """
 
-    def __init__(self, packed: Sequence[tuple[type[Task] | None, Any]]) -> None:
-        self._packed = tuple(packed)
+    def __init__(self, parts: Sequence[Nested], length: int) -> None:
+        self._parts = tuple(parts)
+        self._length = length
+        self._unpacked: dict[int, list[tuple[type[Task] | None, Any]]] = {}
         self._built: dict[int, GraphNode | None] = {}
 
     @classmethod
     def of(cls, nodes: Sequence[GraphNode | None]) -> PackedNodes:
-        return cls([_packed(node) for node in nodes])
+        parts = [
+            Nested.of([_packed(node) for node in nodes[start : start + NODES_PER_PART]])
+            for start in range(0, len(nodes), NODES_PER_PART)
+        ]
+        return cls(parts, len(nodes))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (PackedNodes, (self._packed,))
+        return (PackedNodes, (self._parts, self._length))
 
     def __len__(self) -> int:
-        return len(self._packed)
+        return self._length
 
     @overload
     def __getitem__(self, index: int) -> GraphNode | None: ...
@@ -112,9 +124,15 @@ class PackedNodes(Sequence[GraphNode | None]):
     def __getitem__(self, index: int | slice) -> GraphNode | None | list[GraphNode | None]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        position = index + len(self._packed) if index < 0 else index
+        position = index + self._length if index < 0 else index
+        if not 0 <= position < self._length:
+            raise IndexError(f"node {index} of {self._length}")
         if position not in self._built:
-            cls, state = self._packed[position]
+            part, offset = divmod(position, NODES_PER_PART)
+            unpacked = self._unpacked.get(part)
+            if unpacked is None:
+                unpacked = self._unpacked[part] = self._parts[part].value()
+            cls, state = unpacked[offset]
             if cls is None:
                 self._built[position] = state
             else:
@@ -211,8 +229,8 @@ def split_large_literals(dag: DAG, min_bytes: int) -> tuple[DAG, dict[int, Any]]
 def seal_record(signer: Signer, record: RunRecord) -> bytes:
     """The signed, compressed record (its nodes packed, ``PackedNodes``); a task that
     cannot be pickled is named in the error."""
-    packed = replace(record, dag=replace(record.dag, nodes=PackedNodes.of(record.dag.nodes)))
     try:
+        packed = replace(record, dag=replace(record.dag, nodes=PackedNodes.of(record.dag.nodes)))
         return signer.dumps(packed, compress=True, context=blob_context(record.run_id, RECORD))
     except Exception as error:
         dag = record.dag

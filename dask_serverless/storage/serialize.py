@@ -152,6 +152,31 @@ class Signer:
             return self.dumps(RemoteError(type(exc).__qualname__, str(exc), text), context=context)
 
 
+class Nested:
+    """A pickle kept as bytes inside a signed blob, unpickled only when asked for.
+
+    A large run record is opened without rebuilding the parts a worker never uses. The
+    bytes were covered by the MAC of the blob they arrived in, checked before that blob
+    was unpickled, so unpickling them later unpickles nothing unverified (I-5); only
+    ``Nested.of`` makes one on the writing side.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    @classmethod
+    def of(cls, obj: Any) -> Nested:
+        return cls(pickle_in_band(obj))
+
+    def value(self) -> Any:
+        return pickle.loads(self.payload)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Nested, (self.payload,))
+
+
 # Values that stand for a live resource of the process that made them. Plain pickle
 # refuses them; cloudpickle (the fallback for what plain pickle refuses) would copy what an
 # open file holds into an ``io.StringIO``. They are refused like a lock.

@@ -107,6 +107,9 @@ class Branch:
     load_checked: float = field(default_factory=time.monotonic)
     # When the invocation began its branch (``WorkerLogic.keeps_local``).
     began: float = field(default_factory=time.monotonic)
+    # The bottom of the branch's queue that can never be handed on, as last seen
+    # (``worker.loop``'s ``fixed_bottom``).
+    fixed_bottom: list[int] = field(default_factory=list)
 
     @property
     def dag(self) -> DAG:

@@ -46,12 +46,13 @@ Faults:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -99,6 +100,9 @@ def follow_branch(
             if branch.cancelled():
                 raise RunGone()
             index = stack.pop()
+            # Rebuilt before the task is timed: unpickling its part of the record (and
+            # importing what its function needs) is the invocation's setup, not the task.
+            dag.nodes[index]
             meter = TaskMeter(branch, index)
             try:
                 inputs = logic.gather(branch, index)
@@ -235,6 +239,34 @@ def in_bundle(branch: Branch, index: int) -> bool:
     """Is ``index`` a bundle member: internal itself, or a parent of an internal node?"""
     internal = branch.record.internal
     return index in internal or any(c in internal for c in branch.dag.dependents[index])
+
+
+def fixed_bottom(stack: Sequence[int], fixed: list[int], stays: Callable[[int], bool]) -> int:
+    """How many entries at the bottom of a branch's queue ``stack`` can never be handed
+    on (``stays``: bundle members, tasks of another configuration), up to the first
+    that could; ``fixed`` is that bottom as last seen, updated here.
+
+    Remembered, so a bundle queueing thousands of roots does not re-check them all after
+    every task (quadratic in the bundle's size). The queue only loses entries at its top
+    (a task taken to run) or above the fixed bottom (tasks handed on), and a node is
+    queued once: where a remembered entry is still in its place, it and everything below
+    it are unchanged. So the remembered bottom is cut back to the highest entry still in
+    place, then extended upwards. The platform model (``planning.simulate``) shares it.
+    """
+    count = min(len(fixed), len(stack))
+    while count and stack[count - 1] != fixed[count - 1]:
+        count -= 1
+    del fixed[count:]
+    while count < len(stack) - 1 and stays(stack[count]):
+        fixed.append(stack[count])
+        count += 1
+    return count
+
+
+def stays_here(branch: Branch, index: int) -> bool:
+    """Whether a queued ``index`` can never be handed on: a bundle member, or a task
+    planned for another configuration."""
+    return in_bundle(branch, index) or not branch.fits(index)
 
 
 def hand_on(branch: Branch, tasks: Sequence[int]) -> None:
@@ -432,6 +464,8 @@ class WorkerLogic:
             # its budget, are handed on (all of them) once it is not.
             kept = branch.record.keep_local_s is not None
             return self.movable(branch, stack, len(stack)) if kept else []
+        if self.fixed_bottom(branch, stack) >= len(stack) - 1:
+            return []  # nothing queued could move: the load need not be read
         if time.monotonic() - branch.load_checked > LOAD_CHECK_S:
             branch.note_load(branch.store.load())
         return self.movable(branch, stack, branch.spare_capacity() or 0)
@@ -446,10 +480,15 @@ class WorkerLogic:
             return []
         movable = (
             i
-            for i in stack[:-1]
+            for i in itertools.islice(stack, self.fixed_bottom(branch, stack), len(stack) - 1)
             if not in_bundle(branch, i) and branch.fits(i) and not self._needs_large_held(branch, i)
         )
         return list(itertools.islice(movable, spare))
+
+    @staticmethod
+    def fixed_bottom(branch: Branch, stack: Sequence[int]) -> int:
+        """Entries at the bottom of ``stack`` that can never be handed on."""
+        return fixed_bottom(stack, branch.fixed_bottom, functools.partial(stays_here, branch))
 
     @staticmethod
     def _needs_large_held(branch: Branch, index: int) -> bool:

@@ -143,6 +143,26 @@ def test_sharing_keeps_bundle_members_and_tasks_of_other_configurations():
     assert WorkerLogic().movable(branch, stack, spare=8) == [stack[0], stack[2]]
 
 
+def test_a_queue_of_bundle_members_is_not_shared_and_asks_redis_nothing():
+    # The children are bundle members (internal), queued under a movable task: the fixed
+    # bottom is remembered, and found again after the queue shrinks and grows.
+    dag = fan_out(6)
+    queued = children(dag, 6)
+    bundle, loose = queued[:4], queued[4:]
+    branch = branch_of(dag, concurrency=8, internal=frozenset(bundle))
+    branch.load_checked = 0.0  # a load read would be due: Redis is unreachable here
+    logic = WorkerLogic()
+    assert logic.share(branch, list(bundle)) == []
+    stack = [*bundle, loose[0], loose[1]]
+    assert logic.movable(branch, stack, spare=8) == [loose[0]]
+    stack.pop()
+    stack.pop()
+    stack.pop()  # a bundle member below the remembered bottom's top runs
+    stack.append(loose[1])
+    stack.append(loose[0])
+    assert logic.movable(branch, stack, spare=8) == [loose[1]]
+
+
 def test_sharing_keeps_tasks_that_read_a_large_output_held_here():
     dag = fan_out(3)
     branch = branch_of(dag, concurrency=8, cluster_output_bytes=1000)
