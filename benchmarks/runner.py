@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
-import distributed
 import numpy as np
 import pandas as pd
 
@@ -213,6 +213,15 @@ def benchmark_workload(
     return Outcome(tasks, results, notes, failures, memory)
 
 
+def _version_of(package: str) -> str | None:
+    """A peer's installed version, or None: the peers come with the ``[bench]`` extra,
+    and the suite's install (``[test]``) imports this module without them."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info(quick: bool, repeat: int) -> dict[str, Any]:
     """Where and how the numbers were taken (they mean little without it)."""
     return {
@@ -221,7 +230,8 @@ def machine_info(quick: bool, repeat: int) -> dict[str, Any]:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "dask": dask.__version__,
-        "distributed": distributed.__version__,
+        "distributed": _version_of("distributed"),
+        "ray": _version_of("ray"),
         "numpy": np.__version__,
         "pandas": pd.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
