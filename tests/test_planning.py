@@ -116,6 +116,20 @@ def test_linear_fit_has_an_intercept():
     assert fit_line([5, 5], [2.0, 2.0]).at(10**9) == pytest.approx(2.0)
 
 
+def test_transfer_time_is_latency_plus_bytes_over_a_measured_bandwidth():
+    """Counters of a few bytes show a latency, not a bandwidth: their jitter (1 ms at
+    8 bytes, 5 ms at 32) must not extrapolate to seconds per megabyte."""
+    counters = [[8, 0.001], [8, 0.001], [32, 0.005], [8, 0.002], [28, 0.001]]
+    predictor = Predictor(History(transfers={1769: counters}), SLA.parse("average"), CPU)
+    # The median latency, and the default 100 MB/s until a large transfer is measured.
+    assert predictor.transfer_time(500_000, 1769) == pytest.approx(0.001 + 0.005)
+    # Blocks of 1 MB at 10 ms beyond the latency, one of them slowed to 2 s by a busy
+    # machine: the bandwidth is the median's, 100 MB/s.
+    blocks = [[10**6, 0.011]] * 4 + [[10**6, 2.0]]
+    predictor = Predictor(History(transfers={1769: counters + blocks}), SLA.parse("average"), CPU)
+    assert predictor.transfer_time(2 * 10**6, 1769) == pytest.approx(0.001 + 0.02)
+
+
 def test_cpu_share_scales_unmeasured_sizes():
     # CPU-bound at 1769 MB (CPU time = wall time): other sizes follow the CPU share.
     history = history_of({("f", 1769): [(0, 0, 1.0, 1.0, 0)] * 3})

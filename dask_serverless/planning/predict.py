@@ -71,6 +71,9 @@ DEFAULT_COLD_START_S = 0.1
 DEFAULT_WARM_START_S = 0.005
 DEFAULT_LATENCY_S = 0.001
 DEFAULT_BANDWIDTH_BPS = 100e6
+# A transfer this large takes measurably longer than an empty one: only such transfers
+# say anything about the bandwidth (per byte), the smaller ones give the latency.
+BANDWIDTH_SAMPLE_BYTES = 64 * 2**10
 # Residuals a function needs before they calibrate it, and how far they may move it.
 CALIBRATION_SAMPLES = 3
 BIAS_RANGE = (0.5, 4.0)
@@ -115,6 +118,22 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> Line:
             0.0, sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
         )
     return Line(mean_y - slope * mean_x, slope)
+
+
+def transfer_line(samples: Sequence[Sequence[float]]) -> Line:
+    """Latency plus bytes over bandwidth, from ``[bytes, seconds]`` transfer samples.
+
+    The latency is the median time of the small transfers, the time per byte the median
+    of the large ones' (``BANDWIDTH_SAMPLE_BYTES``) time beyond that latency per byte:
+    medians, so a transfer that waited for a CPU on a busy machine moves neither. Not a
+    least-squares line: a run that moved only counters (a few bytes each) spans too few
+    bytes to show a bandwidth, and their jitter alone would extrapolate to seconds per
+    megabyte. Either part not measured yet is the default.
+    """
+    small = [s[1] for s in samples if s[0] < BANDWIDTH_SAMPLE_BYTES]
+    latency = median(small) if small else DEFAULT_LATENCY_S
+    per_byte = [max(0.0, s[1] - latency) / s[0] for s in samples if s[0] >= BANDWIDTH_SAMPLE_BYTES]
+    return Line(latency, median(per_byte) if per_byte else 1 / DEFAULT_BANDWIDTH_BPS)
 
 
 def robust_line(xs: Sequence[float], ys: Sequence[float]) -> Line:
@@ -272,16 +291,8 @@ class Predictor:
             function: max(sizes) for function, sizes in history.out_of_memory.items() if sizes
         }
         self._exec_cache: dict[tuple[str, int], tuple[Line, Line, float]] = {}
-        self._transfers = {
-            m: fit_line([s[0] for s in ss], [s[1] for s in ss])
-            for m, ss in history.transfers.items()
-        }
-        pooled_transfers = [s for ss in history.transfers.values() for s in ss]
-        self._pooled_transfer = (
-            fit_line([s[0] for s in pooled_transfers], [s[1] for s in pooled_transfers])
-            if pooled_transfers
-            else Line(DEFAULT_LATENCY_S, 1 / DEFAULT_BANDWIDTH_BPS)
-        )
+        self._transfers = {m: transfer_line(ss) for m, ss in history.transfers.items()}
+        self._pooled_transfer = transfer_line([s for ss in history.transfers.values() for s in ss])
         # One boot for every size: an instance boots the same code whatever its size
         # (measured boots do not depend on it), and per-size figures would let noise pick
         # sizes. Its setup is one thread's CPU work under the instance's quota: measured
