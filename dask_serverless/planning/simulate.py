@@ -768,15 +768,15 @@ class _PlatformRun:
             return
         stack = invocation.stack
         moved: list[int] = []
-        fixed = fixed_bottom(
-            stack,
-            invocation.fixed,
-            lambda i: self.bundled(i) or not self.fits(invocation, i),
-        )
+
+        def stays(index: int) -> bool:
+            return self.bundled(index) or not self.fits(invocation, index)
+
+        fixed = fixed_bottom(stack, invocation.fixed, stays)
         for index in itertools.islice(stack, fixed, len(stack) - 1):
             if len(moved) >= spare:
                 break
-            if not self.bundled(index) and self.fits(invocation, index):
+            if not stays(index):
                 moved.append(index)
         if moved:
             taken = set(moved)

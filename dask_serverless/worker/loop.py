@@ -481,7 +481,7 @@ class WorkerLogic:
         movable = (
             i
             for i in itertools.islice(stack, self.fixed_bottom(branch, stack), len(stack) - 1)
-            if not in_bundle(branch, i) and branch.fits(i) and not self._needs_large_held(branch, i)
+            if not stays_here(branch, i) and not self._needs_large_held(branch, i)
         )
         return list(itertools.islice(movable, spare))
 
